@@ -1,0 +1,1 @@
+"""Data: fetch raw logs, ingest them into HF ``datasets``, split, synthesise."""

@@ -1,0 +1,104 @@
+"""Read a prepared dataset DIR back as flat numpy arrays (zero-copy from Arrow).
+
+Sequences stay in CSR form (``offsets`` + ``items``): slicing a user's history is two integer reads,
+and no stage ever holds one Python list per user.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError
+
+
+@dataclass
+class EvalSet:
+    """Histories (CSR slices of ``PreparedData.items``) and the next item to predict."""
+    seq_index: np.ndarray     # which sequence each example comes from
+    hist_end: np.ndarray      # history = items[offsets[s] : offsets[s] + hist_end]
+    targets: np.ndarray
+    domains: np.ndarray       # domain code per example
+
+
+class PreparedData:
+    def __init__(self, path: str | Path):
+        import datasets
+
+        self.path = Path(path)
+        for need in ("sequences", "items", "stats.json", "meta.json"):
+            if not (self.path / need).exists():
+                raise InputError(f"not a prepared dataset (missing {need}); run 'crossrec prepare' first",
+                                 path=str(self.path))
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        self.stats = json.loads((self.path / "stats.json").read_text())
+        table = datasets.load_from_disk(str(self.path / "sequences")).with_format("arrow")[:]
+        col = table["item_ids"].combine_chunks()
+        self.offsets = col.offsets.to_numpy().astype(np.int64)
+        self.items = col.values.to_numpy().astype(np.int64)
+        self.train_end = table["train_end"].to_numpy().astype(np.int64)
+        self.valid_end = table["valid_end"].to_numpy().astype(np.int64)
+        self.domain_names: list[str] = list(self.meta["domains"])
+        dom = table["domain"].to_pylist()  # one short string per sequence, not per interaction
+        index = {d: i for i, d in enumerate(self.domain_names)}
+        self.seq_domain = np.fromiter((index[d] for d in dom), dtype=np.int64, count=len(dom))
+        self.user_ids = table["user_id"]
+        self.num_items = int(self.meta["num_items"])
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.train_end)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def domain_codes(self, domains: list[str] | str | None) -> np.ndarray:
+        if domains is None or domains == "all" or domains == ["all"] and "all" not in self.domain_names:
+            return np.arange(len(self.domain_names))
+        if isinstance(domains, str):
+            domains = [d for d in domains.split(",") if d]
+        unknown = [d for d in domains if d not in self.domain_names]
+        if unknown:
+            raise InputError(f"unknown domain(s) {unknown}; this dataset has {self.domain_names}",
+                             path=str(self.path), field="--domain")
+        return np.array([self.domain_names.index(d) for d in domains], dtype=np.int64)
+
+    def sequence_mask(self, domains=None) -> np.ndarray:
+        return np.isin(self.seq_domain, self.domain_codes(domains))
+
+    def train_sequences(self, domains=None, *, include_valid: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence indices, usable lengths) of the training part of each sequence."""
+        mask = self.sequence_mask(domains)
+        ends = self.valid_end if include_valid else self.train_end
+        idx = np.flatnonzero(mask & (ends >= 2))
+        return idx, ends[idx]
+
+    def eval_set(self, split: str, domains=None) -> EvalSet:
+        """valid: predict items[train_end] from items[:train_end]; test: items[valid_end] from items[:valid_end]."""
+        if split not in ("valid", "test"):
+            raise ValueError(split)
+        mask = self.sequence_mask(domains)
+        hist_end = self.train_end if split == "valid" else self.valid_end
+        has_target = (self.valid_end > self.train_end) if split == "valid" else (self.lengths > self.valid_end)
+        idx = np.flatnonzero(mask & has_target & (hist_end >= 1))
+        targets = self.items[self.offsets[idx] + hist_end[idx]]
+        return EvalSet(idx, hist_end[idx], targets, self.seq_domain[idx])
+
+    def history(self, seq: int, end: int) -> np.ndarray:
+        start = self.offsets[seq]
+        return self.items[start:start + end]
+
+    def row_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence index, position within its sequence) of every stored interaction."""
+        lengths = self.lengths
+        seq = np.repeat(np.arange(self.num_sequences), lengths)
+        return seq, np.arange(len(self.items)) - self.offsets[:-1][seq]
+
+    def item_counts(self, domains=None) -> np.ndarray:
+        """Interaction counts per item index over the training parts (index 0 = padding = 0)."""
+        seq, pos = self.row_positions()
+        keep = self.sequence_mask(domains)[seq] & (pos < self.train_end[seq])
+        return np.bincount(self.items[keep], minlength=self.num_items + 1)

@@ -1,0 +1,45 @@
+"""``crossrec evaluate``: valid and test metrics of a model (or the popularity baseline) as metrics.json."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..data.prepared import PreparedData
+from ..errors import InputError
+from .evaluator import EvalOptions, evaluate
+from .popularity import popularity_scorer
+from .record import metrics_record
+
+
+def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | None, out: str,
+                 batch_size: int = 1024, max_len: int | None = None, log=print) -> dict:
+    prepared = PreparedData(data)
+    domains = None if domain in (None, "all") else [d for d in domain.split(",") if d]
+    prepared.domain_codes(domains)  # validate names early
+    t0 = time.perf_counter()
+    if model == "popularity":
+        if adapter:
+            raise InputError("the popularity baseline takes no adapter", field="--adapter")
+        scorer, params, method, L = popularity_scorer(prepared, domains), {"total": 0, "trainable": 0}, "popularity", max_len or 50
+    else:
+        from ..models.loading import load_scorer
+        scorer, params, L = load_scorer(model, adapter, max_len)
+        method = "adapter" if adapter else "model"
+    results = {}
+    for split in ("valid", "test"):
+        results[split] = evaluate(prepared, scorer, EvalOptions(split=split, domains=domains,
+                                                                batch_size=batch_size, max_len=L))
+    record = metrics_record(stage="evaluate", domain=domain if domains and len(domains) == 1 else None,
+                            method=method, params=params, valid=results["valid"]["overall"],
+                            test=results["test"]["overall"], per_domain=results["test"]["per_domain"],
+                            eval_seconds=round(time.perf_counter() - t0, 3), model=model, adapter=adapter)
+    path = Path(out)
+    if path.suffix != ".json":
+        path = path / "metrics.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    t = record["test"]
+    log(f"{method}: test ndcg@10={t['ndcg@10']:.4f} hr@10={t['hr@10']:.4f} mrr@10={t['mrr@10']:.4f} "
+        f"({results['test']['overall']['users']} users) -> {path}")
+    return record

@@ -1,0 +1,15 @@
+"""Popularity baseline: score every item by its interaction count in the training parts."""
+from __future__ import annotations
+
+import torch
+
+from ..data.prepared import PreparedData
+
+
+def popularity_scorer(data: PreparedData, domains=None):
+    counts = torch.from_numpy(data.item_counts(domains)).float()
+
+    def score(histories: torch.Tensor, _domains: torch.Tensor) -> torch.Tensor:
+        return counts.to(histories.device).expand(histories.shape[0], -1).clone()
+
+    return score

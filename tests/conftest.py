@@ -1,0 +1,80 @@
+"""Shared fixtures: one fetched + prepared MovieLens-100K and one synthetic set per test session."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600):
+    """Run ``python -m crossrec_dist ...`` as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], capture_output=True,
+                          text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"crossrec {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def ml100k_raw(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ml100k_raw")
+    run_cli("data", "fetch", "movielens-100k", "--out", out, "--timeout", "5")
+    return out
+
+
+@pytest.fixture(scope="session")
+def ml100k(ml100k_raw, tmp_path_factory):
+    """ML-100K with regions from the first zip-code digit, leave-one-out."""
+    out = tmp_path_factory.mktemp("ml100k_prep")
+    run_cli("prepare", "--input", ml100k_raw, "--format", "auto", "--out", out,
+            "--domain-from", "user.zip_code:prefix1")
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """A small synthetic log with 3 domains, prepared."""
+    raw = tmp_path_factory.mktemp("synth_raw")
+    run_cli("data", "synth", "--out", raw, "--users", "600", "--items", "300", "--domains", "3",
+            "--mean-length", "20", "--seed", "1")
+    out = tmp_path_factory.mktemp("synth_prep")
+    run_cli("prepare", "--input", raw / "interactions.parquet", "--format", "parquet", "--out", out,
+            "--domain-col", "domain")
+    return out
+
+
+def accelerate_launch(config: str, *args: str, timeout: int = 900, env: dict | None = None):
+    """``accelerate launch --config_file launch/<config> -m crossrec_dist ...`` as a user would run it."""
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch" / config),
+           "-m", "crossrec_dist", *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})})
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+# Regions used as targets by the adaptation tests; the base model is pretrained on the others.
+TARGET_REGIONS = ("0", "3")
+SOURCE_REGIONS = ("1", "2", "4", "5", "6", "7", "8", "9")
+TINY_TRAIN = ["--set", "train.epochs=4", "--set", "train.log_every=5", "--set", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="session")
+def tiny_base(ml100k, tmp_path_factory):
+    """One tiny base model, pretrained in one plain process on the source regions of ML-100K."""
+    out = tmp_path_factory.mktemp("tiny_base")
+    run_cli("pretrain", "--preset", "tiny", "--data", ml100k, "--out", out, "--domains", ",".join(SOURCE_REGIONS),
+            *TINY_TRAIN)
+    return out

@@ -1,0 +1,38 @@
+"""Config loading: defaults <- YAML <- --set, with nested sections keeping their parent's defaults."""
+from dataclasses import dataclass, field
+
+import pytest
+
+from crossrec_dist.config import load_config
+from crossrec_dist.errors import InputError
+from crossrec_dist.stages.finetune import FinetuneConfig
+
+
+@dataclass
+class Inner:
+    a: int = 1
+    b: bool = False
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=lambda: Inner(a=7, b=True))
+    name: str = "x"
+
+
+def test_override_of_one_nested_key_keeps_the_parents_other_defaults(tmp_path):
+    cfg = load_config(Outer, overrides=["inner.a=3"])
+    assert cfg.inner == Inner(a=3, b=True)
+    ft = load_config(FinetuneConfig, overrides=["train.max_steps=4"])
+    assert ft.train.max_steps == 4 and ft.train.validate_at_start and ft.train.patience == 5
+    y = tmp_path / "c.yaml"
+    y.write_text("inner:\n  b: false\nname: y\n")
+    cfg = load_config(Outer, y, overrides=["inner.a=5"])
+    assert cfg.inner == Inner(a=5, b=False) and cfg.name == "y"
+
+
+def test_unknown_and_mistyped_keys_name_the_key(tmp_path):
+    with pytest.raises(InputError, match="inner.c"):
+        load_config(Outer, overrides=["inner.c=1"])
+    with pytest.raises(InputError, match="inner.a"):
+        load_config(Outer, overrides=["inner.a=1.5"])

@@ -1,0 +1,42 @@
+import math
+
+import torch
+
+from crossrec_dist.evaluation.metrics import metrics_from_ranks, target_ranks
+
+
+def test_rank_counts_ties_against_target():
+    scores = torch.tensor([[0.0, 0.5, 0.9, 0.5, 0.1]])
+    # target item 1 scores 0.5; item 2 is higher, item 3 ties -> rank 2 (0-based)
+    assert target_ranks(scores, torch.tensor([1])).item() == 2
+    assert target_ranks(scores, torch.tensor([3])).item() == 2
+
+
+def test_constant_scores_get_the_worst_rank():
+    scores = torch.ones(3, 100)
+    ranks = target_ranks(scores, torch.tensor([0, 50, 99]))
+    assert ranks.tolist() == [99, 99, 99]
+    m = metrics_from_ranks(ranks, ks=(10,))
+    assert m == {"hr@10": 0.0, "ndcg@10": 0.0, "mrr@10": 0.0}
+
+
+def test_nan_scores_never_help():
+    scores = torch.tensor([[float("nan"), 1.0, 2.0]])
+    assert target_ranks(scores, torch.tensor([0])).item() == 2
+
+
+def test_hand_computed_metrics():
+    # ranks 0, 1, 4, 12 (0-based) with K = 5
+    m = metrics_from_ranks(torch.tensor([0, 1, 4, 12]), ks=(5,))
+    assert math.isclose(m["hr@5"], 3 / 4)
+    assert math.isclose(m["ndcg@5"], (1 + 1 / math.log2(3) + 1 / math.log2(6)) / 4)
+    assert math.isclose(m["mrr@5"], (1 + 1 / 2 + 1 / 5) / 4)
+
+
+def test_ranks_from_scores_end_to_end():
+    scores = torch.tensor([[0.1, 0.9, 0.3, 0.7], [0.4, 0.2, 0.8, 0.6]])
+    ranks = target_ranks(scores, torch.tensor([3, 0]))  # 0.7 ranks 2nd; 0.4 ranks 3rd
+    assert ranks.tolist() == [1, 2]
+    m = metrics_from_ranks(ranks, ks=(2,))
+    assert math.isclose(m["hr@2"], 0.5)
+    assert math.isclose(m["ndcg@2"], (1 / math.log2(3)) / 2)

@@ -1,0 +1,1 @@
+"""The one training engine every stage runs on (pretrain, finetune, distill)."""

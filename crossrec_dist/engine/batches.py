@@ -1,0 +1,68 @@
+"""Training batches of next-item windows, sharded by the real rank, resumable by position.
+
+Each sequence's training part is cut into windows of ``max_len + 1`` items, newest first, so every
+interaction is a label exactly once per epoch (loss at every position, not one sample per prefix).
+Batch order depends only on (seed, epoch): a resumed run skips the batches it already did, and
+every rank takes its own slice of each global batch, so 1 and N processes see the same global batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..data.prepared import PreparedData
+
+
+@dataclass
+class Windows:
+    seq: np.ndarray     # sequence index
+    end: np.ndarray     # window covers items[end - max_len - 1 : end] of that sequence
+
+
+def make_windows(seq_idx: np.ndarray, usable_len: np.ndarray, max_len: int, stride: int = 0) -> Windows:
+    """Windows ending at n, n - stride, n - 2*stride, ... (stride defaults to max_len) while >= 2 items."""
+    stride = stride or max_len
+    n_win = np.maximum(1, 1 + (usable_len - 2) // stride)
+    seq = np.repeat(seq_idx, n_win)
+    k = np.arange(n_win.sum()) - np.repeat(np.r_[0, np.cumsum(n_win)[:-1]], n_win)
+    end = np.repeat(usable_len, n_win) - k * stride
+    keep = end >= 2
+    return Windows(seq[keep], end[keep])
+
+
+def window_tensors(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len: int,
+                   domain_of_seq: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded inputs/labels for windows; label 0 = no loss."""
+    start = data.offsets[seq]
+    pos = start[:, None] + end[:, None] - (max_len + 1) + np.arange(max_len + 1)[None, :]
+    valid = pos >= start[:, None]
+    items = np.where(valid, data.items[np.clip(pos, 0, len(data.items) - 1)], 0)
+    doms = (domain_of_seq if domain_of_seq is not None else data.seq_domain)[seq]
+    return {"input_ids": torch.from_numpy(items[:, :-1].copy()),
+            "labels": torch.from_numpy(items[:, 1:].copy()),
+            "domain_ids": torch.from_numpy(doms.astype(np.int64))}
+
+
+class SequenceBatches:
+    """Per-rank micro-batches of one epoch: global batch = micro_batch * world, same count on all ranks."""
+
+    def __init__(self, data: PreparedData, windows: Windows, max_len: int, micro_batch: int, seed: int,
+                 domain_of_seq: np.ndarray | None = None):
+        self.data, self.windows, self.max_len = data, windows, max_len
+        self.micro_batch, self.seed, self.domain_of_seq = micro_batch, seed, domain_of_seq
+
+    def num_batches(self, world: int) -> int:
+        return max(1, len(self.windows.seq) // (self.micro_batch * world))
+
+    def epoch(self, epoch: int, rank: int, world: int, skip: int = 0):
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.windows.seq))
+        g = self.micro_batch * world
+        for b in range(skip, self.num_batches(world)):
+            chunk = order[b * g:(b + 1) * g]
+            mine = chunk[rank::world]
+            batch = window_tensors(self.data, self.windows.seq[mine], self.windows.end[mine], self.max_len,
+                                   self.domain_of_seq)
+            batch["sample_ids"] = torch.from_numpy(mine.astype(np.int64))  # which windows this rank saw
+            yield batch

@@ -1,0 +1,74 @@
+"""The real process world, from ``torch.distributed`` when it is up.
+
+Why not ``accelerator.num_processes``: under ``accelerate launch --use_deepspeed`` on CPU, accelerate
+reports 1 process and index 0 on every rank while torch.distributed sees the true world
+(PITFALLS.md #9). Data sharding, main-rank logging, saving and metric reduction all use this module.
+"""
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_single_process_env() -> None:
+    """DeepSpeed wants a process group even for one process: give it a loopback world of one."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+
+
+def all_gather_tensor(t: torch.Tensor) -> list[torch.Tensor]:
+    """Gather 1-D tensors of different lengths from every rank (for evaluation ranks)."""
+    if world_size() == 1 or not dist.is_initialized():
+        return [t]
+    n = torch.tensor([t.numel()], dtype=torch.long, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    width = int(max(s.item() for s in sizes))
+    padded = torch.zeros(width, dtype=t.dtype, device=t.device)
+    padded[: t.numel()] = t
+    out = [torch.zeros_like(padded) for _ in range(world_size())]
+    dist.all_gather(out, padded)
+    return [o[: int(s.item())] for o, s in zip(out, sizes)]
+
+
+def all_reduce_sum(value: float, device="cpu") -> float:
+    if world_size() == 1 or not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def broadcast_object(obj):
+    if world_size() == 1 or not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

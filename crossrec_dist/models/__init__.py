@@ -1,0 +1,1 @@
+"""The recommender model: config, presets, losses."""

@@ -1,0 +1,118 @@
+"""``CrossRecModel``: a decoder-only sequential recommender on a ``transformers`` Llama backbone.
+
+Input: left-padded item-ID histories (0 = padding). Every position predicts the next item (causal
+loss at every position, SASRec/HSTU style); scores are dot products with the item embedding table,
+so the output layer is the input table (tied) and new items need one row, not two.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from transformers import LlamaModel, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .config import CrossRecConfig
+from .losses import full_softmax, sampled_softmax
+
+
+@dataclass
+class CrossRecOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None   # (B, L, H) final hidden states
+    num_tokens: int | None = None
+
+
+class CrossRecModel(PreTrainedModel):
+    config_class = CrossRecConfig
+    base_model_prefix = "crossrec"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+
+    def __init__(self, config: CrossRecConfig):
+        super().__init__(config)
+        self.item_embeddings = nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0)
+        self.domain_embeddings = (nn.Embedding(max(config.num_domains, 1), config.hidden_size)
+                                  if config.use_domain_embedding else None)
+        self.embedding_dropout = nn.Dropout(config.embedding_dropout)
+        self.backbone = LlamaModel(config.backbone_config())
+        del self.backbone.embed_tokens  # inputs come in as embeddings; an unused table would be dead weight
+        self.post_init()
+
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
+            nn.init.ones_(module.weight)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.item_embeddings
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.item_embeddings = value
+
+    def encode(self, input_ids: torch.Tensor, domain_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden state at every position, (B, L, H)."""
+        if attention_mask is None:
+            attention_mask = (input_ids != 0).long()
+        x = self.item_embeddings(input_ids)
+        if self.domain_embeddings is not None and domain_ids is not None:
+            x = x + self.domain_embeddings(domain_ids)[:, None, :]
+        x = self.embedding_dropout(x)
+        return self.backbone(inputs_embeds=x, attention_mask=attention_mask).last_hidden_state
+
+    def item_weight(self) -> torch.Tensor:
+        """The item table as scores see it. Under a PEFT trainable-tokens adapter (rows for items new
+        to a target domain) that is the base table with the adapter's rows swapped in, so input and
+        output sides stay tied."""
+        emb = self.item_embeddings
+        tokens = getattr(emb, "token_adapter", None)
+        if tokens is None:
+            return emb.weight
+        active = [a for a in tokens.active_adapters if a in tokens.token_indices]
+        if tokens.disable_adapters or tokens.merged or not active:
+            return tokens.base_layer.weight
+        return tokens.get_merged_weights(active)
+
+    def tied_parameters(self) -> list[nn.Parameter]:
+        """Parameters used outside their own module's forward (the output side of tied scores).
+        Under ZeRO-3 the engine registers them as external parameters of this module."""
+        tokens = getattr(self.item_embeddings, "token_adapter", None)
+        if tokens is None:
+            return [self.item_embeddings.weight]
+        return [tokens.base_layer.weight, *tokens.trainable_tokens_delta.values()]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                domain_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                return_scores: bool = False, **_) -> CrossRecOutput | torch.Tensor:
+        """Loss when ``labels`` are given; with ``return_scores`` the next-item scores (B, N+1)
+        after each history (a forward pass, so ZeRO-3 gathers parameters as usual)."""
+        hidden = self.encode(input_ids, domain_ids, attention_mask)
+        if return_scores:
+            return hidden[:, -1] @ self.item_weight().t()
+        if labels is None:
+            return CrossRecOutput(hidden_states=hidden)
+        mask = labels > 0
+        h, y = hidden[mask], labels[mask]
+        if self.config.loss == "sampled":
+            loss = sampled_softmax(h, self.item_weight(), y, self.config.num_negatives)
+        else:
+            loss = full_softmax(h, self.item_weight(), y)
+        return CrossRecOutput(loss=loss, hidden_states=hidden, num_tokens=int(mask.sum()))
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor, domain_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores over all items (B, N+1) for the next item after each left-padded history."""
+        return self(input_ids, domain_ids=domain_ids, return_scores=True)

@@ -1,0 +1,62 @@
+"""The model on its own: sizes, save/load, losses."""
+import torch
+
+from crossrec_dist.models.config import CrossRecConfig
+from crossrec_dist.models.losses import full_softmax, sampled_softmax
+from crossrec_dist.models.model import CrossRecModel
+from crossrec_dist.models.presets import preset_config
+from crossrec_dist.models.sizing import count_parameters
+
+
+def test_1b_preset_counts_at_least_a_billion_without_memory():
+    import resource
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    n = count_parameters(preset_config("1b"))
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert n >= 1_000_000_000
+    assert grown_mb < 500  # 1B fp32 parameters would be 4 GB
+
+
+def test_tiny_preset_is_under_a_million_on_movielens():
+    assert count_parameters(preset_config("tiny", num_items=1682)) < 1_000_000
+
+
+def test_save_load_roundtrip_and_peft_friendly_names(tmp_path):
+    torch.manual_seed(0)
+    model = CrossRecModel(CrossRecConfig(num_items=50, hidden_size=16, num_layers=1, num_heads=2)).eval()
+    names = {n.split(".")[-1] for n, _ in model.named_modules()}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= names
+    x = torch.tensor([[0, 0, 3, 4], [1, 2, 3, 4]])
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    again = CrossRecModel.from_pretrained(tmp_path).eval()
+    assert torch.equal(model.score(x), again.score(x))
+
+
+def test_left_padding_does_not_change_scores():
+    torch.manual_seed(0)
+    model = CrossRecModel(CrossRecConfig(num_items=30, hidden_size=16, num_layers=2, num_heads=2)).eval()
+    short = model.score(torch.tensor([[5, 6, 7]]))
+    padded = model.score(torch.tensor([[0, 0, 0, 5, 6, 7]]))
+    assert torch.allclose(short, padded, atol=1e-5)
+
+
+def test_chunked_full_softmax_equals_unchunked():
+    torch.manual_seed(0)
+    h, w = torch.randn(100, 8), torch.randn(21, 8)
+    y = torch.randint(1, 21, (100,))
+    assert torch.allclose(full_softmax(h, w, y, chunk_tokens=7), full_softmax(h, w, y, chunk_tokens=1000), atol=1e-5)
+    ref = torch.nn.functional.cross_entropy(torch.cat([torch.full((100, 1), -1e9), h @ w[1:].t()], 1), y)
+    assert torch.allclose(full_softmax(h, w, y), ref, atol=1e-4)
+
+
+def test_sampled_softmax_approaches_full_softmax_with_many_negatives():
+    torch.manual_seed(0)
+    h, w = torch.randn(64, 8) * 0.3, torch.randn(501, 8) * 0.3
+    y = torch.randint(1, 501, (64,))
+    full = full_softmax(h, w, y).item()
+    sampled = sampled_softmax(h, w, y, num_negatives=20000).item()
+    assert abs(sampled - full) / full < 0.05
+    w.requires_grad_(True)
+    sampled_softmax(h, w, y, num_negatives=32).backward()
+    assert w.grad.abs().sum() > 0

@@ -1,0 +1,1 @@
+"""Export: per-region adapters with a manifest, merged models, ONNX, and the serving API."""

@@ -1,0 +1,33 @@
+"""Adapters: attach a saved PEFT adapter to its base, refusing a base with another fingerprint."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import InputError
+from .fingerprint import FILE, base_fingerprint
+
+
+def adapter_info(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError("not a PEFT adapter folder (no adapter_config.json)", path=str(adapter_dir))
+    info = adapter_dir / FILE
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def check_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
+    want = adapter_info(adapter_dir).get("base_fingerprint")
+    if want is None:
+        return
+    have = base_fingerprint(model_dir)
+    if have != want:
+        raise InputError(f"adapter was trained on base {want[:19]}..., but {model_dir} is {have[:19]}...; "
+                         f"apply it to the base it was trained on", path=str(Path(adapter_dir) / FILE),
+                         field="base_fingerprint")
+
+
+def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: str = "default"):
+    from peft import PeftModel
+    check_base(model_dir, adapter_dir)
+    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)

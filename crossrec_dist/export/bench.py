@@ -1,0 +1,78 @@
+"""Serving cost on this machine's CPU: one-request latency (p50/p99) and batch throughput.
+
+A request is one left-padded 50-item history scored against the whole catalogue. The teacher
+(base + adapter, merged as it would be served) and the student are measured in the same process,
+alternately, so their ratio is not skewed by machine load drifting between them.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..models.loading import load_model
+
+
+def _serving_model(model_dir, adapter=None):
+    model = load_model(model_dir, adapter)
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    return model.eval()
+
+
+def _latencies(model, ids: torch.Tensor, reps: int) -> list[float]:
+    out = []
+    with torch.inference_mode():
+        for i in range(reps):
+            x = ids[i % len(ids)][None]
+            t0 = time.perf_counter()
+            model(input_ids=x, domain_ids=torch.zeros(1, dtype=torch.long), return_scores=True)
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def _throughput(model, ids: torch.Tensor, batch: int, reps: int) -> float:
+    x = ids[:batch]
+    d = torch.zeros(len(x), dtype=torch.long)
+    with torch.inference_mode():
+        model(input_ids=x, domain_ids=d, return_scores=True)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            model(input_ids=x, domain_ids=d, return_scores=True)
+    return reps * len(x) / (time.perf_counter() - t0)
+
+
+def bench_serving(student_dir, teacher_dir, adapter=None, history: int = 50, requests: int = 200,
+                  batch: int = 256, seed: int = 0) -> dict:
+    student, teacher = _serving_model(student_dir), _serving_model(teacher_dir, adapter)
+    n_items, max_len = student.config.num_items, student.config.max_len
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.zeros(max(batch, 64), max_len, dtype=torch.long)
+    h = min(history, max_len)
+    ids[:, -h:] = torch.randint(1, n_items + 1, (len(ids), h), generator=g)
+    for m in (student, teacher):
+        _latencies(m, ids, 10)  # warm-up
+    lat = {"student": [], "teacher": []}
+    for _ in range(4):  # alternate in blocks so drift hits both
+        lat["teacher"] += _latencies(teacher, ids, requests // 4)
+        lat["student"] += _latencies(student, ids, requests // 4)
+    res = {}
+    for name, m in (("teacher", teacher), ("student", student)):
+        v = lat[name]
+        res[name] = {"params": sum(p.numel() for p in m.parameters()),
+                     "p50_ms": statistics.median(v), "p99_ms": float(np.percentile(v, 99)),
+                     "batch_users_per_second": _throughput(m, ids, batch, 5)}
+    res["speedup_p50"] = res["teacher"]["p50_ms"] / res["student"]["p50_ms"]
+    res["speedup_throughput"] = res["student"]["batch_users_per_second"] / res["teacher"]["batch_users_per_second"]
+    res.update(history=h, requests=requests, batch=batch, threads=torch.get_num_threads(),
+               teacher=res["teacher"], student=res["student"])
+    return res
+
+
+def write_bench(out: str | Path, res: dict) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=2))

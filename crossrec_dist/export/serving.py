@@ -1,0 +1,95 @@
+"""``Recommender``: one base model in memory, one adapter per region switched per request.
+
+Regions fine-tuned with a PEFT method are adapters on the shared base (loaded once, switched with
+``set_adapter``); regions fine-tuned fully are separate models, loaded on first use. Items are raw
+ids from the training data (``items.json``), so callers never see internal indices.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+from ..models.model import CrossRecModel
+from .adapters import check_base
+from .manifest import read_manifest
+from .vocab import read_vocab
+
+
+class Recommender:
+    def __init__(self, base: str | Path, adapters: str | Path | None = None, device: str = "cpu"):
+        self.base_dir, self.device = Path(base), device
+        self.vocab = read_vocab(self.base_dir)
+        self.index = {v: i + 1 for i, v in enumerate(self.vocab)} if self.vocab else None
+        model = CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True)
+        self.max_len = model.config.max_len
+        self.domain_ids = {d: i for i, d in enumerate(model.config.domain_names)}
+        self.manifest = read_manifest(adapters) if adapters else {"domains": {}}
+        self.adapters_root = Path(adapters) if adapters else None
+        self.adapter_domains = [d for d, e in self.manifest["domains"].items() if e["kind"] == "adapter"]
+        self._full_models: dict[str, CrossRecModel] = {}
+        if self.adapter_domains:
+            from peft import PeftModel
+            first, *rest = self.adapter_domains
+            check_base(self.base_dir, self.adapters_root / first)
+            model = PeftModel.from_pretrained(model, str(self.adapters_root / first), adapter_name=first)
+            for d in rest:
+                check_base(self.base_dir, self.adapters_root / d)
+                model.load_adapter(str(self.adapters_root / d), adapter_name=d)
+        self.model = model.to(device).eval()
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.manifest["domains"])
+
+    def _encode(self, history) -> list[int]:
+        if self.index is None:
+            return [int(h) for h in history]
+        try:
+            return [self.index[str(h)] for h in history]
+        except KeyError as e:
+            raise InputError(f"unknown item id {e.args[0]!r}", field="history") from None
+
+    def _model_for(self, domain: str | None):
+        entry = self.manifest["domains"].get(domain) if domain else None
+        if domain and entry is None and domain not in self.domain_ids:
+            raise InputError(f"unknown domain {domain!r}; known: {self.domains or list(self.domain_ids)}", field="domain")
+        if entry and entry["kind"] == "model":
+            if domain not in self._full_models:
+                self._full_models[domain] = CrossRecModel.from_pretrained(
+                    self.adapters_root / entry["path"], use_safetensors=True).to(self.device).eval()
+            return self._full_models[domain], None
+        if entry and entry["kind"] == "adapter":
+            self.model.set_adapter(domain)
+            return self.model, None
+        return self.model, "base"
+
+    @torch.no_grad()
+    def scores(self, histories: list[list], domain: str | None = None) -> torch.Tensor:
+        """Scores over every item (B, N+1) after each history, for one domain."""
+        ids = [self._encode(h)[-self.max_len:] for h in histories]
+        batch = torch.zeros(len(ids), self.max_len, dtype=torch.long)
+        for row, seq in enumerate(ids):
+            if seq:
+                batch[row, -len(seq):] = torch.tensor(seq)
+        dom = torch.full((len(ids),), self.domain_ids.get(domain, 0), dtype=torch.long)
+        model, mode = self._model_for(domain)
+        batch, dom = batch.to(self.device), dom.to(self.device)
+        if mode == "base" and hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                s = model(input_ids=batch, domain_ids=dom, return_scores=True)
+        else:
+            s = model(input_ids=batch, domain_ids=dom, return_scores=True)
+        s[:, 0] = -torch.inf
+        return s
+
+    def recommend(self, history: list, domain: str | None = None, k: int = 10,
+                  exclude_history: bool = True) -> list[tuple[str | int, float]]:
+        s = self.scores([history], domain)[0]
+        if exclude_history and history:
+            s[torch.tensor(self._encode(history))] = -torch.inf
+        top = torch.topk(s, k)
+        ids = top.indices.tolist()
+        names = [self.vocab[i - 1] for i in ids] if self.vocab else ids
+        return list(zip(names, top.values.tolist()))

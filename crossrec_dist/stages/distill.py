@@ -1,0 +1,204 @@
+"""Distil a teacher (base + a region's adapter, or any model DIR) into a compact student.
+
+Loss per position: alpha * CE(next item) + (1 - alpha) * T^2 * KL(teacher || student) over
+temperature-softened item distributions, plus optional feature distillation (MSE between the
+student's hidden state, through a learned projection, and the teacher's). For big catalogues the
+KL runs over each position's teacher top-k items plus shared random items instead of all items.
+The teacher is frozen, in eval mode, and outside the optimizer: it never holds optimizer state.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import load_config
+from ..data.prepared import PreparedData
+from ..engine import distributed as dist_info
+from ..engine.config import TrainConfig
+from ..engine.trainer import Engine
+from ..errors import InputError
+from ..evaluation.record import metrics_record, write_metrics
+from ..export.vocab import write_vocab
+from ..models.config import CrossRecConfig
+from ..models.loading import load_model
+from ..models.losses import distillation_loss
+from ..models.model import CrossRecModel
+from ..models.presets import PRESETS
+from .common import (evaluate_model, on_main, param_counts, seed_everything, training_batches,
+                     validate_in_training)
+
+
+@dataclass
+class DistillConfig:
+    preset: str = "tiny"
+    model: dict = field(default_factory=dict)     # student CrossRecConfig overrides
+    alpha: float = 0.5                             # weight of the true-next-item CE (1 = no teacher)
+    temperature: float = 1.0
+    feature_weight: float = 0.0                   # hidden-state distillation through a learned projection
+    init_from_teacher: bool = True                # student item table = teacher's, projected (PCA)
+    top_k: int = 0                                 # >0: KL over teacher top-k + sampled items, not all items
+    num_sampled: int = 256
+    transfer: str = "all"                         # sequences the student learns from: all | target
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=8))
+
+
+class StudentWithProjection(nn.Module):
+    """What the engine trains: the student, plus the projection used by feature distillation."""
+
+    def __init__(self, student: CrossRecModel, teacher_hidden: int):
+        super().__init__()
+        self.student = student
+        self.projection = nn.Linear(student.config.hidden_size, teacher_hidden, bias=False)
+        self.config = student.config
+
+    def forward(self, input_ids, domain_ids=None, return_scores: bool = False, **_):
+        if return_scores:
+            return self.student(input_ids=input_ids, domain_ids=domain_ids, return_scores=True)
+        return self.student.encode(input_ids, domain_ids)
+
+    def tied_parameters(self):
+        return self.student.tied_parameters()
+
+
+def _teacher_core(teacher) -> CrossRecModel:
+    return teacher.get_base_model() if hasattr(teacher, "get_base_model") else teacher
+
+
+def pca_projection(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """Teacher item table (N+1, Ht) -> (N+1, dim) on its top principal directions, scale matched."""
+    w = weight[1:].float()
+    centered = w - w.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centered, full_matrices=False)
+    proj = weight.float() @ v[:dim].t()
+    proj[0] = 0
+    return proj * (0.02 / proj[1:].std().clamp_min(1e-8))
+
+
+class DistillTask:
+    def __init__(self, cfg: DistillConfig, data: PreparedData, teacher_dir: str, adapter: str | None, domain: str):
+        if not 0.0 <= cfg.alpha <= 1.0:
+            raise InputError("alpha must be in [0, 1]", field="alpha")
+        if cfg.preset not in PRESETS:
+            raise InputError(f"unknown preset {cfg.preset!r}", field="preset")
+        self.cfg, self.data, self.domain = cfg, data, domain
+        self.name = f"distill-{domain}"
+        data.domain_codes([domain])
+        seed_everything(cfg.train.seed)
+        teacher = load_model(teacher_dir, adapter)
+        if hasattr(teacher, "merge_and_unload"):
+            teacher = teacher.merge_and_unload()  # serving-equivalent teacher, one plain module
+        self.teacher = teacher.eval().requires_grad_(False)
+        tcfg: CrossRecConfig = self.teacher.config
+        if tcfg.num_items != data.num_items:
+            raise InputError(f"teacher has {tcfg.num_items} items, the dataset {data.num_items}", path=teacher_dir)
+        scfg = CrossRecConfig(**{**PRESETS[cfg.preset], **cfg.model, "num_items": tcfg.num_items,
+                                 "num_domains": tcfg.num_domains, "domain_names": tcfg.domain_names,
+                                 "pretrain_domains": tcfg.pretrain_domains,
+                                 "use_domain_embedding": tcfg.use_domain_embedding,
+                                 "max_len": tcfg.max_len})
+        student = CrossRecModel(scfg)
+        if cfg.init_from_teacher:
+            with torch.no_grad():
+                student.item_embeddings.weight.copy_(pca_projection(self.teacher.item_weight(), scfg.hidden_size))
+        self.model = StudentWithProjection(student, tcfg.hidden_size)
+        self.max_len = scfg.max_len
+        self.default_lr = 2e-3
+
+    def batches(self):
+        """The transfer set: KD needs inputs, not the target's labels, so by default the student also
+        learns the regional teacher's behaviour on every other domain's sequences (small regions alone
+        starve a student); ``transfer: target`` restricts it to the region."""
+        t = self.cfg.train
+        if self.cfg.transfer not in ("all", "target"):
+            raise InputError("transfer must be 'all' or 'target'", field="transfer")
+        domains = None if self.cfg.transfer == "all" else [self.domain]
+        return training_batches(self.data, domains, self.max_len, t.micro_batch_size, t.seed, t.window_stride)
+
+    def loss(self, model, batch):
+        cfg = self.cfg
+        labels = batch["labels"]
+        mask = labels > 0
+        h_s = model(input_ids=batch["input_ids"], domain_ids=batch["domain_ids"])[mask]
+        with torch.no_grad():
+            self.teacher.to(h_s.device)
+            h_t = self.teacher.encode(batch["input_ids"], batch["domain_ids"])[mask]
+        core = model.module if hasattr(model, "module") else model
+        w_s = core.student.item_weight()
+        w_t = self.teacher.item_weight()
+        y = labels[mask]
+        if cfg.top_k:
+            with torch.no_grad():
+                t_full = h_t @ w_t.t()
+                t_full[:, 0] = -math.inf
+                top = t_full.topk(cfg.top_k, dim=-1).indices
+                rand = torch.randint(1, w_t.shape[0], (cfg.num_sampled,), device=y.device)
+                cand = torch.cat([y[:, None], top, rand.expand(len(y), -1)], 1)   # label is column 0
+            s_logits = (h_s[:, None, :] * w_s[cand]).sum(-1)
+            t_logits = t_full.gather(1, cand)
+            target = torch.zeros_like(y)
+        else:
+            s_logits = h_s @ w_s.t()
+            with torch.no_grad():
+                t_logits = h_t @ w_t.t()
+            s_logits[:, 0] = -math.inf
+            t_logits[:, 0] = -math.inf
+            target = y
+        loss = distillation_loss(s_logits, t_logits, target, cfg.alpha, cfg.temperature)
+        if cfg.feature_weight > 0:
+            loss = loss + cfg.feature_weight * ((core.projection(h_s) - h_t) ** 2).mean()
+        return loss
+
+    def validate(self, engine):
+        return validate_in_training(engine, engine.model, self.data, [self.domain], self.max_len)
+
+    def save(self, engine, state_dict, out_dir: Path) -> None:
+        if not engine.is_main:
+            return
+        core = engine.unwrapped(engine.model)
+        sd = None
+        if state_dict is not None:
+            sd = {k[len("student."):]: v for k, v in state_dict.items() if k.startswith("student.")}
+        core.student.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+        write_vocab(self.data, out_dir)
+
+
+def run_distill(cfg: DistillConfig, teacher: str, adapter: str | None, data_dir: str, domain: str, out: str,
+                log=print) -> dict:
+    data = PreparedData(data_dir)
+    task = DistillTask(cfg, data, teacher, adapter, domain)
+    engine = Engine(cfg.train, out, hidden_size=task.model.config.hidden_size, log=log)
+    s_params, t_params = param_counts(task.model.student), param_counts(task.teacher)
+    engine.log(f"distill {domain}: student {s_params['total']:,} params = "
+               f"{s_params['total'] / t_params['total']:.1%} of the teacher's {t_params['total']:,}")
+    result = engine.fit(task)
+
+    def final_eval():
+        student = CrossRecModel.from_pretrained(out, use_safetensors=True)
+        ev = evaluate_model(student, data, [domain], task.max_len, cfg.train.eval_batch_size)
+        tev = evaluate_model(task.teacher, data, [domain], task.max_len, cfg.train.eval_batch_size)
+        record = metrics_record(
+            stage="distill", domain=domain, method="kd" if cfg.alpha < 1 else "ce", params=s_params,
+            valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
+            in_training_valid=result.best_valid.get("overall", {}), history=result.history,
+            teacher={"model": str(teacher), "adapter": adapter, "params": t_params,
+                     "valid": tev["valid"]["overall"], "test": tev["test"]["overall"]},
+            kept_test_ndcg=ev["test"]["overall"]["ndcg@10"] / max(tev["test"]["overall"]["ndcg@10"], 1e-12),
+            config=asdict(cfg), world_size=dist_info.world_size())
+        write_metrics(out, record)
+        log(f"distill {domain}: student test ndcg@10={record['test']['ndcg@10']:.4f} vs teacher "
+            f"{tev['test']['overall']['ndcg@10']:.4f} ({s_params['total']:,} vs {t_params['total']:,} params) -> {out}")
+        return record
+
+    return on_main(final_eval)
+
+
+def load_distill_config(path, preset, overrides):
+    cfg = load_config(DistillConfig, path, overrides)
+    if preset:
+        cfg.preset = preset
+    return cfg

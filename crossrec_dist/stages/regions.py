@@ -1,0 +1,37 @@
+"""Fine-tune every target region in one run: OUT/<domain>/ each, and OUT/manifest.json."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from ..data.prepared import PreparedData
+from ..engine import distributed as dist_info
+from ..errors import InputError
+from ..export.manifest import update_manifest
+from ..models.config import CrossRecConfig
+from .finetune import FinetuneConfig, run_finetune
+
+
+def target_domains(data: PreparedData, base_dir: str, spec: str) -> list[str]:
+    if spec != "all":
+        names = [d for d in spec.split(",") if d]
+        data.domain_codes(names)
+        return names
+    source = set(CrossRecConfig.from_pretrained(base_dir).pretrain_domains)
+    targets = [d for d in data.domain_names if d not in source] or list(data.domain_names)
+    if not targets:
+        raise InputError("no target domains", field="--domains")
+    return targets
+
+
+def finetune_regions(cfg: FinetuneConfig, base_dir: str, data_dir: str, spec: str, out: str, log=print) -> dict:
+    data = PreparedData(data_dir)
+    records = {}
+    for domain in target_domains(data, base_dir, spec):
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state()  # a fresh engine per region; the process group stays
+        record = run_finetune(copy.deepcopy(cfg), base_dir, data, domain, Path(out) / domain, log=log)
+        if dist_info.is_main():
+            update_manifest(out, base_dir, domain, record)
+        records[domain] = record
+    return records

@@ -1,0 +1,185 @@
+"""Report of an experiment folder: results.json, PNG plots and report.md, all read from metrics.json files."""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+METRICS = ("ndcg@10", "hr@10", "mrr@10")
+
+
+def _read(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def collect(out: Path, methods: list[str], targets: list[str]) -> dict:
+    res = {"pretrain": None, "targets": {}, "average": {}, "distill": {}}
+    pre = _read(out / "pretrain" / "metrics.json")
+    if pre:
+        res["pretrain"] = {"test": {k: pre["test"][k] for k in METRICS}, "params": pre["params"],
+                           "train": pre["train"], "per_domain": pre.get("per_domain", {})}
+    for t in targets:
+        row = {}
+        for m in methods + ["student_kd", "student_ce"]:
+            rec = _read(out / "targets" / t / m / "metrics.json")
+            if rec:
+                row[m] = {**{k: rec["test"][k] for k in METRICS}, "users": rec["test"].get("users"),
+                          "trainable": rec["params"]["trainable"], "total": rec["params"]["total"],
+                          "steps": rec["train"]["steps"], "seconds": rec["train"]["seconds"]}
+                serving = _read(out / "targets" / t / m / "serving.json")
+                if serving:
+                    row[m]["serving"] = serving
+        res["targets"][t] = row
+    for m in methods + ["student_kd", "student_ce"]:
+        vals = [res["targets"][t][m]["ndcg@10"] for t in targets if m in res["targets"][t]]
+        if vals and len(vals) == len(targets):
+            res["average"][m] = {"ndcg@10": statistics.mean(vals),
+                                 "trainable": statistics.mean(res["targets"][t][m]["trainable"] for t in targets)}
+    return res
+
+
+def _plots(out: Path, res: dict, methods: list[str], targets: list[str]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    shown = [m for m in methods if m in res["average"]]
+    if shown:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        width = 0.8 / len(shown)
+        for i, m in enumerate(shown):
+            ys = [res["targets"][t][m]["ndcg@10"] for t in targets]
+            ax.bar([x + i * width for x in range(len(targets))], ys, width, label=m)
+        ax.set_xticks([x + 0.4 - width / 2 for x in range(len(targets))], [f"region {t}" for t in targets])
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title("Per-region test NDCG@10 by adaptation method")
+        ax.legend(fontsize=8, ncol=4)
+        fig.tight_layout()
+        fig.savefig(out / "ndcg_by_region.png", dpi=120)
+        plt.close(fig)
+        files.append("ndcg_by_region.png")
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for m in shown:
+            a = res["average"][m]
+            if a["trainable"] > 0:
+                ax.scatter(a["trainable"], a["ndcg@10"], s=40)
+                ax.annotate(m, (a["trainable"], a["ndcg@10"]), textcoords="offset points", xytext=(5, 3))
+        if "none" in res["average"]:
+            ax.axhline(res["average"]["none"]["ndcg@10"], ls="--", c="gray", label="zero-shot (0 trained)")
+            ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (log)")
+        ax.set_ylabel("mean test NDCG@10 over targets")
+        ax.set_title("Quality vs trainable parameters")
+        fig.tight_layout()
+        fig.savefig(out / "quality_vs_params.png", dpi=120)
+        plt.close(fig)
+        files.append("quality_vs_params.png")
+
+    pre = _read(out / "pretrain" / "metrics.json")
+    if pre and pre.get("history"):
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        losses = [(h["step"], h["loss"]) for h in pre["history"] if "loss" in h]
+        valids = [(h["step"], h["valid_ndcg@10"]) for h in pre["history"] if "valid_ndcg@10" in h]
+        if losses:
+            a1.plot(*zip(*losses), label="pretrain")
+        if valids:
+            a2.plot(*zip(*valids), marker="o", ms=3, label="pretrain")
+        for t in targets:
+            for m in ("lora", "full"):
+                rec = _read(out / "targets" / t / m / "metrics.json")
+                if rec and rec.get("history"):
+                    v = [(h["step"], h["valid_ndcg@10"]) for h in rec["history"] if "valid_ndcg@10" in h]
+                    if v:
+                        a2.plot(*zip(*v), lw=1, alpha=0.7, label=f"{m} {t}")
+        a1.set_xlabel("step"), a1.set_ylabel("training loss"), a1.set_title("Pretraining loss")
+        a2.set_xlabel("step"), a2.set_ylabel("valid NDCG@10"), a2.set_title("Validation NDCG@10")
+        a2.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "training_curves.png", dpi=120)
+        plt.close(fig)
+        files.append("training_curves.png")
+
+    kd = [(t, res["targets"][t]) for t in targets if "student_kd" in res["targets"][t]]
+    if kd:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+        teacher_key = res.get("distill_from", "lora")
+        xs = range(len(kd))
+        a1.bar([x - 0.25 for x in xs], [r.get(teacher_key, {}).get("ndcg@10", 0) for _, r in kd], 0.25, label="teacher")
+        a1.bar(list(xs), [r["student_kd"]["ndcg@10"] for _, r in kd], 0.25, label="student (KD)")
+        a1.bar([x + 0.25 for x in xs], [r.get("student_ce", {}).get("ndcg@10", 0) for _, r in kd], 0.25,
+               label="student (CE only)")
+        a1.set_xticks(list(xs), [f"region {t}" for t, _ in kd]), a1.set_ylabel("test NDCG@10"), a1.legend(fontsize=8)
+        a1.set_title("Teacher vs student quality")
+        s = [r["student_kd"].get("serving") for _, r in kd]
+        if all(s):
+            a2.bar([x - 0.2 for x in xs], [v["teacher"]["p50_ms"] for v in s], 0.4, label="teacher p50")
+            a2.bar([x + 0.2 for x in xs], [v["student"]["p50_ms"] for v in s], 0.4, label="student p50")
+            a2.set_xticks(list(xs), [f"region {t}" for t, _ in kd]), a2.set_ylabel("ms / request (CPU)")
+            a2.legend(fontsize=8)
+            a2.set_title("Latency of one 50-item request")
+        fig.tight_layout()
+        fig.savefig(out / "distillation.png", dpi=120)
+        plt.close(fig)
+        files.append("distillation.png")
+    return files
+
+
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
+    methods, targets = list(recipe.methods), list(recipe.targets)
+    res = collect(out, methods, targets)
+    res.update(recipe=asdict(recipe), sources=sources, timings=timings, distill_from=recipe.distill_from,
+               generated=time.strftime("%Y-%m-%d %H:%M:%S"))
+    (out / "results.json").write_text(json.dumps(res, indent=2))
+    plots = _plots(out, res, methods, targets)
+    stats = json.loads((out / "data" / "stats.json").read_text())
+    lines = [f"# Experiment `{recipe.name}`", "",
+             f"Generated {res['generated']} from the metrics.json files under this folder.", "",
+             f"Data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions, "
+             f"{len(stats['domains'])} domains. Sources: {', '.join(sources)}. Targets: {', '.join(targets)}.",
+             "Protocol: leave-one-out by time, full ranking over all items (history excluded), test split.", ""]
+    if res["pretrain"]:
+        p = res["pretrain"]
+        lines += ["## Pretrained base (source domains)", "",
+                  f"{p['params']['total']:,} parameters; test NDCG@10 {_fmt(p['test']['ndcg@10'])}, "
+                  f"HR@10 {_fmt(p['test']['hr@10'])}; {p['train']['steps']} steps in {p['train']['seconds']:.0f} s.", ""]
+    shown = [m for m in methods + ["student_kd", "student_ce"] if any(m in res["targets"][t] for t in targets)]
+    lines += ["## Test NDCG@10 per target region", "",
+              "| method | trainable params | " + " | ".join(f"region {t}" for t in targets) + " | mean |",
+              "| --- | --- | " + " | ".join("---" for _ in targets) + " | --- |"]
+    for m in shown:
+        cells = [_fmt(res["targets"][t][m]["ndcg@10"]) if m in res["targets"][t] else "-" for t in targets]
+        tr = [res["targets"][t][m]["trainable"] for t in targets if m in res["targets"][t]]
+        mean = _fmt(res["average"][m]["ndcg@10"]) if m in res["average"] else "-"
+        lines.append(f"| {m} | {_fmt(int(statistics.mean(tr)))} | " + " | ".join(cells) + f" | {mean} |")
+    users = [res["targets"][t][shown[0]].get("users") for t in targets] if shown else []
+    lines += ["", f"Test users per region: {', '.join(f'{t}: {u}' for t, u in zip(targets, users))}.", ""]
+    kd = [t for t in targets if "student_kd" in res["targets"][t]]
+    if kd:
+        lines += ["## Distillation", "", "| region | teacher NDCG@10 | student NDCG@10 | kept | student/teacher params "
+                  "| p50 teacher ms | p50 student ms | speed-up |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for t in kd:
+            row = res["targets"][t]
+            teacher, student = row.get(recipe.distill_from, {}), row["student_kd"]
+            s = student.get("serving", {})
+            kept = student["ndcg@10"] / teacher["ndcg@10"] if teacher.get("ndcg@10") else float("nan")
+            ratio = s.get("student", {}).get("params", 0) / max(s.get("teacher", {}).get("params", 1), 1)
+            lines.append(f"| {t} | {_fmt(teacher.get('ndcg@10', float('nan')))} | {_fmt(student['ndcg@10'])} | "
+                         f"{kept:.1%} | {ratio:.1%} | {_fmt(s.get('teacher', {}).get('p50_ms', float('nan')))} | "
+                         f"{_fmt(s.get('student', {}).get('p50_ms', float('nan')))} | "
+                         f"{s.get('speedup_p50', float('nan')):.1f}x |")
+        lines.append("")
+    for f in plots:
+        lines += [f"![{f}]({f})", ""]
+    lines += ["## Timings (s)", "", "| step | seconds |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in timings.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out / "report.md"

@@ -1,0 +1,39 @@
+"""The main job's machinery: the synthetic recipe end to end at tiny size, its report, and resumption."""
+import json
+import re
+import time
+
+import pytest
+
+from conftest import run_cli
+
+TINY = ["--set", "data.synth.users=300", "--set", "data.synth.items=120", "--set", "pretrain.train.max_steps=4",
+        "--set", "finetune.train.max_steps=3", "--set", "methods=[none,full,lora]"]
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp")
+    run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", out, *TINY, timeout=300)
+    return out
+
+
+def test_report_numbers_come_from_metrics_files(experiment):
+    res = json.loads((experiment / "results.json").read_text())
+    report = (experiment / "report.md").read_text()
+    for method in ("none", "full", "lora"):
+        m = json.loads((experiment / "targets" / "d3" / method / "metrics.json").read_text())
+        assert res["targets"]["d3"][method]["ndcg@10"] == m["test"]["ndcg@10"]
+        row = next(line for line in report.splitlines() if line.startswith(f"| {method} |"))
+        assert f"{m['test']['ndcg@10']:.4f}" in row and f"{m['params']['trainable']:,}" in row
+    pre = json.loads((experiment / "pretrain" / "metrics.json").read_text())
+    assert f"{pre['test']['ndcg@10']:.4f}" in report
+    for png in ("ndcg_by_region.png", "quality_vs_params.png", "training_curves.png"):
+        assert (experiment / png).stat().st_size > 5000 and f"]({png})" in report
+
+
+def test_rerun_skips_finished_steps(experiment):
+    t0 = time.perf_counter()
+    proc = run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", experiment, *TINY)
+    assert time.perf_counter() - t0 < 60
+    assert not re.search(r"^\[run\]", proc.stdout, re.M) and proc.stdout.count("[skip]") >= 6

@@ -122,6 +122,10 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import warnings
+    # DeepSpeed's ZeRO-3 calls these renamed torch.distributed collectives on every step; the
+    # FutureWarning would fill a log with one line per collective.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import shutil
     if not shutil.which("nvidia-smi"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn
@@ -145,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except RuntimeError as e:
-        if e.__class__.__name__ == "Preempted":
+        if e.__class__.__name__ in ("Preempted", "StepFailed"):
             print(f"crossrec: {e}", file=sys.stderr)
             return 1
         raise

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import distributed as dist_info
 
 STATE = "trainer_state.json"
+DS_TAG = "pytorch_model"   # the folder accelerate.save_state gives the DeepSpeed engine's shards
 
 
 def latest(root: Path) -> Path | None:
@@ -65,4 +66,31 @@ def save(accelerator, root: Path, state: dict, keep: int, per_rank=None) -> Path
 
 def load(accelerator, path: Path) -> dict:
     accelerator.load_state(str(path))
+    return read_state(path)
+
+
+def read_state(path: Path) -> dict:
     return json.loads((path / STATE).read_text())
+
+
+def consolidated_weights(path: Path) -> dict:
+    """The full fp32 weights of a checkpoint, whatever number of processes wrote it.
+
+    This is what a resume on a *different* number of processes starts from: DeepSpeed's optimizer
+    shards are laid out per rank and cannot be re-split, the weights can (DeepSpeed's own
+    zero_to_fp32 merges the ZeRO-1/2/3 fp32 master shards).
+    """
+    from ..errors import InputError
+
+    ds_dir = path / DS_TAG
+    if ds_dir.is_dir():
+        if any(ds_dir.glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
+        raise InputError("a DeepSpeed checkpoint without ZeRO optimizer shards (stage 0) cannot be resumed on "
+                         "another number of processes; resume it on the world size that wrote it", path=str(ds_dir))
+    weights = path / "model.safetensors"
+    if weights.is_file():
+        from safetensors.torch import load_file
+        return load_file(str(weights))
+    raise InputError("checkpoint holds neither DeepSpeed shards nor model.safetensors", path=str(path))

@@ -129,6 +129,16 @@ class Engine:
         total_updates = cfg.max_steps or cfg.epochs * updates_per_epoch
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_updates)
         model = task.model
+        ckpt_root = self.out_dir / "checkpoints"
+        resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
+        resharded_from = None
+        if resume_from is not None:
+            saved_world = ckpt.read_state(resume_from).get("world", self.world)
+            if saved_world != self.world:
+                # Another number of processes wrote it: start from its consolidated weights (before
+                # DeepSpeed partitions the model), keep step/schedule/data position; Adam restarts.
+                self._load_weights(model, ckpt.consolidated_weights(resume_from), resume_from)
+                resharded_from = saved_world
         self.lr = cfg.lr or getattr(task, "default_lr", 1e-3)
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -151,13 +161,18 @@ class Engine:
 
         res = FitResult()
         state = {"step": 0, "epoch": 0, "batch": 0, "best": -math.inf, "best_step": -1, "bad_evals": 0,
-                 "samples": 0, "seconds": 0.0, "history": []}
-        ckpt_root = self.out_dir / "checkpoints"
-        resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
-        if resume_from is not None:
+                 "samples": 0, "seconds": 0.0, "history": [], "world": self.world,
+                 "micro_batch_size": cfg.micro_batch_size}
+        if resume_from is not None and resharded_from is None:
             state = ckpt.load(acc, resume_from)
             _restore_rng(resume_from, self.rank)
             self.log(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+        elif resume_from is not None:
+            state = self._resharded_state(ckpt.read_state(resume_from), resharded_from, scheduler)
+            self.log(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']}) "
+                     f"on {self.world} process(es) instead of {resharded_from}: weights, step, schedule and data "
+                     f"position kept; optimizer moments restart")
+            self._validate(task, model, state, state["step"], note={"resharded_from_world": resharded_from})
 
         self.log(f"[{task.name}] world={self.world} zero={self.zero_stage if self.ds_config else 'off'} "
                  f"precision={self.precision} batches/epoch/rank={per_epoch} updates={total_updates}")
@@ -269,11 +284,12 @@ class Engine:
             unset_hf_deepspeed_config()
         return res
 
-    def _validate(self, task, model, state, step) -> str | None:
+    def _validate(self, task, model, state, step, note: dict | None = None) -> str | None:
         model.eval()
         metrics = task.validate(self)
         ndcg = metrics["overall"]["ndcg@10"]
-        rec = {"step": step, "epoch": state["epoch"], "valid_ndcg@10": ndcg, "valid_hr@10": metrics["overall"]["hr@10"]}
+        rec = {"step": step, "epoch": state["epoch"], "valid_ndcg@10": ndcg, "valid_hr@10": metrics["overall"]["hr@10"],
+               **(note or {})}
         state["history"].append(rec)
         self.accelerator.log({"valid/ndcg@10": ndcg, "valid/hr@10": rec["valid_hr@10"]}, step=step)
         improved = ndcg > state["best"]
@@ -290,6 +306,31 @@ class Engine:
             self.log(f"early stop: no improvement in {self.cfg.patience} validations (best step {state['best_step']})")
             return "early_stop"
         return None
+
+    def _load_weights(self, model, weights: dict, source: Path) -> None:
+        own = model.state_dict()
+        missing = [k for k in own if k not in weights]
+        unexpected = [k for k in weights if k not in own]
+        if missing or unexpected:
+            from ..errors import InputError
+            raise InputError(f"checkpoint weights do not fit this model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}", path=str(source), field="--resume")
+        model.load_state_dict(weights)
+
+    def _resharded_state(self, state: dict, saved_world: int, scheduler) -> dict:
+        """Trainer state of a checkpoint written by ``saved_world`` processes, for this world: the
+        position in the epoch is kept in samples, so no sample is seen twice or skipped when the
+        global batch is the same (micro_batch_size x world x grad_accum)."""
+        mb_old = state.get("micro_batch_size", self.cfg.micro_batch_size)
+        consumed = state["batch"] * mb_old * saved_world
+        per_batch = self.cfg.micro_batch_size * self.world
+        if consumed % per_batch:
+            self.log(f"warning: {consumed % per_batch} sample(s) of epoch {state['epoch']} will be seen again: "
+                     f"the old and new global batches do not divide each other")
+        state.update(batch=consumed // per_batch, world=self.world, micro_batch_size=self.cfg.micro_batch_size)
+        scheduler.last_epoch = state["step"] - 1
+        scheduler.step()   # the learning rate of step ``step``, as the schedule defines it
+        return state
 
     def _write_rank_report(self, model, seen: dict) -> None:
         """What this rank held and saw: evidence that ZeRO-3 partitions and data sharding are real."""

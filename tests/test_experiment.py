@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 
 TINY = ["--set", "data.synth.users=300", "--set", "data.synth.items=120", "--set", "pretrain.train.max_steps=4",
         "--set", "finetune.train.max_steps=3", "--set", "methods=[none,full,lora]"]
@@ -37,3 +37,30 @@ def test_rerun_skips_finished_steps(experiment):
     proc = run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", experiment, *TINY)
     assert time.perf_counter() - t0 < 60
     assert not re.search(r"^\[run\]", proc.stdout, re.M) and proc.stdout.count("[skip]") >= 6
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "launch" / "recipes").glob("*.yaml")))
+def test_every_recipe_is_a_valid_study(recipe):
+    """Recipes that cannot run here (MovieLens-1M, GPUs) are still checked: every stage config, preset,
+    model option, launch and DeepSpeed file they name must exist, so a typo fails here, not hours in."""
+    from crossrec_dist.config import load_config
+    from crossrec_dist.experiment.recipe import Recipe
+    from crossrec_dist.models.config import CrossRecConfig
+    from crossrec_dist.models.presets import PRESETS
+    from crossrec_dist.stages.distill import DistillConfig
+    from crossrec_dist.stages.finetune import METHODS, FinetuneConfig
+    from crossrec_dist.stages.pretrain import PretrainConfig
+
+    r = load_config(Recipe, REPO / "launch" / "recipes" / recipe)
+    assert r.targets and set(r.methods) <= set(METHODS)
+    stages = [load_config(PretrainConfig, base=r.pretrain), load_config(FinetuneConfig, base=r.finetune)]
+    if r.distill:
+        stages.append(load_config(DistillConfig, base=r.distill))
+    model_keys = set(CrossRecConfig().to_dict())
+    for cfg in stages:
+        if hasattr(cfg, "preset"):
+            assert cfg.preset in PRESETS and set(cfg.model) <= model_keys, (recipe, cfg.preset, cfg.model)
+        if cfg.train.deepspeed:
+            assert (REPO / cfg.train.deepspeed).is_file(), cfg.train.deepspeed
+    if r.launch:
+        assert (REPO / r.launch).is_file(), r.launch

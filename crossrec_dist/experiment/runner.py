@@ -22,6 +22,10 @@ from ..errors import InputError
 from .recipe import Recipe
 
 
+class StepFailed(RuntimeError):
+    """A step's command failed (its own output says why above); re-running the experiment resumes it."""
+
+
 class Runner:
     def __init__(self, recipe: Recipe, out: Path, force: bool = False, log=print):
         self.r, self.out, self.force, self.log = recipe, out, force, log
@@ -35,7 +39,8 @@ class Runner:
             cmd = [sys.executable, "-m", "crossrec_dist", *map(str, args)]
         proc = subprocess.run(cmd, env={**os.environ})
         if proc.returncode != 0:
-            raise RuntimeError(f"step failed ({proc.returncode}): {' '.join(cmd)}")
+            raise StepFailed(f"step failed with status {proc.returncode}: {' '.join(cmd)}\n"
+                             f"run the same experiment command again to resume from there")
 
     def _step(self, name: str, done: Path, fn) -> None:
         if done.is_file() and not self.force:
@@ -84,7 +89,7 @@ class Runner:
         base = out / "pretrain"
         self._step("pretrain", base / "metrics.json", lambda: self._cli(
             "pretrain", "--config", self._config("pretrain", r.pretrain), "--data", data, "--out", base,
-            "--domains", ",".join(sources), train=True))
+            "--domains", ",".join(sources), "--resume", "auto", train=True))
 
         for target in r.targets:
             for method in r.methods:
@@ -92,7 +97,7 @@ class Runner:
                 dest = out / "targets" / target / method
                 self._step(f"finetune {target} {method}", dest / "metrics.json", lambda: self._cli(
                     "finetune", "--config", self._config(f"finetune_{method}", doc), "--base", base, "--data", data,
-                    "--domain", target, "--method", method, "--out", dest, train=method != "none"))
+                    "--domain", target, "--method", method, "--out", dest, "--resume", "auto", train=method != "none"))
             if r.distill:
                 self._distill(target, base, data)
         self.timings["total"] = round(time.perf_counter() - t_all, 2)
@@ -107,7 +112,7 @@ class Runner:
             dest = self.out / "targets" / target / kind
             self._step(f"distill {target} {kind}", dest / "metrics.json", lambda: self._cli(
                 "distill", "--config", self._config(kind, doc), "--teacher", teacher_model, *adapter,
-                "--data", data, "--domain", target, "--out", dest, train=True))
+                "--data", data, "--domain", target, "--out", dest, "--resume", "auto", train=True))
             bench = dest / "serving.json"
             self._step(f"serving benchmark {target} {kind}", bench, lambda: self._cli(
                 "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--out", bench))

@@ -76,5 +76,5 @@ def tiny_base(ml100k, tmp_path_factory):
     """One tiny base model, pretrained in one plain process on the source regions of ML-100K."""
     out = tmp_path_factory.mktemp("tiny_base")
     run_cli("pretrain", "--preset", "tiny", "--data", ml100k, "--out", out, "--domains", ",".join(SOURCE_REGIONS),
-            *TINY_TRAIN)
+            *TINY_TRAIN, "--set", "train.track_test=true")
     return out

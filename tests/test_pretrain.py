@@ -21,6 +21,13 @@ def test_single_process_pretrain_writes_a_loadable_model(tiny_base, ml100k, tmp_
     assert m["train"]["steps"] > 0 and m["train"]["samples_per_second"] > 0
     assert set(m["per_domain"]) == set(SOURCE_REGIONS)
     assert m["test"]["ndcg@10"] > 0.0 and (tiny_base / "model.safetensors").is_file()
+    # track_test: test metrics along the way, for time-to-quality curves; the kept model is the best
+    # on valid, so the final test NDCG is the one recorded at the best step.
+    curve = [h for h in m["history"] if "test_ndcg@10" in h]
+    assert len(curve) >= 2 and all(h["seconds"] > 0 for h in curve)
+    assert [h["seconds"] for h in curve] == sorted(h["seconds"] for h in curve)
+    best = next(h for h in curve if h["step"] == m["train"]["best_step"])
+    assert best["test_ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-6)
     # `crossrec evaluate` on the saved model reproduces the stage's own numbers.
     run_cli("evaluate", "--model", tiny_base, "--data", ml100k, "--domain", ",".join(SOURCE_REGIONS),
             "--out", tmp_path / "m.json")

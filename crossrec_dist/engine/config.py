@@ -27,6 +27,8 @@ class TrainConfig:
     eval_batch_size: int = 1024
     validate_at_start: bool = False     # validate the initial weights too (fine-tuning: never end worse
                                         # on valid than where it started)
+    track_test: bool = False            # also record test NDCG/HR at each validation (benchmarks' time-to-
+                                        # quality curves); selection and early stopping still use valid only
     patience: int = 10                  # validations without improvement before stopping; 0 = never
     checkpoint_every: int = 0           # steps between accelerator.save_state checkpoints; 0 = off
     keep_checkpoints: int = 2

@@ -88,6 +88,7 @@ class Engine:
         self.zero_stage = dscfg.zero_stage(self.ds_config)
         self.device = self.accelerator.device
         self.world, self.rank = dist_info.world_size(), dist_info.rank()
+        self._t_start: float | None = None   # wall clock origin of this run's training (resumes included)
 
     # ---- logging on the real main rank only ----
     def log(self, msg: str) -> None:
@@ -179,6 +180,7 @@ class Engine:
         if cfg.validate_at_start and state["step"] == 0 and state["best_step"] < 0:
             self._validate(task, model, state, 0)
         t_start = time.perf_counter() - state["seconds"]
+        self._t_start = t_start
         step, stop = state["step"], None
         window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
         is_ds = self.ds_config is not None
@@ -289,7 +291,10 @@ class Engine:
         metrics = task.validate(self)
         ndcg = metrics["overall"]["ndcg@10"]
         rec = {"step": step, "epoch": state["epoch"], "valid_ndcg@10": ndcg, "valid_hr@10": metrics["overall"]["hr@10"],
-               **(note or {})}
+               "seconds": round(time.perf_counter() - self._t_start, 3) if self._t_start else 0.0, **(note or {})}
+        test = metrics.pop("test_overall", None)
+        if test is not None:
+            rec.update({"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]})
         state["history"].append(rec)
         self.accelerator.log({"valid/ndcg@10": ndcg, "valid/hr@10": rec["valid_hr@10"]}, step=step)
         improved = ndcg > state["best"]

@@ -32,7 +32,12 @@ def model_scorer(model):
 def validate_in_training(engine, model, data: PreparedData, domains, max_len: int) -> dict:
     opts = EvalOptions(split="valid", domains=domains, batch_size=engine.cfg.eval_batch_size, max_len=max_len)
     with torch.no_grad():
-        return sharded_evaluate(data, data.eval_set("valid", domains), model_scorer(model), opts, engine.device)
+        metrics = sharded_evaluate(data, data.eval_set("valid", domains), model_scorer(model), opts, engine.device)
+        if engine.cfg.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
+            opts.split = "test"
+            metrics["test_overall"] = sharded_evaluate(data, data.eval_set("test", domains), model_scorer(model),
+                                                       opts, engine.device)["overall"]
+    return metrics
 
 
 def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size: int = 1024,

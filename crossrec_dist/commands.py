@@ -43,7 +43,8 @@ def _cmd_distill(a):
 
 def _cmd_bench_serve(a):
     from .export.bench import bench_serving, write_bench
-    res = bench_serving(a.student, a.teacher, a.adapter, history=a.history, requests=a.requests, batch=a.batch)
+    res = bench_serving(a.student, a.teacher, a.adapter, history=a.history, requests=a.requests, batch=a.batch,
+                        onnx=a.onnx)
     write_bench(a.out, res)
     print(f"teacher p50 {res['teacher']['p50_ms']:.2f} ms, student p50 {res['student']['p50_ms']:.2f} ms "
           f"({res['speedup_p50']:.1f}x); batch {res['speedup_throughput']:.1f}x -> {a.out}")
@@ -116,6 +117,7 @@ def register_training_commands(sub) -> None:
     b.add_argument("--history", type=int, default=50)
     b.add_argument("--requests", type=int, default=200)
     b.add_argument("--batch", type=int, default=256)
+    b.add_argument("--onnx", action="store_true", help="also compare both exported to ONNX, in ONNX Runtime")
     b.set_defaults(func=_cmd_bench_serve)
 
     x = sub.add_parser("experiment", help="the whole pipeline from a recipe, with a report (the main job)")

@@ -66,8 +66,11 @@ def test_onnx_export_matches_pytorch(student, tmp_path):
 
 def test_serving_benchmark_reports_both_models(student, tiny_base, tmp_path):
     run_cli("bench-serve", "--student", student, "--teacher", tiny_base, "--out", tmp_path / "s.json",
-            "--requests", "20", "--batch", "32")
+            "--requests", "20", "--batch", "32", "--onnx")
     res = json.loads((tmp_path / "s.json").read_text())
-    for who in ("teacher", "student"):
-        assert res[who]["p50_ms"] > 0 and res[who]["p99_ms"] >= res[who]["p50_ms"]
-        assert res[who]["batch_users_per_second"] > 0
+    for runtime in (res, res["onnxruntime"]):
+        for who in ("teacher", "student"):
+            assert runtime[who]["p50_ms"] > 0 and runtime[who]["p99_ms"] >= runtime[who]["p50_ms"]
+            assert runtime[who]["batch_users_per_second"] > 0
+        assert runtime["speedup_p50"] == runtime["teacher"]["p50_ms"] / runtime["student"]["p50_ms"]
+    assert res["student"]["params"] < res["teacher"]["params"]

@@ -115,7 +115,7 @@ class Runner:
                 "--data", data, "--domain", target, "--out", dest, "--resume", "auto", train=True))
             bench = dest / "serving.json"
             self._step(f"serving benchmark {target} {kind}", bench, lambda: self._cli(
-                "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--out", bench))
+                "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench))
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -32,7 +32,11 @@ def example_inputs(num_items: int, max_len: int, batch: int = 2, seed: int = 0):
 def export_onnx(model_dir: str | Path, out_file: str | Path) -> Path:
     from ..models.loading import load_model
 
-    model = load_model(model_dir)
+    return export_model_onnx(load_model(model_dir), out_file)
+
+
+def export_model_onnx(model, out_file: str | Path) -> Path:
+    """``model``: a plain CrossRecModel (e.g. a base with its region adapter merged in)."""
     model.config._attn_implementation = "eager"
     model.backbone.config._attn_implementation = "eager"
     graph = _ScoreGraph(model).eval()

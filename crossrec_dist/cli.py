@@ -148,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except FloatingPointError as e:   # a diverged run: say where, no traceback
+        print(f"crossrec: error: {e}", file=sys.stderr)
+        return 1
     except RuntimeError as e:
         if e.__class__.__name__ in ("Preempted", "StepFailed"):
             print(f"crossrec: {e}", file=sys.stderr)

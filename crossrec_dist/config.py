@@ -6,6 +6,7 @@ a recipe never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from pathlib import Path
 from typing import Any, Iterable, TypeVar
@@ -31,7 +32,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise InputError(f"expected a mapping, got {value!r}", path=source, field=key)
         return from_dict(tp, value, source=source, prefix=key + ".")
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         if value is None and type(None) in args:
             return None
         errors = []

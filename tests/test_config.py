@@ -36,3 +36,11 @@ def test_unknown_and_mistyped_keys_name_the_key(tmp_path):
         load_config(Outer, overrides=["inner.c=1"])
     with pytest.raises(InputError, match="inner.a"):
         load_config(Outer, overrides=["inner.a=1.5"])
+
+
+def test_optional_fields_are_coerced_and_checked():
+    from crossrec_dist.engine.config import TrainConfig
+    assert load_config(TrainConfig, overrides=["lr=1e-3"]).lr == 1e-3      # YAML reads 1e-3 as a string
+    assert load_config(TrainConfig, overrides=["lr=null"]).lr is None
+    with pytest.raises(InputError, match="lr"):
+        load_config(TrainConfig, overrides=["lr=fast"])

@@ -54,3 +54,12 @@ def test_bad_config_key_is_a_clear_error(ml100k, tmp_path):
     proc = run_cli("pretrain", "--preset", "tiny", "--data", ml100k, "--out", tmp_path / "o",
                    "--set", "train.deepspeed=ds_configs/nope.json", check=False)
     assert proc.returncode == 2 and "nope.json" in proc.stderr
+
+
+def test_a_diverging_run_stops_with_a_clear_message(ml100k, tmp_path):
+    proc = run_cli("pretrain", "--preset", "tiny", "--data", ml100k, "--out", tmp_path, "--set", "train.lr=1e30",
+                   "--set", "train.max_grad_norm=0", "--set", "train.warmup_ratio=0", "--set", "train.max_steps=20",
+                   "--set", "train.tensorboard=false", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "non-finite loss" in proc.stderr and "at step" in proc.stderr
+    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "metrics.json").exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .errors import InputError
+from .errors import InputError, RunStopped
 
 
 def _cmd_fetch(a):
@@ -148,12 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except FloatingPointError as e:   # a diverged run: say where, no traceback
-        print(f"crossrec: error: {e}", file=sys.stderr)
+    except RunStopped as e:
+        print(f"crossrec: {e}", file=sys.stderr)
         return 1
-    except RuntimeError as e:
-        if e.__class__.__name__ in ("Preempted", "StepFailed"):
-            print(f"crossrec: {e}", file=sys.stderr)
-            return 1
-        raise
     return 0

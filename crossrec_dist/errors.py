@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+class RunStopped(RuntimeError):
+    """A run ended early for a reason its message explains (preempted, diverged, a failed step):
+    the CLI prints the message without a traceback and exits with status 1."""
+
+
 class InputError(Exception):
     """Bad user input: a file, line/row or field the user can fix.
 

@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from ..data.prepared import EvalSet, PreparedData
-from ..evaluation.evaluator import EvalOptions, rank_eval_set
-from ..evaluation.metrics import metrics_from_ranks
+from ..evaluation.evaluator import EvalOptions, rank_eval_set, summarize_ranks
 from . import distributed as dist_info
 
 
@@ -30,14 +29,4 @@ def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions,
     order = np.concatenate([idx[r::world] for r in range(world)])
     all_ranks = torch.empty(len(idx), dtype=torch.long)
     all_ranks[torch.from_numpy(order)] = torch.cat([p.cpu() for p in parts]).long()
-    overall = metrics_from_ranks(all_ranks, opts.ks)
-    overall["users"] = int(len(idx))
-    per_domain = {}
-    codes = np.unique(ev.domains)
-    if len(codes) > 1:
-        for code in codes:
-            sel = torch.from_numpy(ev.domains == code)
-            m = metrics_from_ranks(all_ranks[sel], opts.ks)
-            m["users"] = int(sel.sum())
-            per_domain[data.domain_names[code]] = m
-    return {"overall": overall, "per_domain": per_domain}
+    return summarize_ranks(data, ev, all_ranks, opts.ks)

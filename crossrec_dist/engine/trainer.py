@@ -20,6 +20,7 @@ from . import checkpoint as ckpt
 from . import deepspeed_config as dscfg
 from . import distributed as dist_info
 from .config import TrainConfig
+from ..errors import RunStopped
 from .schedule import lr_lambda
 
 
@@ -200,7 +201,7 @@ class Engine:
                 batch = {k: v.to(self.device) for k, v in batch.items()}
                 loss = task.loss(model, batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
+                    raise Diverged(f"error: non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
                                              f"lower train.lr or check the data")
                 boundary = (state["batch"] + 1) % cfg.grad_accum == 0
                 if is_ds:
@@ -364,8 +365,12 @@ class Engine:
         dist_info.barrier()
 
 
-class Preempted(RuntimeError):
+class Preempted(RunStopped):
     """Training stopped on SIGUSR1/SIGTERM after writing a resumable checkpoint."""
+
+
+class Diverged(RunStopped):
+    """The loss became NaN/inf: stop before non-finite weights are saved anywhere."""
 
 
 class PreemptionFlag:

@@ -67,15 +67,19 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
 def evaluate(data: PreparedData, scorer: Scorer, opts: EvalOptions, device="cpu") -> dict:
     """Overall metrics of ``opts.split`` plus a ``per_domain`` breakdown when several domains are in it."""
     ev = data.eval_set(opts.split, opts.domains)
-    ranks = rank_eval_set(data, ev, scorer, opts, device)
-    overall = metrics_from_ranks(ranks, opts.ks)
+    return summarize_ranks(data, ev, rank_eval_set(data, ev, scorer, opts, device), opts.ks)
+
+
+def summarize_ranks(data: PreparedData, ev: EvalSet, ranks: torch.Tensor, ks) -> dict:
+    """Overall metrics of every user's target rank, plus per domain when ``ev`` spans several."""
+    overall = metrics_from_ranks(ranks, ks)
     overall["users"] = int(len(ranks))
     per_domain = {}
     codes = np.unique(ev.domains)
     if len(codes) > 1:
         for code in codes:
             sel = torch.from_numpy(ev.domains == code)
-            m = metrics_from_ranks(ranks[sel], opts.ks)
+            m = metrics_from_ranks(ranks[sel], ks)
             m["users"] = int(sel.sum())
             per_domain[data.domain_names[code]] = m
     return {"overall": overall, "per_domain": per_domain}

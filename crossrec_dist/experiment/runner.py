@@ -18,11 +18,11 @@ from pathlib import Path
 import yaml
 
 from ..config import load_config
-from ..errors import InputError
+from ..errors import InputError, RunStopped
 from .recipe import Recipe
 
 
-class StepFailed(RuntimeError):
+class StepFailed(RunStopped):
     """A step's command failed (its own output says why above); re-running the experiment resumes it."""
 
 
@@ -39,7 +39,7 @@ class Runner:
             cmd = [sys.executable, "-m", "crossrec_dist", *map(str, args)]
         proc = subprocess.run(cmd, env={**os.environ})
         if proc.returncode != 0:
-            raise StepFailed(f"step failed with status {proc.returncode}: {' '.join(cmd)}\n"
+            raise StepFailed(f"error: step failed with status {proc.returncode}: {' '.join(cmd)}\n"
                              f"run the same experiment command again to resume from there")
 
     def _step(self, name: str, done: Path, fn) -> None:

@@ -98,8 +98,7 @@ def bench_serving(student_dir, teacher_dir, adapter=None, history: int = 50, req
         with tempfile.TemporaryDirectory() as tmp:
             scorers = {name: _OrtScorer(m, Path(tmp), name) for name, m in (("teacher", teacher), ("student", student))}
             res["onnxruntime"] = _compare(scorers, ids, requests, batch)
-    res.update(history=h, requests=requests, batch=batch, threads=torch.get_num_threads(),
-               teacher=res["teacher"], student=res["student"])
+    res.update(history=h, requests=requests, batch=batch, threads=torch.get_num_threads())
     return res
 
 

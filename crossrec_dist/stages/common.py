@@ -1,6 +1,7 @@
 """Pieces every stage shares: sequence batches, in-training validation, final evaluation, records."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +35,8 @@ def validate_in_training(engine, model, data: PreparedData, domains, max_len: in
     with torch.no_grad():
         metrics = sharded_evaluate(data, data.eval_set("valid", domains), model_scorer(model), opts, engine.device)
         if engine.cfg.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
-            opts.split = "test"
             metrics["test_overall"] = sharded_evaluate(data, data.eval_set("test", domains), model_scorer(model),
-                                                       opts, engine.device)["overall"]
+                                                       replace(opts, split="test"), engine.device)["overall"]
     return metrics
 
 

@@ -36,6 +36,21 @@ def test_alpha_one_is_plain_training_and_padding_is_excluded():
     assert torch.isfinite(distillation_loss(s, t, y, 0.5, 2.0))
 
 
+def test_alpha_one_task_loss_is_the_students_own_loss_and_never_runs_the_teacher(tiny_base, ml100k):
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.stages.distill import DistillConfig, DistillTask
+    cfg = DistillConfig(alpha=1.0, model={"hidden_size": 16, "intermediate_size": 32})
+    task = DistillTask(cfg, PreparedData(ml100k), str(tiny_base), None, TARGET_REGIONS[0])
+
+    def no_teacher(*_, **__):
+        raise AssertionError("the teacher ran although alpha = 1 has no teacher term")
+    task.teacher.encode = no_teacher
+    batch = next(task.batches().epoch(0, rank=0, world=1))
+    task.model.eval()
+    want = task.model.student(**batch).loss
+    assert task.loss(task.model, batch).item() == pytest.approx(want.item(), rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def student(tiny_base, ml100k, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")

@@ -35,5 +35,5 @@ class TrainConfig:
     resume: str | None = None           # auto | PATH
     log_every: int = 20
     tensorboard: bool = True
-    window_stride: int = 0
-    rank_report: bool = False           # each rank writes ranks/rank{N}.json: its parameter shards and samples              # training windows per sequence: 0 = non-overlapping max_len chunks
+    window_stride: int = 0              # training windows per sequence: 0 = non-overlapping max_len chunks
+    rank_report: bool = False           # each rank writes ranks/rank{N}.json: its parameter shards and samples

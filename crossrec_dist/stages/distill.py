@@ -124,10 +124,15 @@ class DistillTask:
         labels = batch["labels"]
         mask = labels > 0
         h_s = model(input_ids=batch["input_ids"], domain_ids=batch["domain_ids"])[mask]
+        core = model.module if hasattr(model, "module") else model
+        if cfg.alpha >= 1.0 and cfg.feature_weight <= 0:
+            # no teacher term: plain next-item training, without paying for the teacher's forward pass
+            s_logits = h_s @ core.student.item_weight().t()
+            s_logits[:, 0] = -math.inf
+            return distillation_loss(s_logits, s_logits, labels[mask], 1.0, cfg.temperature)
         with torch.no_grad():
             self.teacher.to(h_s.device)
             h_t = self.teacher.encode(batch["input_ids"], batch["domain_ids"])[mask]
-        core = model.module if hasattr(model, "module") else model
         w_s = core.student.item_weight()
         w_t = self.teacher.item_weight()
         y = labels[mask]

@@ -188,7 +188,8 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         lines.append("")
     for f in plots:
         lines += [f"![{f}]({f})", ""]
-    lines += ["## Timings (s)", "", "| step | seconds |", "| --- | --- |"]
+    lines += ["## Timings (s)", "", "Wall seconds of each step when it last ran (a re-run skips finished steps and "
+              "keeps their times); `this run` is the latest invocation.", "", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return out / "report.md"

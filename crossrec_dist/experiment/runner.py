@@ -50,6 +50,12 @@ class Runner:
         t0 = time.perf_counter()
         fn()
         self.timings[name] = round(time.perf_counter() - t0, 2)
+        self._save_timings()
+
+    def _save_timings(self) -> None:
+        """Seconds per step as measured when the step last ran: a re-run that skips a step keeps its time."""
+        path = self.out / "timings.json"
+        path.write_text(json.dumps(self.timings, indent=2))
 
     def _config(self, name: str, doc: dict) -> Path:
         path = self.out / "configs" / f"{name}.yaml"
@@ -63,6 +69,8 @@ class Runner:
             for sub in ("pretrain", "targets", "data"):
                 shutil.rmtree(out / sub, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
+        if (out / "timings.json").is_file() and not self.force:
+            self.timings = json.loads((out / "timings.json").read_text())
         t_all = time.perf_counter()
         data = out / "data"
         raw = out / "raw"
@@ -100,7 +108,10 @@ class Runner:
                     "--domain", target, "--method", method, "--out", dest, "--resume", "auto", train=method != "none"))
             if r.distill:
                 self._distill(target, base, data)
-        self.timings["total"] = round(time.perf_counter() - t_all, 2)
+        steps = {k: v for k, v in self.timings.items() if k not in ("this run", "all steps")}
+        self.timings = {**steps, "all steps": round(sum(steps.values()), 2),
+                        "this run": round(time.perf_counter() - t_all, 2)}
+        self._save_timings()
         from .report import write_report
         return write_report(out, r, sources, self.timings)
 

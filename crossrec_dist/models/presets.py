@@ -6,6 +6,8 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64, max_len=50),
     # SASRec-size (2 layers, hidden 64): the MovieLens benchmark model
     "small": dict(hidden_size=64, num_layers=2, num_heads=2, intermediate_size=256, max_len=50),
+    # ~10x small at the same sequence length: a CPU-trainable teacher for `small` students (distillation)
+    "medium": dict(hidden_size=256, num_layers=2, num_heads=4, intermediate_size=1024, max_len=50),
     "base": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024, max_len=200),
     # TinyLlama-like body with full multi-head attention: >= 1.0B parameters before the item table
     "1b": dict(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=5632, max_len=512,

@@ -126,6 +126,8 @@ def _quiet_libraries() -> None:
     # DeepSpeed's ZeRO-3 calls these renamed torch.distributed collectives on every step; the
     # FutureWarning would fill a log with one line per collective.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # peft's PeftModel asks transformers for the deprecated `is_gradient_checkpointing` on every load.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     import shutil
     if not shutil.which("nvidia-smi"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would probe for GPUs and warn

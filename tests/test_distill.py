@@ -89,3 +89,11 @@ def test_serving_benchmark_reports_both_models(student, tiny_base, tmp_path):
             assert runtime[who]["batch_users_per_second"] > 0
         assert runtime["speedup_p50"] == runtime["teacher"]["p50_ms"] / runtime["student"]["p50_ms"]
     assert res["student"]["params"] < res["teacher"]["params"]
+
+
+@pytest.mark.parametrize("option", ["transfer", "select_on"])
+def test_unknown_distill_choice_names_its_field(option):
+    from crossrec_dist.errors import InputError
+    from crossrec_dist.stages.distill import DistillConfig, DistillTask
+    with pytest.raises(InputError, match=f"field '{option}'"):
+        DistillTask(DistillConfig(**{option: "everything"}), None, "no-teacher", None, "0")

@@ -44,6 +44,8 @@ class DistillConfig:
     top_k: int = 0                                 # >0: KL over teacher top-k + sampled items, not all items
     num_sampled: int = 256
     transfer: str = "all"                         # sequences the student learns from: all | target
+    select_on: str = "target"                     # validation users that pick the checkpoint and stop early:
+                                                  # target (the region's) | transfer (the transfer set's)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=8))
 
 
@@ -85,6 +87,9 @@ class DistillTask:
             raise InputError("alpha must be in [0, 1]", field="alpha")
         if cfg.preset not in PRESETS:
             raise InputError(f"unknown preset {cfg.preset!r}", field="preset")
+        for name, allowed in (("transfer", ("all", "target")), ("select_on", ("transfer", "target"))):
+            if getattr(cfg, name) not in allowed:
+                raise InputError(f"{name} must be one of {', '.join(allowed)}", field=name)
         self.cfg, self.data, self.domain = cfg, data, domain
         self.name = f"distill-{domain}"
         data.domain_codes([domain])
@@ -114,9 +119,7 @@ class DistillTask:
         learns the regional teacher's behaviour on every other domain's sequences (small regions alone
         starve a student); ``transfer: target`` restricts it to the region."""
         t = self.cfg.train
-        if self.cfg.transfer not in ("all", "target"):
-            raise InputError("transfer must be 'all' or 'target'", field="transfer")
-        domains = None if self.cfg.transfer == "all" else [self.domain]
+        domains = self._transfer_domains()
         return training_batches(self.data, domains, self.max_len, t.micro_batch_size, t.seed, t.window_stride)
 
     def loss(self, model, batch):
@@ -159,7 +162,14 @@ class DistillTask:
         return loss
 
     def validate(self, engine):
-        return validate_in_training(engine, engine.model, self.data, [self.domain], self.max_len)
+        """``select_on: transfer`` selects on the transfer set's validation users: a small region's own
+        (56-96 users on ML-100K) swing by +-0.02 NDCG@10 between epochs, so checkpoints picked on
+        them are partly picked by noise. The reported metrics are always the region's own."""
+        domains = self._transfer_domains() if self.cfg.select_on == "transfer" else [self.domain]
+        return validate_in_training(engine, engine.model, self.data, domains, self.max_len)
+
+    def _transfer_domains(self):
+        return None if self.cfg.transfer == "all" else [self.domain]
 
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if not engine.is_main:

@@ -107,7 +107,7 @@ def main() -> None:
 
     per_step = {k: round(v / a.steps, 2) for k, v in phases.items()}
     share = {k: round(100 * v / train_wall, 1) for k, v in phases.items()}
-    users = len(data.eval_set("valid", task.domains).seq) + len(data.eval_set("test", task.domains).seq)
+    users = len(data.eval_set("valid", task.domains).targets) + len(data.eval_set("test", task.domains).targets)
     record(f"profile_pretrain_{a.preset}", {
         "command": f"python -m benchmarks.profile_pretrain --preset {a.preset} --steps {a.steps}",
         "steps": a.steps, "micro_batch": 128, "seq_len": task.max_len, "samples_per_second_profiled":

@@ -22,7 +22,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "engine_overhead": PY + ["benchmarks.engine_overhead", "--repeats", "3", "--steps", "40"],            # 3 min
     "data_eval_throughput": PY + ["benchmarks.data_eval_throughput"],                                     # 3 min
     "distill_ml100k": [str(BIN / "crossrec"), "experiment", "--config", "launch/recipes/ml100k_distill.yaml",
-                       "--out", "benchmarks/out/ml100k_distill"],                                         # 18 min
+                       "--out", "benchmarks/out/ml100k_distill"],                                         # 23 min
     "distill_seeds": PY + ["benchmarks.distill_seeds", "--run", "benchmarks/out/ml100k_distill"],        # 20 min
     "memory_scaling": PY + ["benchmarks.memory_scaling"],                                                 # 10 min
     "large_catalogue": PY + ["benchmarks.large_catalogue"],                                               # 25 min

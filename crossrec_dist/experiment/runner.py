@@ -108,12 +108,10 @@ class Runner:
                     "--domain", target, "--method", method, "--out", dest, "--resume", "auto", train=method != "none"))
             if r.distill:
                 self._distill(target, base, data)
-        steps = {k: v for k, v in self.timings.items() if k not in ("this run", "all steps")}
-        self.timings = {**steps, "all steps": round(sum(steps.values()), 2),
-                        "this run": round(time.perf_counter() - t_all, 2)}
-        self._save_timings()
+        timings = {**self.timings, "all steps": round(sum(self.timings.values()), 2),
+                   "this run": round(time.perf_counter() - t_all, 2)}
         from .report import write_report
-        return write_report(out, r, sources, self.timings)
+        return write_report(out, r, sources, timings)
 
     def _distill(self, target: str, base: Path, data: Path) -> None:
         teacher = self.out / "targets" / target / self.r.distill_from

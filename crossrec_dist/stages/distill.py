@@ -26,7 +26,7 @@ from ..evaluation.record import metrics_record, write_metrics
 from ..export.vocab import write_vocab
 from ..models.config import CrossRecConfig
 from ..models.loading import load_model
-from ..models.losses import distillation_loss
+from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
 from ..models.presets import PRESETS
 from .common import (evaluate_model, on_main, param_counts, seed_everything, training_batches,
@@ -129,10 +129,8 @@ class DistillTask:
         h_s = model(input_ids=batch["input_ids"], domain_ids=batch["domain_ids"])[mask]
         core = model.module if hasattr(model, "module") else model
         if cfg.alpha >= 1.0 and cfg.feature_weight <= 0:
-            # no teacher term: plain next-item training, without paying for the teacher's forward pass
-            s_logits = h_s @ core.student.item_weight().t()
-            s_logits[:, 0] = -math.inf
-            return distillation_loss(s_logits, s_logits, labels[mask], 1.0, cfg.temperature)
+            # no teacher term: the student's own next-item loss, without the teacher's forward pass
+            return full_softmax(h_s, core.student.item_weight(), labels[mask])
         with torch.no_grad():
             self.teacher.to(h_s.device)
             h_t = self.teacher.encode(batch["input_ids"], batch["domain_ids"])[mask]

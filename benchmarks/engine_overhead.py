@@ -23,7 +23,7 @@ from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
 
 
 def bare_loop(task: PretrainTask, cfg: TrainConfig, steps: int) -> float:
-    model = task.model
+    model = task.model = task.new_model()
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr or 1e-3, betas=(0.9, cfg.adam_beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 0, cfg.schedule, cfg.min_lr_ratio))
@@ -31,8 +31,8 @@ def bare_loop(task: PretrainTask, cfg: TrainConfig, steps: int) -> float:
     n, t0, done = 0, time.perf_counter(), 0
     epoch = 0
     while done < steps:
-        for batch in batches.epoch(epoch, 0, 1):
-            batch.pop("sample_ids")
+        for mb in batches.epoch(epoch, 0, 1):
+            batch = mb.inputs
             loss = model(**batch).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -50,6 +50,7 @@ def bare_loop(task: PretrainTask, cfg: TrainConfig, steps: int) -> float:
 def engine_loop(task: PretrainTask, cfg: TrainConfig) -> float:
     with tempfile.TemporaryDirectory() as out:
         engine = Engine(cfg, out, hidden_size=task.model_config.hidden_size, log=lambda *_: None)
+        engine.build_model(task)
         result = engine.fit(task)
     return result.train_record()["samples_per_second"]
 

@@ -33,14 +33,13 @@ from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
 def bare_deepspeed_loop(task: PretrainTask, cfg: TrainConfig, ds_path, steps: int) -> float:
     import deepspeed
     rank, world = dist_info.rank(), dist_info.world_size()
-    ds_config = dscfg.fill(ds_path, micro_batch=cfg.micro_batch_size, grad_accum=1, world=world,
-                           max_grad_norm=cfg.max_grad_norm, precision="no", hidden_size=task.model_config.hidden_size)
-    model = task.model
+    ds_config = dscfg.resolve(cfg, world=world, hidden_size=task.model_config.hidden_size).ds_config
+    model = task.model = task.new_model()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr or 1e-3,
                             betas=(0.9, cfg.adam_beta2))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, 0, cfg.schedule, cfg.min_lr_ratio))
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config)
-    if dscfg.zero_stage(ds_config) == 3:
+    if ds_config["zero_optimization"]["stage"] == 3:
         for p in model.tied_parameters():
             deepspeed.zero.register_external_parameter(model, p)
     engine.train()
@@ -49,8 +48,8 @@ def bare_deepspeed_loop(task: PretrainTask, cfg: TrainConfig, ds_path, steps: in
     dist_info.barrier()
     t0 = time.perf_counter()
     while done < steps:
-        for batch in batches.epoch(epoch, rank, world):
-            batch.pop("sample_ids")
+        for mb in batches.epoch(epoch, rank, world):
+            batch = mb.inputs
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
@@ -68,6 +67,7 @@ def engine_loop(task: PretrainTask, cfg: TrainConfig) -> float:
     with tempfile.TemporaryDirectory() as out:
         out = dist_info.broadcast_object(out if dist_info.is_main() else None)
         engine = Engine(cfg, out, hidden_size=task.model_config.hidden_size, log=lambda *_: None)
+        engine.build_model(task)
         result = engine.fit(task)
         dist_info.barrier()
     return result.train_record()["samples_per_second"]

@@ -232,7 +232,7 @@ def large_part(a) -> dict:
     print(f"[large] {a.items:,} items, {stats['interactions']:,} interactions; pretrain {a.steps} steps ...", flush=True)
     meas = run_measured(pretrain_cmd(a.preset, data, run_dir, sets), log_path=OUT / f"{run_dir.name}.log",
                         # the log line of the last step, written just before the (only) validation starts
-                        marker=f"step {a.steps} epoch")
+                        marker=f"step {a.steps}/{a.steps} epoch")
     m = json.loads((run_dir / "metrics.json").read_text())
     train = m["train"]
     train_s = train["seconds"] - train["eval_seconds"]

@@ -194,7 +194,8 @@ def worker(a) -> None:
                 inner.step = step_and_measure
 
         def validate(self, engine):  # memory of model states only: no full-ranking evaluation
-            return {"overall": {"ndcg@10": 0.0, "hr@10": 0.0}, "per_domain": {}}
+            from crossrec_dist.engine.task import Validation
+            return Validation(metrics={"ndcg@10": 0.0, "hr@10": 0.0}, details={"overall": {}, "per_domain": {}})
 
         def save(self, engine, state_dict, out_dir):
             pass
@@ -207,6 +208,7 @@ def worker(a) -> None:
     task = MeasuredPretrain(cfg, PreparedData(a.data))
     engine = Engine(train, out / "run", hidden_size=task.model_config.hidden_size, log=lambda *_: None)
     t0 = time.perf_counter()
+    engine.build_model(task)
     res = engine.fit(task)
     snap = snaps.get("after_backward_last_step")
     if snap is None:

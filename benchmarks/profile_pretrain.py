@@ -20,7 +20,8 @@ from crossrec_dist.data.prepared import PreparedData
 from crossrec_dist.engine.config import TrainConfig
 from crossrec_dist.models.losses import full_softmax
 from crossrec_dist.evaluation.evaluator import EvalOptions, evaluate
-from crossrec_dist.stages.common import evaluate_model, model_scorer
+from crossrec_dist.evaluation.evaluator import model_scorer
+from crossrec_dist.stages.common import evaluate_model
 from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
 
 PHASES = ("batch", "forward.backbone", "forward.attention", "forward.loss", "backward", "optimizer")
@@ -54,8 +55,7 @@ def train_steps(task: PretrainTask, steps: int) -> int:
     n = 0
     for _ in range(steps):
         with record_function("batch"):
-            batch = next(stream)
-            batch.pop("sample_ids")
+            batch = next(stream).inputs
         with record_function("forward.backbone"):
             hidden = model.encode(batch["input_ids"], batch["domain_ids"])
         with record_function("forward.loss"):
@@ -89,6 +89,7 @@ def main() -> None:
     a = ap.parse_args()
     data = PreparedData(ml100k())
     task = PretrainTask(PretrainConfig(preset=a.preset, train=TrainConfig(micro_batch_size=128)), data)
+    task.model = task.new_model()
     label_attention(task.model)
     train_steps(task, a.warmup)
 

@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 
+def _overrides(a) -> list[str]:
+    """``--set`` pairs, with ``--resume`` as the ``train.resume`` it stands for."""
+    return list(a.set or []) + ([f"train.resume={a.resume}"] if a.resume else [])
+
+
 def _cmd_pretrain(a):
     from .stages.pretrain import load_pretrain_config, run_pretrain
-    overrides = list(a.set or [])
-    if a.resume:
-        overrides.append(f"train.resume={a.resume}")
-    cfg = load_pretrain_config(a.config, a.preset, overrides, a.domains)
+    cfg = load_pretrain_config(a.config, a.preset, _overrides(a), a.domains)
     run_pretrain(cfg, a.data, a.out)
 
 
 def _cmd_finetune(a):
     from .stages.finetune import load_finetune_config, run_finetune
-    overrides = list(a.set or [])
-    if a.resume:
-        overrides.append(f"train.resume={a.resume}")
-    cfg = load_finetune_config(a.config, a.method, overrides)
+    cfg = load_finetune_config(a.config, a.method, _overrides(a))
     if bool(a.domain) == bool(a.domains):
         from .errors import InputError
         raise InputError("give exactly one of --domain NAME or --domains all|A,B", field="--domain")
@@ -34,10 +33,7 @@ def _cmd_export(a):
 
 def _cmd_distill(a):
     from .stages.distill import load_distill_config, run_distill
-    overrides = list(a.set or [])
-    if a.resume:
-        overrides.append(f"train.resume={a.resume}")
-    cfg = load_distill_config(a.config, a.preset, overrides)
+    cfg = load_distill_config(a.config, a.preset, _overrides(a))
     run_distill(cfg, a.teacher, a.adapter, a.data, a.domain, a.out)
 
 

@@ -80,13 +80,17 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
     import datasets  # heavy import, only when preparing
     datasets.disable_progress_bars()
 
+    from ..progress import Phases
     t0 = time.perf_counter()
+    phases = Phases(["read", "domains", "sequences", "write"], "prepare")
     raw = read_log(input_path, opts.format, opts.columns, on_bad_rows=opts.on_bad_rows,
                    user_attrs=opts.user_attrs, item_attrs=opts.item_attrs)
     if raw.skipped:
         log(f"skipped {raw.skipped} bad row(s) of {raw.source.path} (--on-bad-rows skip)")
+    phases.done("read")
     dom_code, dom_names = assign_domains(raw, opts.domain_from, other=opts.other_domain,
                                          user_key=opts.columns.user, item_key=opts.columns.item)
+    phases.done("domains")
     t = raw.interactions
     user_enc = pc.dictionary_encode(t["user"]).combine_chunks()
     item_enc = pc.dictionary_encode(t["item"]).combine_chunks()
@@ -138,6 +142,7 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
         "valid_end": pa.array(valid_end, pa.int32()),
     })
     vocab = pa.table({"item_id": pc.cast(item_enc.dictionary, pa.string()).take(pa.array(used_items))})
+    phases.done("sequences")
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -164,6 +169,8 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
     }
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    phases.done("write")
+    phases.close()
     log(f"prepared {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items, "
         f"{len(present)} domain(s) in {meta['seconds']:.1f}s -> {out}")
     return stats

@@ -24,6 +24,19 @@ class EvalSet:
 
 
 class PreparedData:
+    """A prepared dataset DIR (written by ``crossrec prepare``), read once into flat arrays.
+
+    Attributes:
+        offsets, items: CSR sequences; user ``s``'s items in time order are
+            ``items[offsets[s]:offsets[s + 1]]``, as vocabulary indices (1..num_items, 0 = padding).
+        seq_domain: domain code of each sequence; ``domain_names[code]`` is its name.
+        num_items: vocabulary size without padding.
+        stats, meta: the folder's ``stats.json`` and ``meta.json``.
+
+    Splits follow the folder's protocol (leave-one-out by default: the last item of each sequence is
+    its test target, the one before its validation target, the rest training).
+    """
+
     def __init__(self, path: str | Path):
         import datasets
 

@@ -1,7 +1,13 @@
-"""Training configuration, shared by all stages."""
+"""Training configuration, shared by all stages (the ``train:`` section of every stage's YAML).
+
+Ranges are checked by ``engine.trainer.validate_train_config`` before any work starts; how these
+values combine with what an ``accelerate launch`` asks for is in ``engine/deepspeed_config.py``.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from ..errors import InputError
 
 
 @dataclass
@@ -22,7 +28,10 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"       # auto (bf16 on a capable GPU, fp32 on CPU) | no | bf16 | fp16
     gradient_checkpointing: bool = False
-    deepspeed: str | None = None        # ds_configs/*.json; default: the one accelerate launch names
+    deepspeed: str | None = None        # ds_configs/*.json or a name (zero2); default: what accelerate launch
+                                        # asks for (a JSON, or --use_deepspeed/--zero_stage/config fields)
+    zero3_init: bool | None = None      # ZeRO-3: build the model partitioned (deepspeed.zero.Init);
+                                        # None = the launcher's zero3_init_flag (accelerate: on for ZeRO-3)
     eval_every: int = 0                 # steps between validations; 0 = once per epoch
     eval_batch_size: int = 1024
     validate_at_start: bool = False     # validate the initial weights too (fine-tuning: never end worse
@@ -37,3 +46,25 @@ class TrainConfig:
     tensorboard: bool = True
     window_stride: int = 0              # training windows per sequence: 0 = non-overlapping max_len chunks
     rank_report: bool = False           # each rank writes ranks/rank{N}.json: its parameter shards and samples
+
+
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Ranges the dataclass types cannot say; checked before any work starts."""
+    positive = ("micro_batch_size", "grad_accum", "eval_batch_size", "log_every")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field=f"train.{name}")
+    for name in ("epochs", "max_steps", "warmup_steps", "patience", "checkpoint_every", "eval_every"):
+        if getattr(cfg, name) < 0:
+            raise InputError(f"must be >= 0, got {getattr(cfg, name)}", field=f"train.{name}")
+    if cfg.epochs == 0 and cfg.max_steps == 0:
+        raise InputError("nothing to train: epochs and max_steps are both 0", field="train.epochs")
+    if cfg.lr is not None and not cfg.lr > 0:
+        raise InputError(f"must be > 0, got {cfg.lr}", field="train.lr")
+    if cfg.max_grad_norm < 0:
+        raise InputError(f"must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}", field="train.max_grad_norm")
+    if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+        raise InputError(f"unknown mixed_precision {cfg.mixed_precision!r}; use auto, no, bf16 or fp16",
+                         field="train.mixed_precision")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise InputError(f"must be in [0, 1), got {cfg.warmup_ratio}", field="train.warmup_ratio")

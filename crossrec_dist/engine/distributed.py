@@ -66,6 +66,15 @@ def all_reduce_sum(value: float, device="cpu") -> float:
     return float(t.item())
 
 
+def all_reduce_max(values: list[float], device="cpu") -> list[float]:
+    """Element-wise maximum over ranks (e.g. "did any rank get the signal")."""
+    if world_size() == 1 or not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def broadcast_object(obj):
     if world_size() == 1 or not dist.is_initialized():
         return obj

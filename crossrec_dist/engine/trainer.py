@@ -1,47 +1,54 @@
 """The training engine: one loop on Accelerate (+ DeepSpeed ZeRO 0-3), shared by every stage.
 
-A stage hands the engine a *task*: the model to train, its batches, its loss, how to validate, and
-how to save. The engine owns everything else: process world, precision, DeepSpeed config, optimizer,
-schedule, accumulation, clipping, validation + early stopping + best-model keeping, checkpoints and
-resume, logging on the real main rank. Nothing here knows what a recommender is.
+A stage hands the engine a :class:`~crossrec_dist.engine.task.TrainTask`. The engine owns the rest:
+process world, precision and DeepSpeed settings from any launch form, building the model (born
+partitioned under ZeRO-3 + zero3_init), optimizer and schedule, exact gradient accumulation,
+clipping, validation + selection + early stopping, checkpoints and resume, logging and progress on
+the real main rank. It knows nothing about what the model computes.
+
+Loss scaling has one owner, :meth:`Engine._train_step`: each micro-batch's loss is weighted by its
+share of the update's loss terms over all micro-batches and ranks, and nothing downstream divides
+again (accelerate is given one accumulation step; DeepSpeed's backward runs with
+``scale_wrt_gas=False``). So ``grad_accum=k, micro=m`` and ``grad_accum=1, micro=k*m`` give the same
+gradients, and clipping sees the true norm (PITFALLS.md #11).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable
 
 import torch
 
+from ..errors import InputError, RunStopped
+from ..progress import Progress, format_seconds
 from . import checkpoint as ckpt
 from . import deepspeed_config as dscfg
 from . import distributed as dist_info
-from .config import TrainConfig
-from ..errors import RunStopped
+from .config import TrainConfig, validate_train_config
+from .loss_window import LossWindow
+from .preemption import Preempted, PreemptionFlag
+from .rng import restore_rng, save_rng
 from .schedule import lr_lambda
-
-
-class Task(Protocol):
-    name: str
-    model: torch.nn.Module
-    tokens_per_sample: int
-
-    def batches(self): ...                       # -> object with num_batches(world), epoch(e, rank, world, skip)
-    def loss(self, model, batch) -> torch.Tensor: ...
-    def validate(self, engine: "Engine") -> dict: ...   # {"overall": {...}, "per_domain": {...}}
-    def save(self, engine: "Engine", state_dict: dict | None, out_dir: Path) -> None: ...
+from .state import TrainerState
+from .task import MicroBatch, TrainTask
+from .zero3 import (gathered, initialize_partitioned, load_full_weights, partition_report,
+                    register_tied_parameters)
 
 
 @dataclass
 class FitResult:
+    """What ``Engine.fit`` returns; ``train_record()`` is the ``train`` block of metrics.json."""
     steps: int = 0
     seconds: float = 0.0
     samples: int = 0
     best_step: int = -1
-    best_valid: dict = field(default_factory=dict)
+    best_valid: dict = field(default_factory=dict)   # the best validation's details (e.g. overall/per_domain)
     history: list = field(default_factory=list)
     stopped: str = "completed"
     eval_seconds: float = 0.0           # of ``seconds``, spent in validation (and best-model saving)
@@ -54,53 +61,81 @@ class FitResult:
                 "best_step": self.best_step, "stopped": self.stopped}
 
 
-def _precision(cfg: TrainConfig) -> str:
-    if cfg.mixed_precision != "auto":
-        return cfg.mixed_precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+@dataclass
+class Plan:
+    """The run's arithmetic, computed once."""
+    micro_batches_per_epoch: int
+    updates_per_epoch: int
+    total_updates: int
+    warmup: int
+
+
+@dataclass
+class _Run:
+    """What ``fit`` prepared: the wrapped model and optimizer, the schedule, the data."""
+    task: TrainTask
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    batches: object
+    plan: Plan
 
 
 class Engine:
+    """One training run of one task. Create it, ``build_model(task)``, then ``fit(task)``.
+
+    Args:
+        cfg: the train section of the stage's config.
+        out_dir: where ``best/``, ``checkpoints/``, ``logs/`` and the final model go.
+        hidden_size: the model's width, for DeepSpeed's bucket-size defaults.
+        log: where main-rank messages go.
+    """
+
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, hidden_size: int = 64, log: Callable = print):
         from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, ProjectConfiguration
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
-        self.cfg, self.out_dir = cfg, Path(out_dir)
-        self._log = log
-        self.precision = _precision(cfg)
-        import transformers.utils.logging as tlog
-        tlog.disable_progress_bar()
-        ds_path = dscfg.resolve_path(cfg.deepspeed)
-        self.ds_config = None
-        plugin = None
-        if ds_path is not None:
-            dist_info.ensure_single_process_env()
-            world = int(os.environ.get("WORLD_SIZE", 1))
-            self.ds_config = dscfg.fill(ds_path, micro_batch=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
-                                        world=world, max_grad_norm=cfg.max_grad_norm,
-                                        precision=self.precision, hidden_size=hidden_size)
-            plugin = DeepSpeedPlugin(hf_ds_config=self.ds_config)
+        validate_train_config(cfg)
+        self.cfg, self.out_dir, self._log = cfg, Path(out_dir), log
+        if cfg.deepspeed not in (None, "none", "off") or dscfg.launcher_uses_deepspeed():
+            dist_info.ensure_single_process_env()   # DeepSpeed wants a process group even for one process
+        self.settings = dscfg.resolve(cfg, world=dist_info.world_size(), hidden_size=hidden_size)
+        self.precision, self.ds_config = self.settings.precision, self.settings.ds_config
+        self.zero_stage = self.settings.zero_stage
+        # Accumulation is ours (one owner of loss scaling): accelerate must never divide the loss.
+        # Under DeepSpeed it is told DeepSpeed's value only to keep its consistency check quiet.
+        steps = self.settings.grad_accum if self.ds_config else 1
         self.accelerator = Accelerator(
-            deepspeed_plugin=plugin, mixed_precision=self.precision,
-            gradient_accumulation_steps=1 if plugin else cfg.grad_accum,
+            deepspeed_plugin=self.settings.plugin, mixed_precision=self.precision,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=steps, sync_with_dataloader=False),
             project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.out_dir / "logs")),
             log_with="tensorboard" if cfg.tensorboard and dist_info.is_main() else None,
         )
-        self.zero_stage = dscfg.zero_stage(self.ds_config)
+        if self.ds_config is not None and not self.settings.zero3_init:
+            # accelerate publishes its DeepSpeed config to transformers, which then builds every
+            # from_pretrained model under zero.Init; without zero3_init models are built whole.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()
         self.device = self.accelerator.device
         self.world, self.rank = dist_info.world_size(), dist_info.rank()
-        self._t_start: float | None = None   # wall clock origin of this run's training (resumes included)
+        self.lr = cfg.lr
+        self.model: torch.nn.Module | None = None
+        self._built_report: dict = {}
+        self._t_start: float | None = None
+        self._progress: Progress | None = None
+        self._seen: dict[int, list[int]] = {}    # sample ids per epoch (train.rank_report)
+        self._memory: dict[str, dict] = {}       # this process's RSS at named points (train.rank_report)
+        self._note_memory("engine_created")
 
-    # ---- logging on the real main rank only ----
-    def log(self, msg: str) -> None:
-        if dist_info.is_main():
-            self._log(msg)
-
+    # ---- small services for tasks ----
     @property
     def is_main(self) -> bool:
         return dist_info.is_main()
 
-    # ---- model access ----
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            (self._progress.write if self._progress else self._log)(msg)
+
     def unwrapped(self, model):
         return self.accelerator.unwrap_model(model)
 
@@ -112,6 +147,102 @@ class Engine:
             sd = self.unwrapped(model).state_dict()
         return sd if self.is_main else None
 
+    def plan(self, batches) -> Plan:
+        """Micro-batches, updates and warm-up of this run (AdaLoRA's budget needs the real total)."""
+        cfg, k = self.cfg, self.settings.grad_accum
+        per_epoch = batches.num_batches(self.world)
+        if per_epoch < k:
+            raise InputError(f"an epoch has {per_epoch} micro-batch(es) per process, fewer than grad_accum={k}; "
+                             "lower train.grad_accum or train.micro_batch_size", field="train.grad_accum")
+        updates = per_epoch // k
+        total = cfg.max_steps or cfg.epochs * updates
+        return Plan(per_epoch, updates, total, cfg.warmup_steps or int(cfg.warmup_ratio * total))
+
+    # ---- building the model ----
+    def build_model(self, task: TrainTask) -> torch.nn.Module:
+        """``task.build_model(engine)``, recorded as the task's model. Tasks build fresh models with
+        :meth:`construct` and load pretrained ones with ``from_pretrained`` (which transformers
+        loads straight into ZeRO-3 partitions when zero3_init is on)."""
+        model = task.build_model(self)
+        self._note_memory("model_built")
+        if self.settings.zero3_init:
+            self._built_report = partition_report(model)
+        # Training randomness (dropout) starts from train.seed however the model was built: a
+        # partitioned build draws nothing from the global generator, a plain one does.
+        torch.manual_seed(self.cfg.seed)
+        task.model = model
+        return model
+
+    def construct(self, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+        """A freshly initialised model from ``build()``. Under ZeRO-3 with zero3_init every parameter
+        is partitioned as its module is created (``deepspeed.zero.Init``), so no rank ever holds the
+        whole model; the transformers models inside then get their own weight init, one module's
+        parameters gathered at a time."""
+        if not self.settings.zero3_init:
+            return build()
+        import deepspeed
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
+            model = build()
+        initialize_partitioned(model)
+        return model
+
+    def gathered(self, params, modifier_rank: int | None = 0):
+        """Context in which ``params`` are whole on every rank (ZeRO-3); what ``modifier_rank``
+        writes is kept. A no-op for parameters that are not partitioned."""
+        return gathered(list(params), modifier_rank=modifier_rank)
+
+    # ---- the loop ----
+    def fit(self, task: TrainTask) -> FitResult:
+        """Train ``task`` (its model built by :meth:`build_model`) to the end of its budget."""
+        run = self._prepare(task)
+        state = self._resume(run)
+        self._announce(run, state)
+        if self.cfg.validate_at_start and state.step == 0 and state.best_step < 0:
+            self._validate(run, state)
+        stop, window = None, LossWindow(self.device)
+        self._t_start = time.perf_counter() - state.seconds
+        self._progress = Progress(run.plan.total_updates, state.step, task.name, enabled=self.is_main)
+        preempt = PreemptionFlag()
+        try:
+            while stop is None and (self.cfg.max_steps or state.epoch < self.cfg.epochs):
+                for micro_batches in self._updates(run, state):
+                    window.add(state.step + 1, *self._train_step(run, state, micro_batches))
+                    stop = self._after_step(run, state, window, preempt)
+                    if stop:
+                        break
+                else:
+                    state.epoch, state.batch = state.epoch + 1, 0
+            self._log_window(run, state, window)     # the last, partial logging window
+        finally:
+            preempt.restore()
+            self._progress.close()
+            self._progress = None
+        return self._finish(run, state, stop or "completed")
+
+    def _prepare(self, task: TrainTask) -> _Run:
+        cfg, model = self.cfg, task.model
+        if model is None:
+            raise RuntimeError("Engine.fit: build the task's model with Engine.build_model first")
+        batches = task.batches()
+        plan = self.plan(batches)
+        self.lr = cfg.lr or task.default_lr
+        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        optimizer = self._build_optimizer(model)
+        # The schedule is ours, not accelerate's: its wrapper would step it once per process (and
+        # not at all under DeepSpeed with a torch scheduler); we step it once per optimizer update
+        # and restore it from the step count on resume (no pickled scheduler state).
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(plan.total_updates, plan.warmup, cfg.schedule, cfg.min_lr_ratio))
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        self._note_memory("engine_prepared")
+        self.model = model
+        if self.zero_stage == 3:
+            register_tied_parameters(self.unwrapped(model))
+        if self.is_main and cfg.tensorboard:
+            self.accelerator.init_trackers(task.name, config={k: v for k, v in asdict(cfg).items() if v is not None})
+        return _Run(task, model, optimizer, scheduler, batches, plan)
+
     def _build_optimizer(self, model):
         decay, no_decay = [], []
         for name, p in model.named_parameters():
@@ -119,243 +250,251 @@ class Engine:
                 (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr,
-                                 betas=(0.9, self.cfg.adam_beta2))
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=(0.9, self.cfg.adam_beta2))
 
-    # ---- the loop ----
-    def fit(self, task: Task) -> FitResult:
-        cfg, acc = self.cfg, self.accelerator
-        batches = task.batches()
-        per_epoch = batches.num_batches(self.world)
-        updates_per_epoch = max(1, per_epoch // cfg.grad_accum)
-        total_updates = cfg.max_steps or cfg.epochs * updates_per_epoch
-        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total_updates)
-        model = task.model
-        ckpt_root = self.out_dir / "checkpoints"
-        resume_from = ckpt.resolve_resume(cfg.resume, ckpt_root)
-        resharded_from = None
-        if resume_from is not None:
-            saved_world = ckpt.read_state(resume_from).get("world", self.world)
-            if saved_world != self.world:
-                # Another number of processes wrote it: start from its consolidated weights (before
-                # DeepSpeed partitions the model), keep step/schedule/data position; Adam restarts.
-                self._load_weights(model, ckpt.consolidated_weights(resume_from), resume_from)
-                resharded_from = saved_world
-        self.lr = cfg.lr or getattr(task, "default_lr", 1e-3)
-        if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = self._build_optimizer(model)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_updates, warmup, cfg.schedule,
-                                                                           cfg.min_lr_ratio))
-        # The schedule is ours, not accelerate's: its wrapper would step it once per process (and
-        # not at all under DeepSpeed with a torch scheduler); we step it once per optimizer update.
-        model, optimizer = acc.prepare(model, optimizer)
-        acc.register_for_checkpointing(scheduler)  # saved/restored with save_state/load_state
-        self.model = model
-        if self.zero_stage == 3:
-            import deepspeed
-            for module in self.unwrapped(model).modules():
-                if hasattr(module, "tied_parameters"):
-                    for p in module.tied_parameters():
-                        deepspeed.zero.register_external_parameter(module, p)
-        if self.is_main and cfg.tensorboard:
-            acc.init_trackers(task.name, config={k: v for k, v in asdict(cfg).items() if v is not None})
-
-        res = FitResult()
-        state = {"step": 0, "epoch": 0, "batch": 0, "best": -math.inf, "best_step": -1, "bad_evals": 0,
-                 "samples": 0, "seconds": 0.0, "history": [], "world": self.world,
-                 "micro_batch_size": cfg.micro_batch_size}
-        if resume_from is not None and resharded_from is None:
-            state = ckpt.load(acc, resume_from)
-            _restore_rng(resume_from, self.rank)
-            self.log(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-        elif resume_from is not None:
-            state = self._resharded_state(ckpt.read_state(resume_from), resharded_from, scheduler)
-            self.log(f"resumed from {resume_from} at step {state['step']} (epoch {state['epoch']}, batch {state['batch']}) "
-                     f"on {self.world} process(es) instead of {resharded_from}: weights, step, schedule and data "
+    def _resume(self, run: _Run) -> TrainerState:
+        cfg = self.cfg
+        state = TrainerState(world=self.world, micro_batch_size=cfg.micro_batch_size)
+        path = ckpt.resolve_resume(cfg.resume, self.out_dir / "checkpoints")
+        if path is None:
+            return state
+        saved = TrainerState.from_json(ckpt.read_state(path))
+        if saved.world == self.world:
+            self.accelerator.load_state(str(path))
+            restore_rng(path, self.rank)
+            state = saved
+            self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
+        else:
+            # Another number of processes wrote it: its consolidated weights, step, schedule and data
+            # position (in samples) carry over; Adam's moments and the per-rank RNG streams restart.
+            load_full_weights(self.unwrapped(run.model), ckpt.consolidated_weights(path), path)
+            saved_world = saved.world
+            state = self._resharded_state(saved, run.plan)
+            self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch}) "
+                     f"on {self.world} process(es) instead of {saved_world}: weights, step, schedule and data "
                      f"position kept; optimizer moments restart")
-            self._validate(task, model, state, state["step"], note={"resharded_from_world": resharded_from})
-
-        self.log(f"[{task.name}] world={self.world} zero={self.zero_stage if self.ds_config else 'off'} "
-                 f"precision={self.precision} batches/epoch/rank={per_epoch} updates={total_updates}")
-        if cfg.validate_at_start and state["step"] == 0 and state["best_step"] < 0:
-            self._validate(task, model, state, 0)
-        t_start = time.perf_counter() - state["seconds"]
-        self._t_start = t_start
-        step, stop = state["step"], None
-        window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
-        is_ds = self.ds_config is not None
-        seen: dict[int, list[int]] = {}
-        preempt = PreemptionFlag(self.device)
-        from .flops import peak_flops
-        peak = peak_flops()
-        while stop is None:
-            epoch = state["epoch"]
-            if epoch >= cfg.epochs and not cfg.max_steps:
-                break
-            model.train()
-            for batch in batches.epoch(epoch, self.rank, self.world, skip=state["batch"]):
-                sample_ids = batch.pop("sample_ids", None)
-                if cfg.rank_report and sample_ids is not None:
-                    seen.setdefault(epoch, []).extend(sample_ids.tolist())
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                loss = task.loss(model, batch)
-                if not torch.isfinite(loss):
-                    raise Diverged(f"error: non-finite loss {loss.item()} at step {step} (epoch {epoch}); "
-                                             f"lower train.lr or check the data")
-                boundary = (state["batch"] + 1) % cfg.grad_accum == 0
-                if is_ds:
-                    model.backward(loss)
-                    if boundary:
-                        task_after_backward(task, model, step)
-                    model.step()
-                    if boundary:
-                        scheduler.step()
-                else:
-                    acc.backward(loss / cfg.grad_accum)
-                    if boundary:
-                        if cfg.max_grad_norm:
-                            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                        task_after_backward(task, model, step)
-                        optimizer.step()
-                        scheduler.step()
-                        optimizer.zero_grad(set_to_none=True)
-                state["batch"] += 1
-                state["samples"] += batch["input_ids"].shape[0] * self.world
-                window_loss += loss.item()
-                window_n += 1
-                if not boundary:
-                    continue
-                step += 1
-                state["step"] = step
-                if step % cfg.log_every == 0:
-                    dt = time.perf_counter() - t_window
-                    mean_loss = dist_info.all_reduce_sum(window_loss / window_n, self.device) / self.world
-                    rec = {"step": step, "epoch": epoch, "loss": mean_loss, "lr": _current_lr(model, optimizer),
-                           "samples_per_second": window_n * batch["input_ids"].shape[0] * self.world / dt}
-                    rec["tokens_per_second"] = rec["samples_per_second"] * batch["input_ids"].shape[1]
-                    if peak and getattr(task, "flops_per_token", None):
-                        rec["mfu"] = rec["tokens_per_second"] * task.flops_per_token / (peak * self.world)
-                    state["history"].append(rec)
-                    acc.log({f"train/{k}": v for k, v in rec.items() if k not in ("step", "epoch")}, step=step)
-                    self.log(f"step {step} epoch {epoch} loss {mean_loss:.4f} lr {rec['lr']:.2e} "
-                             f"{rec['samples_per_second']:.0f} samples/s {rec['tokens_per_second']:.0f} tokens/s"
-                             + (f" MFU {rec['mfu']:.1%}" if "mfu" in rec else ""))
-                    window_loss, window_n, t_window = 0.0, 0, time.perf_counter()
-                end_of_epoch = state["batch"] >= per_epoch
-                if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
-                    t_eval = time.perf_counter()
-                    stop = self._validate(task, model, state, step)
-                    state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - t_eval
-                    model.train()
-                if preempt.any_rank():
-                    state["seconds"] = time.perf_counter() - t_start
-                    path = ckpt.save(acc, ckpt_root, state, cfg.keep_checkpoints,
-                                     per_rank=lambda d: _save_rng(d, self.rank))
-                    preempt.restore()
-                    raise Preempted(f"preempted by signal at step {step}: checkpoint saved to {path}; "
-                                    f"run the same command with --resume auto to continue")
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    state["seconds"] = time.perf_counter() - t_start
-                    ckpt.save(acc, ckpt_root, state, cfg.keep_checkpoints,
-                              per_rank=lambda d: _save_rng(d, self.rank))
-                if cfg.max_steps and step >= cfg.max_steps:
-                    stop = stop or "max_steps"
-                if cfg.max_train_seconds and time.perf_counter() - t_start > cfg.max_train_seconds:
-                    stop = stop or "time_budget"
-                if stop:
-                    break
-            if stop is None:
-                state["epoch"] += 1
-                state["batch"] = 0
-        preempt.restore()
-        res.steps, res.samples, res.seconds = step, state["samples"], time.perf_counter() - t_start
-        if not any("valid_ndcg@10" in h and h["step"] > 0 for h in state["history"]):
-            # never validated after training (tiny runs): validate the final weights once
-            self._validate(task, model, state, step)
-        res.eval_seconds = state.get("eval_seconds", 0.0)
-        res.best_step, res.history, res.stopped = state["best_step"], state["history"], stop or "completed"
-        res.best_valid = state.get("best_metrics", {})
-        if cfg.rank_report:
-            self._write_rank_report(model, seen)
-        self._finalize(task)
-        acc.end_training()
-        if self.ds_config is not None:
-            # Training is over: later from_pretrained calls in this process must build plain models,
-            # not ZeRO-3 partitioned ones (transformers keeps the DeepSpeed config in a global).
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
-            unset_hf_deepspeed_config()
-        return res
-
-    def _validate(self, task, model, state, step, note: dict | None = None) -> str | None:
-        model.eval()
-        metrics = task.validate(self)
-        ndcg = metrics["overall"]["ndcg@10"]
-        rec = {"step": step, "epoch": state["epoch"], "valid_ndcg@10": ndcg, "valid_hr@10": metrics["overall"]["hr@10"],
-               "seconds": round(time.perf_counter() - self._t_start, 3) if self._t_start else 0.0, **(note or {})}
-        test = metrics.pop("test_overall", None)
-        if test is not None:
-            rec.update({"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]})
-        state["history"].append(rec)
-        self.accelerator.log({"valid/ndcg@10": ndcg, "valid/hr@10": rec["valid_hr@10"]}, step=step)
-        improved = ndcg > state["best"]
-        self.log(f"valid step {step}: ndcg@10 {ndcg:.4f} hr@10 {rec['valid_hr@10']:.4f}"
-                 + (" (best)" if improved else ""))
-        if improved:
-            state.update(best=ndcg, best_step=step, bad_evals=0, best_metrics=metrics)
-            sd = self.full_state_dict(model)
-            task.save(self, sd, self.out_dir / "best")
-            dist_info.barrier()
-            return None
-        state["bad_evals"] += 1
-        if self.cfg.patience and state["bad_evals"] >= self.cfg.patience:
-            self.log(f"early stop: no improvement in {self.cfg.patience} validations (best step {state['best_step']})")
-            return "early_stop"
-        return None
-
-    def _load_weights(self, model, weights: dict, source: Path) -> None:
-        own = model.state_dict()
-        missing = [k for k in own if k not in weights]
-        unexpected = [k for k in weights if k not in own]
-        if missing or unexpected:
-            from ..errors import InputError
-            raise InputError(f"checkpoint weights do not fit this model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}", path=str(source), field="--resume")
-        model.load_state_dict(weights)
-
-    def _resharded_state(self, state: dict, saved_world: int, scheduler) -> dict:
-        """Trainer state of a checkpoint written by ``saved_world`` processes, for this world: the
-        position in the epoch is kept in samples, so no sample is seen twice or skipped when the
-        global batch is the same (micro_batch_size x world x grad_accum)."""
-        mb_old = state.get("micro_batch_size", self.cfg.micro_batch_size)
-        consumed = state["batch"] * mb_old * saved_world
-        per_batch = self.cfg.micro_batch_size * self.world
-        if consumed % per_batch:
-            self.log(f"warning: {consumed % per_batch} sample(s) of epoch {state['epoch']} will be seen again: "
-                     f"the old and new global batches do not divide each other")
-        state.update(batch=consumed // per_batch, world=self.world, micro_batch_size=self.cfg.micro_batch_size)
-        scheduler.last_epoch = state["step"] - 1
-        scheduler.step()   # the learning rate of step ``step``, as the schedule defines it
+            self._validate(run, state, note={"resharded_from_world": saved_world})
+        run.scheduler.last_epoch = state.step - 1
+        with warnings.catch_warnings():   # torch warns that no optimizer step came first: none should
+            warnings.simplefilter("ignore", UserWarning)
+            run.scheduler.step()    # the learning rate of update ``state.step``, as the schedule defines it
         return state
 
-    def _write_rank_report(self, model, seen: dict) -> None:
+    def _resharded_state(self, state: TrainerState, plan: Plan) -> TrainerState:
+        """The position in the epoch is kept in samples, so no sample is seen twice or skipped when
+        the global batch (micro_batch_size x world x grad_accum) is the same."""
+        consumed = state.batch * (state.micro_batch_size or self.cfg.micro_batch_size) * state.world
+        per_update = self.cfg.micro_batch_size * self.world * self.settings.grad_accum
+        if consumed % per_update:
+            self.log(f"warning: {consumed % per_update} sample(s) of epoch {state.epoch} will be seen again: "
+                     f"the old and new global batches do not divide each other")
+        state.batch = consumed // per_update * self.settings.grad_accum
+        state.world, state.micro_batch_size = self.world, self.cfg.micro_batch_size
+        return state
+
+    def _announce(self, run: _Run, state: TrainerState) -> None:
+        s = self.settings
+        zero = f"zero{s.zero_stage}{' (zero.Init)' if s.zero3_init else ''} from {s.source}" if s.ds_config else "off"
+        self.log(f"[{run.task.name}] world={self.world} deepspeed={zero} precision={self.precision} "
+                 f"micro_batch={self.cfg.micro_batch_size} grad_accum={s.grad_accum} clip={s.max_grad_norm} "
+                 f"micro-batches/epoch/rank={run.plan.micro_batches_per_epoch} updates={run.plan.total_updates}")
+
+    def _updates(self, run: _Run, state: TrainerState):
+        """The rest of this epoch, as lists of ``grad_accum`` micro-batches (one optimizer update each)."""
+        k, group = self.settings.grad_accum, []
+        last = run.plan.updates_per_epoch * k
+        for mb in run.batches.epoch(state.epoch, self.rank, self.world, skip=state.batch):
+            group.append(mb)
+            if len(group) == k:
+                yield group
+                group = []
+                if state.batch >= last:
+                    return
+
+    def _train_step(self, run: _Run, state: TrainerState, micro_batches: list[MicroBatch]):
+        """One optimizer update over ``micro_batches``: returns (update loss, grad norm) as tensors."""
+        model, k, is_ds = run.model, len(micro_batches), self.ds_config is not None
+        weight = torch.tensor(float(sum(mb.weight for mb in micro_batches)), device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(weight)          # loss terms of the whole update, all ranks
+        scale = self.world / weight.clamp_min(1.0)        # DDP / DeepSpeed average over ranks
+        update_loss = torch.zeros((), device=self.device)
+        for i, mb in enumerate(micro_batches):
+            last = i == k - 1
+            inputs = {name: t.to(self.device) for name, t in mb.inputs.items()}
+            if mb.sample_ids is not None and self.cfg.rank_report:
+                self._seen.setdefault(state.epoch, []).extend(mb.sample_ids.tolist())
+            sync = contextlib.nullcontext() if last or is_ds else self.accelerator.no_sync(model)
+            with sync:
+                terms = run.task.loss(model, inputs)
+                loss = terms.mean * (mb.weight * scale) + terms.penalty / k
+                if is_ds:
+                    model.set_gradient_accumulation_boundary(last)
+                    model.backward(loss, scale_wrt_gas=False)
+                else:
+                    self.accelerator.backward(loss)
+            update_loss += loss.detach()
+        grad_norm = self._optimizer_step(run, state.step)
+        state.batch += k
+        state.samples += sum(mb.samples for mb in micro_batches) * self.world
+        state.step += 1
+        return update_loss, grad_norm, sum(mb.samples for mb in micro_batches) * self.world
+
+    def _optimizer_step(self, run: _Run, step: int):
+        model = run.model
+        if self.ds_config is not None:
+            run.task.after_backward(model, step)
+            model.step()                              # DeepSpeed clips to gradient_clipping itself
+            norm = model.get_global_grad_norm()
+        else:
+            clip = self.settings.max_grad_norm or math.inf   # inf: measure the norm, change nothing
+            norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
+            run.task.after_backward(model, step)
+            run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        run.scheduler.step()
+        return norm
+
+    def _after_step(self, run: _Run, state: TrainerState, window: LossWindow, preempt: "PreemptionFlag") -> str | None:
+        """Logging, validation/selection, checkpoints and stop conditions after one update."""
+        cfg, step = self.cfg, state.step
+        self._progress.advance()
+        if step % cfg.log_every == 0:
+            self._log_window(run, state, window)
+        end_of_epoch = state.batch >= run.plan.updates_per_epoch * self.settings.grad_accum
+        stop = None
+        if (cfg.eval_every and step % cfg.eval_every == 0) or (not cfg.eval_every and end_of_epoch):
+            self._check_finite(window)
+            stop = self._validate(run, state)
+        budget = bool(cfg.max_train_seconds and time.perf_counter() - self._t_start > cfg.max_train_seconds)
+        preempted, over_budget = preempt.agree(budget)
+        if preempted:
+            self._check_finite(window)
+            path = self._checkpoint(state)
+            raise Preempted(f"preempted by signal at step {step}: checkpoint saved to {path}; "
+                            f"run the same command with --resume auto to continue")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            self._check_finite(window)
+            self._checkpoint(state)
+        if cfg.max_steps and step >= cfg.max_steps:
+            stop = stop or "max_steps"
+        return stop or ("time_budget" if over_budget else None)
+
+    def _log_window(self, run: _Run, state: TrainerState, window: LossWindow) -> None:
+        """One record per logging window; the only place training syncs device and host."""
+        if not window.steps:
+            return
+        losses, norms = self._check_finite(window)
+        dt = time.perf_counter() - window.t0
+        rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": sum(losses) / len(losses),
+               "lr": _current_lr(run.model, run.optimizer), "samples_per_second": window.samples / dt}
+        if norms:
+            rec["grad_norm"] = sum(norms) / len(norms)
+        rec["tokens_per_second"] = rec["samples_per_second"] * run.task.tokens_per_sample
+        peak = _peak_flops()
+        if peak and run.task.flops_per_token:
+            rec["mfu"] = rec["tokens_per_second"] * run.task.flops_per_token / (peak * self.world)
+        state.history.append(rec)
+        self.accelerator.log({f"train/{k}": v for k, v in rec.items() if k not in ("kind", "step", "epoch")},
+                             step=state.step)
+        left = (run.plan.total_updates - state.step) * dt / len(window.steps)
+        self._progress.show(loss=f"{rec['loss']:.4f}", samples_s=f"{rec['samples_per_second']:.0f}")
+        if not self._progress.interactive:
+            self.log(f"step {state.step}/{run.plan.total_updates} epoch {state.epoch} loss {rec['loss']:.4f} "
+                     f"lr {rec['lr']:.2e}" + (f" grad_norm {rec['grad_norm']:.3f}" if norms else "")
+                     + f" {rec['samples_per_second']:.0f} samples/s {rec['tokens_per_second']:.0f} tokens/s"
+                     + (f" MFU {rec['mfu']:.1%}" if "mfu" in rec else "") + f" eta {format_seconds(left)}")
+        window.reset()
+
+    def _check_finite(self, window: LossWindow):
+        """Losses and norms of the pending updates (synced once); a non-finite loss stops the run
+        before any weights are validated, saved or checkpointed."""
+        losses, norms = window.values(self.world)
+        for step, value in zip(window.steps, losses):
+            if not math.isfinite(value):
+                raise Diverged(f"error: non-finite loss {value} at step {step}; lower train.lr or check the data")
+        return losses, norms
+
+    def _validate(self, run: _Run, state: TrainerState, note: dict | None = None) -> str | None:
+        t0 = time.perf_counter()
+        run.model.eval()
+        v = run.task.validate(self)
+        run.model.train()
+        sel = run.task.selection
+        if sel.metric not in v.metrics:
+            raise RuntimeError(f"task {run.task.name!r} selects on {sel.metric!r} but its validation returned "
+                               f"{sorted(v.metrics)}")
+        value = v.metrics[sel.metric]
+        rec = {"kind": "valid", "step": state.step, "epoch": state.epoch,
+               **{f"valid_{k}": x for k, x in v.metrics.items()}, **v.tracked,
+               "seconds": round(time.perf_counter() - self._t_start, 3) if self._t_start else 0.0, **(note or {})}
+        state.history.append(rec)
+        self.accelerator.log({f"valid/{k}": x for k, x in v.metrics.items()}, step=state.step)
+        improved = sel.better(value, state.best)
+        self.log(f"valid step {state.step}: " + " ".join(f"{k} {x:.4f}" for k, x in v.metrics.items())
+                 + (" (best)" if improved else ""))
+        stop = None
+        if improved:
+            state.best, state.best_step, state.bad_evals, state.best_metrics = value, state.step, 0, v.details
+            run.task.save(self, self.full_state_dict(run.model), self.out_dir / "best")
+            dist_info.barrier()
+        else:
+            state.bad_evals += 1
+            if self.cfg.patience and state.bad_evals >= self.cfg.patience:
+                self.log(f"early stop: no improvement in {self.cfg.patience} validations (best step {state.best_step})")
+                stop = "early_stop"
+        state.eval_seconds += time.perf_counter() - t0
+        return stop
+
+    def _checkpoint(self, state: TrainerState) -> Path:
+        state.seconds = time.perf_counter() - self._t_start
+        return ckpt.save(self.accelerator, self.out_dir / "checkpoints", state.to_json(), self.cfg.keep_checkpoints,
+                         per_rank=lambda d: save_rng(d, self.rank))
+
+    def _finish(self, run: _Run, state: TrainerState, stop: str) -> FitResult:
+        if not state.validated_after_start():
+            self._validate(run, state)     # never validated after training (tiny runs): the final weights
+        if self.cfg.rank_report:
+            self._note_memory("trained")
+            self._write_rank_report(run.model)
+        self._promote_best()
+        self.accelerator.end_training()
+        if self.ds_config is not None:
+            # Later from_pretrained calls in this process must build plain models, not partitioned ones.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+            unset_hf_deepspeed_config()
+        seconds = time.perf_counter() - self._t_start
+        return FitResult(steps=state.step, seconds=seconds, samples=state.samples, best_step=state.best_step,
+                         best_valid=state.best_metrics, history=state.history, stopped=stop,
+                         eval_seconds=state.eval_seconds)
+
+    def _write_rank_report(self, model) -> None:
         """What this rank held and saw: evidence that ZeRO-3 partitions and data sharding are real."""
-        params = {}
-        for name, p in self.unwrapped(model).named_parameters():
-            if hasattr(p, "ds_tensor"):
-                params[name] = {"local": int(p.ds_tensor.numel()), "full": int(p.ds_numel)}
-            else:
-                params[name] = {"local": int(p.numel()), "full": int(p.numel())}
         report = {"rank": self.rank, "world": self.world, "zero_stage": self.zero_stage,
+                  "zero3_init": self.settings.zero3_init,
                   "accelerate_num_processes": self.accelerator.num_processes,
                   "accelerate_process_index": self.accelerator.process_index,
-                  "params": params, "samples_by_epoch": {str(k): v for k, v in seen.items()}}
+                  "params": partition_report(self.unwrapped(model)), "built": self._built_report,
+                  "memory": self._memory,
+                  "samples_by_epoch": {str(k): v for k, v in self._seen.items()}}
         path = self.out_dir / "ranks" / f"rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(__import__("json").dumps(report))
+        path.write_text(json.dumps(report))
 
-    def _finalize(self, task) -> None:
-        """Promote the best model to the output folder (HF layout at its top level)."""
+    def _note_memory(self, point: str) -> None:
+        """Resident and peak resident memory of this process (MiB) when it reached ``point``."""
+        import os
+        import resource
+        try:
+            with open("/proc/self/statm") as f:     # Linux; elsewhere the report has no memory figures
+                rss_pages = int(f.read().split()[1])
+        except OSError:
+            return
+        self._memory[point] = {"rss_mib": round(rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1),
+                               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+
+    def _promote_best(self) -> None:
+        """The best model's files to the output folder (HF layout at its top level)."""
         import shutil
         best = self.out_dir / "best"
         if self.is_main and best.is_dir():
@@ -365,42 +504,8 @@ class Engine:
         dist_info.barrier()
 
 
-class Preempted(RunStopped):
-    """Training stopped on SIGUSR1/SIGTERM after writing a resumable checkpoint."""
-
-
 class Diverged(RunStopped):
     """The loss became NaN/inf: stop before non-finite weights are saved anywhere."""
-
-
-class PreemptionFlag:
-    """Set by SIGUSR1/SIGTERM (Slurm's --signal, scancel, a dying node's agent). The loop checks it at
-    every optimizer step; ranks agree through an all-reduce so they checkpoint at the same step."""
-
-    SIGNALS = ("SIGUSR1", "SIGTERM")
-
-    def __init__(self, device="cpu"):
-        import signal
-        import threading
-        self.flag, self._old, self.device = False, {}, device
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                sig = getattr(signal, name)
-                self._old[sig] = signal.signal(sig, self._set)
-
-    def _set(self, *_):
-        self.flag = True
-
-    def any_rank(self) -> bool:
-        if dist_info.world_size() == 1:
-            return self.flag
-        return dist_info.all_reduce_sum(1.0 if self.flag else 0.0, self.device) > 0
-
-    def restore(self) -> None:
-        import signal
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-        self._old = {}
 
 
 def _current_lr(model, optimizer) -> float:
@@ -410,30 +515,8 @@ def _current_lr(model, optimizer) -> float:
     return float(optimizer.param_groups[0]["lr"])
 
 
-def task_after_backward(task, model, step: int) -> None:
-    hook = getattr(task, "after_backward", None)
-    if hook is not None:
-        hook(model, step)
+def _peak_flops():
+    from .flops import peak_flops
+    return peak_flops()
 
 
-def _save_rng(path: Path, rank: int) -> None:
-    """Per-rank torch and numpy RNG state, saved with safetensors (no pickles)."""
-    import numpy as np
-    from safetensors.torch import save_file
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    save_file({"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
-               "numpy_pos": torch.tensor([pos, has_gauss]), "numpy_gauss": torch.tensor([gauss])},
-              str(path / f"rng_rank{rank}.safetensors"))
-
-
-def _restore_rng(path: Path, rank: int) -> None:
-    import numpy as np
-    from safetensors.torch import load_file
-    f = path / f"rng_rank{rank}.safetensors"
-    if not f.is_file():
-        return
-    t = load_file(str(f))
-    torch.set_rng_state(t["torch"])
-    pos, has_gauss = (int(x) for x in t["numpy_pos"])
-    np.random.set_state(("MT19937", t["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss,
-                         float(t["numpy_gauss"][0])))

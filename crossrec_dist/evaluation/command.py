@@ -23,9 +23,12 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
             raise InputError("the popularity baseline takes no adapter", field="--adapter")
         scorer, params, method, L = popularity_scorer(prepared, domains), {"total": 0, "trainable": 0}, "popularity", max_len or 50
     else:
-        from ..models.loading import load_scorer
-        scorer, params, L = load_scorer(model, adapter, max_len)
-        method = "adapter" if adapter else "model"
+        from ..export.loading import load_model
+        from ..models.sizing import param_counts
+        from .evaluator import model_scorer
+        loaded = load_model(model, adapter)
+        scorer, params, method = model_scorer(loaded), param_counts(loaded), "adapter" if adapter else "model"
+        L = max_len or (loaded.config if hasattr(loaded, "config") else loaded.base_model.config).max_len
     results = {}
     for split in ("valid", "test"):
         results[split] = evaluate(prepared, scorer, EvalOptions(split=split, domains=domains,

@@ -45,11 +45,20 @@ def history_mask_index(data: PreparedData, seq: np.ndarray, end: np.ndarray) -> 
     return rows, data.items[data.offsets[seq][rows] + within]
 
 
+def model_scorer(model) -> Scorer:
+    """Scorer over a (possibly DeepSpeed-wrapped) model: a plain forward call with return_scores."""
+    def score(hist: torch.Tensor, doms: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=hist, domain_ids=doms, return_scores=True)
+    return score
+
+
 def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOptions,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
+                  device: torch.device | str = "cpu", show_progress: bool = True) -> torch.Tensor:
     """0-based target ranks for every example of ``ev``, in order."""
+    from ..progress import track
     ranks = []
-    for lo in range(0, len(ev.targets), opts.batch_size):
+    starts = range(0, len(ev.targets), opts.batch_size)
+    for lo in track(starts, len(starts), f"evaluate {opts.split}", enabled=show_progress):
         sl = slice(lo, lo + opts.batch_size)
         seq, end = ev.seq_index[sl], ev.hist_end[sl]
         hist = torch.from_numpy(left_padded(data, seq, end, opts.max_len)).to(device)

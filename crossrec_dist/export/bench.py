@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.loading import load_model
+from .loading import load_model
 
 
 def _serving_model(model_dir, adapter=None):

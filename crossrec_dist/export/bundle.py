@@ -21,7 +21,7 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
     if merge and ad_root is None:
         from ..errors import InputError
         raise InputError("--merge needs --adapters", field="--merge")
-    from ..models.loading import load_model
+    from .loading import load_model
     load_model(base_dir)  # fail early on a bad base
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = ("config.json", "model.safetensors", "model.safetensors.index.json", VOCAB)

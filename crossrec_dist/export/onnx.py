@@ -30,7 +30,7 @@ def example_inputs(num_items: int, max_len: int, batch: int = 2, seed: int = 0):
 
 
 def export_onnx(model_dir: str | Path, out_file: str | Path) -> Path:
-    from ..models.loading import load_model
+    from .loading import load_model
 
     return export_model_onnx(load_model(model_dir), out_file)
 
@@ -54,7 +54,7 @@ def onnx_parity(model_dir: str | Path, onnx_file: str | Path, batch: int = 8) ->
     """Max |score difference| between ONNX Runtime and PyTorch on random left-padded histories."""
     import onnxruntime as ort
 
-    from ..models.loading import load_model
+    from .loading import load_model
 
     if not Path(onnx_file).is_file():
         raise InputError("no such ONNX file", path=str(onnx_file))

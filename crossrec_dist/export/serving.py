@@ -18,6 +18,17 @@ from .vocab import read_vocab
 
 
 class Recommender:
+    """Serve recommendations from an exported bundle.
+
+    Args:
+        base: the base model DIR (``crossrec export``'s ``OUT/base`` or any model DIR).
+        adapters: the adapters folder with ``manifest.json`` (``OUT/adapters``); None = base only.
+        device: torch device.
+
+    ``recommend(history, domain, k)`` takes raw item ids, returns ``[(item_id, score), ...]`` with the
+    history's items excluded; ``scores(histories, domain)`` gives the raw score matrix.
+    """
+
     def __init__(self, base: str | Path, adapters: str | Path | None = None, device: str = "cpu"):
         self.base_dir, self.device = Path(base), device
         self.vocab = read_vocab(self.base_dir)

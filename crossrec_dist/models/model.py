@@ -6,6 +6,7 @@ so the output layer is the input table (tied) and new items need one row, not tw
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,13 @@ class CrossRecOutput(ModelOutput):
 
 
 class CrossRecModel(PreTrainedModel):
+    """Decoder-only next-item model: item (+ domain) embeddings -> Llama decoder -> scores over items.
+
+    ``model(input_ids, labels=...)`` returns a :class:`CrossRecOutput` with the mean next-item loss
+    over every labelled position (``labels`` 0 = no loss); ``model(input_ids, return_scores=True)``
+    or :meth:`score` returns ``(B, num_items + 1)`` scores for the item after each history. Saved
+    and loaded with the usual ``save_pretrained`` / ``from_pretrained`` (safetensors).
+    """
     config_class = CrossRecConfig
     base_model_prefix = "crossrec"
     supports_gradient_checkpointing = True
@@ -41,20 +49,37 @@ class CrossRecModel(PreTrainedModel):
         self.backbone = LlamaModel(config.backbone_config())
         del self.backbone.embed_tokens  # inputs come in as embeddings; an unused table would be dead weight
         self.post_init()
+        # Every weight's initial value is a function of (seed, its module's name) alone, not of the
+        # order transformers happens to initialise modules in: so a model built partitioned under
+        # ZeRO-3 (zero.Init, then initialised one gathered module at a time) equals a plain one.
+        self._init_seed = torch.initial_seed()
+        self._module_names = {id(m): name for name, m in self.named_modules()}
+        for module in self.modules():
+            self._init_weights(module)
 
     def _init_weights(self, module):
+        weight = getattr(module, "weight", None)
+        names = getattr(self, "_module_names", None)
+        if names is None or (weight is not None and (weight.numel() == 0 or weight.is_meta)):
+            return   # before construction ends, a ZeRO-3 shard placeholder (initialised gathered later) or meta
+        gen = torch.Generator(device="cpu").manual_seed(
+            (self._init_seed * 1_000_003 + zlib.crc32(names.get(id(module), "").encode())) % (2 ** 63))
         std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=std)
-            if module.padding_idx is not None:
-                with torch.no_grad():
+
+        def normal(t: torch.Tensor) -> None:
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float32).mul_(std).to(t.dtype))
+
+        with torch.no_grad():
+            if isinstance(module, nn.Linear):
+                normal(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                normal(module.weight)
+                if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
-        elif hasattr(module, "weight") and module.__class__.__name__.endswith("RMSNorm"):
-            nn.init.ones_(module.weight)
+            elif weight is not None and module.__class__.__name__.endswith("RMSNorm"):
+                module.weight.fill_(1.0)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.item_embeddings

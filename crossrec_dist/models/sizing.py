@@ -12,6 +12,14 @@ import torch
 from .presets import DEFAULT_CATALOGUE, PRESETS, preset_config
 
 
+def param_counts(model) -> dict:
+    """``{"total", "trainable"}`` parameter counts (ZeRO-3 partitioned parameters count in full)."""
+    def n(p):
+        return int(getattr(p, "ds_numel", p.numel()))
+    return {"total": sum(n(p) for p in model.parameters()),
+            "trainable": sum(n(p) for p in model.parameters() if p.requires_grad)}
+
+
 def count_parameters(config) -> int:
     from .model import CrossRecModel
     with torch.device("meta"):

@@ -1,4 +1,9 @@
-"""Pieces every stage shares: sequence batches, in-training validation, final evaluation, records."""
+"""What every stage shares: the recommender task base, and ``run_stage`` (task -> engine -> metrics.json).
+
+A stage is a :class:`RecommenderTask` subclass that says which model to build, which sequences
+it trains on, which users it is validated on and what its metrics.json holds; ``run_stage`` does
+the rest the same way for pretraining, fine-tuning and distillation.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
@@ -7,37 +12,102 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.batches import SequenceBatches, make_windows
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
-from ..engine.batches import SequenceBatches, make_windows
-from ..engine.evaluation import sharded_evaluate
-from ..evaluation.evaluator import EvalOptions, evaluate
+from ..engine.config import TrainConfig
+from ..engine.task import LossTerms, Selection, TrainTask, Validation
+from ..engine.trainer import Engine
+from ..errors import InputError
+from ..evaluation.evaluator import EvalOptions, evaluate, model_scorer
+from ..evaluation.record import write_metrics
+from ..evaluation.sharded import sharded_evaluate
+from ..models.sizing import param_counts
+
+__all__ = ["RecommenderTask", "run_stage", "evaluate_model", "param_counts", "model_scorer", "on_main",
+           "resolve_domains", "seed_everything", "training_batches"]
+
+
+class RecommenderTask(TrainTask):
+    """A next-item task over a prepared dataset, selected on validation NDCG@10 (full ranking)."""
+
+    selection = Selection("ndcg@10", "max")
+    train: TrainConfig
+    data: PreparedData
+    max_len: int
+    hidden_size: int
+
+    def train_domains(self) -> list[str] | None:
+        """Domains whose sequences it trains on (None: all)."""
+        raise NotImplementedError
+
+    def validation_domains(self) -> list[str] | None:
+        """Domains whose validation users pick the checkpoint (None: all)."""
+        return self.train_domains()
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.max_len
+
+    def describe(self) -> str:
+        """One line for the log before training."""
+        return ""
+
+    def batches(self) -> SequenceBatches:
+        t = self.train
+        return training_batches(self.data, self.train_domains(), self.max_len, t.micro_batch_size, t.seed,
+                                t.window_stride)
+
+    def loss(self, model, inputs) -> LossTerms:
+        return LossTerms(model(**inputs).loss)
+
+    def validate(self, engine: Engine) -> Validation:
+        domains = self.validation_domains()
+        opts = EvalOptions(split="valid", domains=domains, batch_size=self.train.eval_batch_size, max_len=self.max_len)
+        scorer = model_scorer(engine.model)
+        with torch.no_grad():
+            details = sharded_evaluate(self.data, self.data.eval_set("valid", domains), scorer, opts, engine.device)
+            tracked = {}
+            if self.train.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
+                test = sharded_evaluate(self.data, self.data.eval_set("test", domains), scorer,
+                                        replace(opts, split="test"), engine.device)["overall"]
+                tracked = {"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]}
+        overall = details["overall"]
+        return Validation(metrics={"ndcg@10": overall["ndcg@10"], "hr@10": overall["hr@10"]},
+                          tracked=tracked, details=details)
+
+
+def run_stage(task: RecommenderTask, out: str | Path, log=print) -> dict:
+    """config -> data -> task (given) -> engine -> model -> fit -> final evaluation -> metrics.json.
+
+    The final record is computed on the main rank from the saved model, reloaded in one plain
+    process, and every rank gets it back."""
+    engine = Engine(task.train, out, hidden_size=task.hidden_size, log=log)
+    engine.build_model(task)
+    line = task.describe()
+    if line:
+        engine.log(line)
+    result = engine.fit(task)
+
+    def final():
+        record = task.final_record(engine, result)
+        write_metrics(out, record)
+        t = record["test"]
+        log(f"{record['stage']}{'' if record['method'] == record['stage'] else ' ' + record['method']}"
+            f"{' ' + record['domain'] if record['domain'] else ''} done: "
+            f"test ndcg@10={t['ndcg@10']:.4f} hr@10={t['hr@10']:.4f} (best step {result.best_step} of "
+            f"{result.steps}, {record['params']['trainable']:,} trainable parameters) -> {out}")
+        return record
+
+    return on_main(final)
 
 
 def training_batches(data: PreparedData, domains, max_len: int, micro_batch: int, seed: int,
                      stride: int = 0) -> SequenceBatches:
     seq, usable = data.train_sequences(domains)
     if len(seq) == 0:
-        from ..errors import InputError
         raise InputError(f"no training sequences in domain(s) {domains}", path=str(data.path), field="--domains")
     return SequenceBatches(data, make_windows(seq, usable, max_len, stride), max_len, micro_batch, seed)
-
-
-def model_scorer(model):
-    """Scorer over a (possibly DeepSpeed-wrapped) model: a plain forward call with return_scores."""
-    def score(hist: torch.Tensor, doms: torch.Tensor) -> torch.Tensor:
-        return model(input_ids=hist, domain_ids=doms, return_scores=True)
-    return score
-
-
-def validate_in_training(engine, model, data: PreparedData, domains, max_len: int) -> dict:
-    opts = EvalOptions(split="valid", domains=domains, batch_size=engine.cfg.eval_batch_size, max_len=max_len)
-    with torch.no_grad():
-        metrics = sharded_evaluate(data, data.eval_set("valid", domains), model_scorer(model), opts, engine.device)
-        if engine.cfg.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
-            metrics["test_overall"] = sharded_evaluate(data, data.eval_set("test", domains), model_scorer(model),
-                                                       replace(opts, split="test"), engine.device)["overall"]
-    return metrics
 
 
 def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size: int = 1024,
@@ -50,11 +120,6 @@ def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size:
             for split in ("valid", "test")}
 
 
-def param_counts(model) -> dict:
-    return {"total": sum(p.numel() for p in model.parameters()),
-            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-
-
 def on_main(fn, *args, **kwargs):
     """Run ``fn`` on the real main rank; everyone gets its result (via broadcast)."""
     out = fn(*args, **kwargs) if dist_info.is_main() else None
@@ -62,6 +127,7 @@ def on_main(fn, *args, **kwargs):
 
 
 def resolve_domains(domains) -> list[str] | None:
+    """``None``/``all``/``"a,b"``/``[a, b]`` -> a list of names, or None for every domain."""
     if domains is None or domains == "all" or domains == ["all"]:
         return None
     if isinstance(domains, str):

@@ -9,7 +9,6 @@ The teacher is frozen, in eval mode, and outside the optimizer: it never holds o
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,17 +19,17 @@ from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..engine.config import TrainConfig
-from ..engine.trainer import Engine
+from ..engine.task import LossTerms
 from ..errors import InputError
-from ..evaluation.record import metrics_record, write_metrics
+from ..evaluation.record import metrics_record
+from ..export.loading import load_model
 from ..export.vocab import write_vocab
 from ..models.config import CrossRecConfig
-from ..models.loading import load_model
 from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
-from ..models.presets import PRESETS
-from .common import (evaluate_model, on_main, param_counts, seed_everything, training_batches,
-                     validate_in_training)
+from ..models.sizing import param_counts
+from .common import RecommenderTask, evaluate_model, seed_everything, run_stage
+from .pretrain import check_preset, model_config
 
 
 @dataclass
@@ -81,59 +80,76 @@ def pca_projection(weight: torch.Tensor, dim: int) -> torch.Tensor:
     return proj * (0.02 / proj[1:].std().clamp_min(1e-8))
 
 
-class DistillTask:
+class DistillTask(RecommenderTask):
     def __init__(self, cfg: DistillConfig, data: PreparedData, teacher_dir: str, adapter: str | None, domain: str):
         if not 0.0 <= cfg.alpha <= 1.0:
             raise InputError("alpha must be in [0, 1]", field="alpha")
-        if cfg.preset not in PRESETS:
-            raise InputError(f"unknown preset {cfg.preset!r}", field="preset")
+        if not cfg.temperature > 0:
+            raise InputError("temperature must be > 0", field="temperature")
+        check_preset(cfg.preset, cfg.model)
         for name, allowed in (("transfer", ("all", "target")), ("select_on", ("transfer", "target"))):
             if getattr(cfg, name) not in allowed:
                 raise InputError(f"{name} must be one of {', '.join(allowed)}", field=name)
-        self.cfg, self.data, self.domain = cfg, data, domain
+        self.cfg, self.train, self.data, self.domain = cfg, cfg.train, data, domain
+        self.teacher_dir, self.adapter = str(teacher_dir), adapter
         self.name = f"distill-{domain}"
         data.domain_codes([domain])
         seed_everything(cfg.train.seed)
-        teacher = load_model(teacher_dir, adapter)
+        teacher = load_model(teacher_dir, adapter)   # before the engine: the teacher is never partitioned
         if hasattr(teacher, "merge_and_unload"):
             teacher = teacher.merge_and_unload()  # serving-equivalent teacher, one plain module
         self.teacher = teacher.eval().requires_grad_(False)
         tcfg: CrossRecConfig = self.teacher.config
         if tcfg.num_items != data.num_items:
             raise InputError(f"teacher has {tcfg.num_items} items, the dataset {data.num_items}", path=teacher_dir)
-        scfg = CrossRecConfig(**{**PRESETS[cfg.preset], **cfg.model, "num_items": tcfg.num_items,
-                                 "num_domains": tcfg.num_domains, "domain_names": tcfg.domain_names,
-                                 "pretrain_domains": tcfg.pretrain_domains,
-                                 "use_domain_embedding": tcfg.use_domain_embedding,
-                                 "max_len": tcfg.max_len})
-        student = CrossRecModel(scfg)
-        if cfg.init_from_teacher:
-            with torch.no_grad():
-                student.item_embeddings.weight.copy_(pca_projection(self.teacher.item_weight(), scfg.hidden_size))
-        self.model = StudentWithProjection(student, tcfg.hidden_size)
-        self.max_len = scfg.max_len
+        self.student_config = model_config(cfg.preset, cfg.model, num_items=tcfg.num_items,
+                                           num_domains=tcfg.num_domains, domain_names=tcfg.domain_names,
+                                           pretrain_domains=tcfg.pretrain_domains,
+                                           use_domain_embedding=tcfg.use_domain_embedding, max_len=tcfg.max_len)
+        self.max_len, self.hidden_size = self.student_config.max_len, self.student_config.hidden_size
         self.default_lr = 2e-3
 
-    def batches(self):
+    def build_model(self, engine):
+        model = engine.construct(lambda: StudentWithProjection(CrossRecModel(self.student_config),
+                                                               self.teacher.config.hidden_size))
+        if self.cfg.init_from_teacher:
+            table = model.student.item_embeddings.weight
+            with engine.gathered([table], modifier_rank=0), torch.no_grad():
+                if table.numel():
+                    table.copy_(pca_projection(self.teacher.item_weight(), self.hidden_size))
+        self.params = param_counts(model.student)
+        self.teacher_params = param_counts(self.teacher)
+        return model
+
+    def describe(self) -> str:
+        return (f"distill {self.domain}: student {self.params['total']:,} params = "
+                f"{self.params['total'] / self.teacher_params['total']:.1%} of the teacher's "
+                f"{self.teacher_params['total']:,}")
+
+    def train_domains(self):
         """The transfer set: KD needs inputs, not the target's labels, so by default the student also
         learns the regional teacher's behaviour on every other domain's sequences (small regions alone
         starve a student); ``transfer: target`` restricts it to the region."""
-        t = self.cfg.train
-        domains = self._transfer_domains()
-        return training_batches(self.data, domains, self.max_len, t.micro_batch_size, t.seed, t.window_stride)
+        return None if self.cfg.transfer == "all" else [self.domain]
 
-    def loss(self, model, batch):
+    def validation_domains(self):
+        """``select_on: transfer`` selects on the transfer set's validation users: a small region's own
+        (56-96 users on ML-100K) swing by +-0.02 NDCG@10 between epochs, so checkpoints picked on
+        them are partly picked by noise. The reported metrics are always the region's own."""
+        return self.train_domains() if self.cfg.select_on == "transfer" else [self.domain]
+
+    def loss(self, model, inputs) -> LossTerms:
         cfg = self.cfg
-        labels = batch["labels"]
+        labels = inputs["labels"]
         mask = labels > 0
-        h_s = model(input_ids=batch["input_ids"], domain_ids=batch["domain_ids"])[mask]
+        h_s = model(input_ids=inputs["input_ids"], domain_ids=inputs["domain_ids"])[mask]
         core = model.module if hasattr(model, "module") else model
         if cfg.alpha >= 1.0 and cfg.feature_weight <= 0:
             # no teacher term: the student's own next-item loss, without the teacher's forward pass
-            return full_softmax(h_s, core.student.item_weight(), labels[mask])
+            return LossTerms(full_softmax(h_s, core.student.item_weight(), labels[mask]))
         with torch.no_grad():
             self.teacher.to(h_s.device)
-            h_t = self.teacher.encode(batch["input_ids"], batch["domain_ids"])[mask]
+            h_t = self.teacher.encode(inputs["input_ids"], inputs["domain_ids"])[mask]
         w_s = core.student.item_weight()
         w_t = self.teacher.item_weight()
         y = labels[mask]
@@ -157,17 +173,7 @@ class DistillTask:
         loss = distillation_loss(s_logits, t_logits, target, cfg.alpha, cfg.temperature)
         if cfg.feature_weight > 0:
             loss = loss + cfg.feature_weight * ((core.projection(h_s) - h_t) ** 2).mean()
-        return loss
-
-    def validate(self, engine):
-        """``select_on: transfer`` selects on the transfer set's validation users: a small region's own
-        (56-96 users on ML-100K) swing by +-0.02 NDCG@10 between epochs, so checkpoints picked on
-        them are partly picked by noise. The reported metrics are always the region's own."""
-        domains = self._transfer_domains() if self.cfg.select_on == "transfer" else [self.domain]
-        return validate_in_training(engine, engine.model, self.data, domains, self.max_len)
-
-    def _transfer_domains(self):
-        return None if self.cfg.transfer == "all" else [self.domain]
+        return LossTerms(loss)
 
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if not engine.is_main:
@@ -179,35 +185,23 @@ class DistillTask:
         core.student.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
         write_vocab(self.data, out_dir)
 
+    def final_record(self, engine, result) -> dict:
+        student = CrossRecModel.from_pretrained(engine.out_dir, use_safetensors=True)
+        ev = evaluate_model(student, self.data, [self.domain], self.max_len, self.train.eval_batch_size)
+        tev = evaluate_model(self.teacher, self.data, [self.domain], self.max_len, self.train.eval_batch_size)
+        return metrics_record(
+            stage="distill", domain=self.domain, method="kd" if self.cfg.alpha < 1 else "ce", params=self.params,
+            valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
+            in_training_valid=result.best_valid.get("overall", {}), history=result.history,
+            teacher={"model": self.teacher_dir, "adapter": self.adapter, "params": self.teacher_params,
+                     "valid": tev["valid"]["overall"], "test": tev["test"]["overall"]},
+            kept_test_ndcg=ev["test"]["overall"]["ndcg@10"] / max(tev["test"]["overall"]["ndcg@10"], 1e-12),
+            config=asdict(self.cfg), world_size=dist_info.world_size())
+
 
 def run_distill(cfg: DistillConfig, teacher: str, adapter: str | None, data_dir: str, domain: str, out: str,
                 log=print) -> dict:
-    data = PreparedData(data_dir)
-    task = DistillTask(cfg, data, teacher, adapter, domain)
-    engine = Engine(cfg.train, out, hidden_size=task.model.config.hidden_size, log=log)
-    s_params, t_params = param_counts(task.model.student), param_counts(task.teacher)
-    engine.log(f"distill {domain}: student {s_params['total']:,} params = "
-               f"{s_params['total'] / t_params['total']:.1%} of the teacher's {t_params['total']:,}")
-    result = engine.fit(task)
-
-    def final_eval():
-        student = CrossRecModel.from_pretrained(out, use_safetensors=True)
-        ev = evaluate_model(student, data, [domain], task.max_len, cfg.train.eval_batch_size)
-        tev = evaluate_model(task.teacher, data, [domain], task.max_len, cfg.train.eval_batch_size)
-        record = metrics_record(
-            stage="distill", domain=domain, method="kd" if cfg.alpha < 1 else "ce", params=s_params,
-            valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
-            in_training_valid=result.best_valid.get("overall", {}), history=result.history,
-            teacher={"model": str(teacher), "adapter": adapter, "params": t_params,
-                     "valid": tev["valid"]["overall"], "test": tev["test"]["overall"]},
-            kept_test_ndcg=ev["test"]["overall"]["ndcg@10"] / max(tev["test"]["overall"]["ndcg@10"], 1e-12),
-            config=asdict(cfg), world_size=dist_info.world_size())
-        write_metrics(out, record)
-        log(f"distill {domain}: student test ndcg@10={record['test']['ndcg@10']:.4f} vs teacher "
-            f"{tev['test']['overall']['ndcg@10']:.4f} ({s_params['total']:,} vs {t_params['total']:,} params) -> {out}")
-        return record
-
-    return on_main(final_eval)
+    return run_stage(DistillTask(cfg, PreparedData(data_dir), teacher, adapter, domain), out, log=log)
 
 
 def load_distill_config(path, preset, overrides):

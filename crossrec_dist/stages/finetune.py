@@ -19,15 +19,17 @@ from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..engine.config import TrainConfig
+from ..engine.task import LossTerms
 from ..engine.trainer import Engine
 from ..errors import InputError
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.adapters import apply_adapter
 from ..export.fingerprint import FILE as ADAPTER_INFO, base_fingerprint
 from ..export.vocab import write_vocab
+from ..models.loading import load_model_config
 from ..models.model import CrossRecModel
-from .common import (evaluate_model, on_main, param_counts, seed_everything, training_batches,
-                     validate_in_training)
+from ..models.sizing import param_counts
+from .common import RecommenderTask, evaluate_model, on_main, run_stage, seed_everything
 
 METHODS = ("lora", "adalora", "full", "head", "l2sp", "scratch", "none")
 PEFT_METHODS = ("lora", "adalora")
@@ -71,39 +73,45 @@ def new_item_indices(data: PreparedData, source_domains, target: str) -> list[in
     return np.flatnonzero((tgt > 0) & (src == 0)).tolist()
 
 
-class FinetuneTask:
+class FinetuneTask(RecommenderTask):
     def __init__(self, cfg: FinetuneConfig, data: PreparedData, base_dir: str, domain: str):
         if cfg.method not in METHODS:
             raise InputError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}", field="--method")
-        self.cfg, self.data, self.base_dir, self.domain = cfg, data, str(base_dir), domain
+        self.cfg, self.train, self.data, self.base_dir, self.domain = cfg, cfg.train, data, str(base_dir), domain
         self.name = f"finetune-{cfg.method}-{domain}"
         data.domain_codes([domain])
-        seed_everything(cfg.train.seed)
-        base = CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
-        if base.config.num_items != data.num_items:
-            raise InputError(f"base model has {base.config.num_items} items but the dataset has {data.num_items}; "
-                             "prepare the target data with the same vocabulary", path=str(base_dir))
-        self.max_len = base.config.max_len
+        self.base_config = load_model_config(base_dir)
+        if self.base_config.num_items != data.num_items:
+            raise InputError(f"base model has {self.base_config.num_items} items but the dataset has "
+                             f"{data.num_items}; prepare the target data with the same vocabulary", path=str(base_dir))
+        self.max_len, self.hidden_size = self.base_config.max_len, self.base_config.hidden_size
         self.default_lr = DEFAULT_LR.get(cfg.method, 1e-3)
-        self.new_items = new_item_indices(data, base.config.pretrain_domains, domain)
+        self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain)
         self.fingerprint = base_fingerprint(base_dir)
-        if cfg.method == "scratch":
-            base = CrossRecModel(base.config)   # same architecture, fresh weights
-        self.model = self._prepare(base)
         self.anchor = None
-        if cfg.method == "l2sp":
-            self.anchor = [p.detach().clone() for p in self.model.parameters()]
 
-    def _total_steps(self) -> int:
-        t = self.cfg.train
-        if t.max_steps:
-            return t.max_steps
-        world = dist_info.world_size()
-        return max(1, t.epochs * (self.batches().num_batches(world) // t.grad_accum))
+    def train_domains(self):
+        return [self.domain]
 
-    def _prepare(self, base: CrossRecModel):
+    def build_model(self, engine):
+        check_engine_support(self.cfg, engine)
+        seed_everything(self.train.seed)
+        if self.cfg.method == "scratch":   # same architecture, fresh weights
+            model = engine.construct(lambda: CrossRecModel(self.base_config))
+        else:
+            model = self._adapt(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True), engine)
+        if self.cfg.method == "l2sp":
+            self.anchor = [p.detach().clone() for p in model.parameters()]
+        self.params = param_counts(model)
+        return model
+
+    def describe(self) -> str:
+        return (f"finetune {self.cfg.method} on {self.domain}: {self.params['trainable']:,} of "
+                f"{self.params['total']:,} parameters trainable, {len(self.new_items)} item(s) new to the target")
+
+    def _adapt(self, base: CrossRecModel, engine):
         m, method = self.cfg, self.cfg.method
-        if method in ("full", "l2sp", "scratch", "none"):
+        if method in ("full", "l2sp"):
             return base
         if method == "head":
             for name, p in base.named_parameters():
@@ -115,7 +123,7 @@ class FinetuneTask:
             pc = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                             target_modules=m.lora.target_modules, trainable_token_indices=tokens)
         else:
-            total = self._total_steps()
+            total = engine.plan(self.batches()).total_updates   # the engine's own arithmetic
             a = m.adalora
             tinit, tfinal = int(a.tinit_ratio * total), int(a.tfinal_ratio * total)
             if tinit + tfinal >= total:
@@ -127,20 +135,15 @@ class FinetuneTask:
                                trainable_token_indices=tokens)
         return get_peft_model(base, pc)
 
-    def batches(self):
-        t = self.cfg.train
-        return training_batches(self.data, [self.domain], self.max_len, t.micro_batch_size, t.seed, t.window_stride)
-
-    def loss(self, model, batch):
-        out = model(**batch)
-        loss = out.loss
+    def loss(self, model, inputs) -> LossTerms:
+        penalty = 0.0
         if self.cfg.method == "adalora":
             # AdaLoRA's orthogonality regulariser lives in PeftModel's forward for causal LMs only.
-            loss = loss + self._orth_reg(model)
+            penalty = self._orth_reg(model)
         if self.anchor is not None:
-            penalty = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), self.anchor))
-            loss = loss + self.cfg.l2sp_weight * penalty
-        return loss
+            penalty = penalty + self.cfg.l2sp_weight * sum(((p - a) ** 2).sum()
+                                                           for p, a in zip(model.parameters(), self.anchor))
+        return LossTerms(model(**inputs).loss, penalty)
 
     def _orth_reg(self, model):
         w = self.cfg.adalora.orth_reg_weight
@@ -160,9 +163,6 @@ class FinetuneTask:
             peft_model = model.module if hasattr(model, "module") else model
             peft_model.base_model.update_and_allocate(step)
 
-    def validate(self, engine):
-        return validate_in_training(engine, engine.model, self.data, [self.domain], self.max_len)
-
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if not engine.is_main:
             return
@@ -175,6 +175,19 @@ class FinetuneTask:
             (out_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
         else:
             write_vocab(self.data, out_dir)
+
+    def final_record(self, engine, result) -> dict:
+        model = load_finetuned(engine.out_dir, self.base_dir, self.cfg.method)
+        ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size)
+        extra = {"rank_pattern": _rank_summary(model)} if self.cfg.method == "adalora" else {}
+        return metrics_record(
+            stage="finetune", domain=self.domain, method=self.cfg.method, params=self.params,
+            valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
+            in_training_valid=result.best_valid.get("overall", {}), history=result.history,
+            new_items=len(self.new_items), base=str(Path(self.base_dir).resolve()), lr=engine.lr,
+            base_fingerprint=self.fingerprint, config=_jsonable(asdict(self.cfg)),
+            world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
+            grad_accum=engine.settings.grad_accum, **extra)
 
 
 def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:
@@ -195,36 +208,9 @@ def load_finetuned(out_dir: Path, base_dir: str, method: str):
 
 def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str, out: str, log=print) -> dict:
     data = data_dir if isinstance(data_dir, PreparedData) else PreparedData(data_dir)
-    out = Path(out)
     if cfg.method == "none":
-        return on_main(_zero_shot, cfg, base_dir, data, domain, out, log)
-    task = FinetuneTask(cfg, data, base_dir, domain)
-    engine = Engine(cfg.train, out, hidden_size=task.model.config.hidden_size, log=log)
-    check_engine_support(cfg, engine)
-    params = param_counts(task.model)
-    engine.log(f"finetune {cfg.method} on {domain}: {params['trainable']:,} of {params['total']:,} parameters "
-               f"trainable, {len(task.new_items)} item(s) new to the target")
-    result = engine.fit(task)
-
-    def final_eval():
-        model = load_finetuned(out, base_dir, cfg.method)
-        ev = evaluate_model(model, data, [domain], task.max_len, cfg.train.eval_batch_size)
-        extra = {}
-        if cfg.method == "adalora":
-            extra["rank_pattern"] = _rank_summary(model)
-        record = metrics_record(
-            stage="finetune", domain=domain, method=cfg.method, params=params,
-            valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
-            in_training_valid=result.best_valid.get("overall", {}), history=result.history,
-            new_items=len(task.new_items), base=str(Path(base_dir).resolve()), lr=engine.lr,
-            base_fingerprint=base_fingerprint(base_dir), config=_jsonable(asdict(cfg)),
-            world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None, **extra)
-        write_metrics(out, record)
-        log(f"finetune {cfg.method} {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} "
-            f"({params['trainable']:,} trainable) -> {out}")
-        return record
-
-    return on_main(final_eval)
+        return on_main(_zero_shot, cfg, base_dir, data, domain, Path(out), log)
+    return run_stage(FinetuneTask(cfg, data, base_dir, domain), out, log=log)
 
 
 def _zero_shot(cfg, base_dir, data, domain, out, log):

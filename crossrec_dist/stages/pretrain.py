@@ -3,21 +3,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..engine.config import TrainConfig
-from ..engine.trainer import Engine
 from ..errors import InputError
-from ..evaluation.record import metrics_record, write_metrics
+from ..evaluation.record import metrics_record
+from ..export.vocab import write_vocab
 from ..models.config import CrossRecConfig
 from ..models.model import CrossRecModel
 from ..models.presets import PRESETS
-from ..export.vocab import write_vocab
-from .common import (evaluate_model, on_main, param_counts, resolve_domains, seed_everything,
-                     training_batches, validate_in_training)
+from ..models.sizing import param_counts
+from .common import RecommenderTask, evaluate_model, resolve_domains, run_stage, seed_everything
 
 
 @dataclass
@@ -28,84 +26,87 @@ class PretrainConfig:
     domains: list[str] | None = None              # source domains; None = all
 
 
-class PretrainTask:
+def check_preset(preset: str, overrides: dict, field_prefix: str = "") -> None:
+    """The preset exists and every model override is a CrossRecConfig option."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", field=field_prefix + "preset")
+    bad = sorted(set(overrides) - set(CrossRecConfig().to_dict()))
+    if bad:
+        raise InputError(f"unknown model option(s) {bad}", field=f"{field_prefix}model.{bad[0]}")
+
+
+def model_config(preset: str, overrides: dict, **fixed) -> CrossRecConfig:
+    """Preset <- overrides <- fixed (data-derived) values; a bad value names its model.* key."""
+    check_preset(preset, overrides)
+    try:
+        return CrossRecConfig(**{**PRESETS[preset], **overrides, **fixed})
+    except (TypeError, ValueError) as e:
+        raise InputError(f"bad model option: {e}", field="model") from None
+
+
+class PretrainTask(RecommenderTask):
     name = "pretrain"
 
     def __init__(self, cfg: PretrainConfig, data: PreparedData):
-        self.cfg, self.data = cfg, data
+        self.cfg, self.train, self.data = cfg, cfg.train, data
         self.domains = resolve_domains(cfg.domains)
         data.domain_codes(self.domains)
-        if cfg.preset not in PRESETS:
-            raise InputError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}", field="preset")
-        known = set(CrossRecConfig().to_dict())
-        bad = sorted(set(cfg.model) - known)
-        if bad:
-            raise InputError(f"unknown model option(s) {bad}", field=f"model.{bad[0]}")
-        self.model_config = CrossRecConfig(**{**PRESETS[cfg.preset], **cfg.model, "num_items": data.num_items,
-                                              "num_domains": len(data.domain_names),
-                                              "domain_names": data.domain_names,
-                                              "pretrain_domains": self.domains or data.domain_names})
-        self.max_len = self.model_config.max_len
-        seed_everything(cfg.train.seed)
-        self.model = CrossRecModel(self.model_config)
+        self.model_config = model_config(cfg.preset, cfg.model, num_items=data.num_items,
+                                         num_domains=len(data.domain_names), domain_names=data.domain_names,
+                                         pretrain_domains=self.domains or data.domain_names)
+        self.max_len, self.hidden_size = self.model_config.max_len, self.model_config.hidden_size
+
+    def train_domains(self):
+        return self.domains
+
+    def new_model(self) -> CrossRecModel:
+        """A freshly initialised model of this task (plain; the engine may build it partitioned)."""
+        seed_everything(self.train.seed)
+        return CrossRecModel(self.model_config)
+
+    def build_model(self, engine):
         from ..engine.flops import flops_per_token
-        body = sum(p.numel() for p in self.model.backbone.parameters())
+        model = engine.construct(self.new_model)
+        self.params = param_counts(model)
+        body = param_counts(model.backbone)["total"]
         cands = self.model_config.num_negatives if self.model_config.loss == "sampled" else None
         self.flops_per_token = flops_per_token(self.model_config, body, cands)
+        return model
 
-    def batches(self):
-        t = self.cfg.train
-        return training_batches(self.data, self.domains, self.max_len, t.micro_batch_size, t.seed, t.window_stride)
+    def describe(self) -> str:
+        return (f"model: preset {self.cfg.preset}, {self.params['total']:,} parameters, {self.data.num_items:,} items, "
+                f"domains {self.domains or 'all'}")
 
-    def loss(self, model, batch):
-        return model(**batch).loss
-
-    def validate(self, engine):
-        return validate_in_training(engine, engine.model, self.data, self.domains, self.max_len)
-
-    def save(self, engine, state_dict, out_dir: Path) -> None:
+    def save(self, engine, state_dict, out_dir) -> None:
         if engine.is_main:
             engine.unwrapped(engine.model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             write_vocab(self.data, out_dir)
 
-
-def run_pretrain(cfg: PretrainConfig, data_dir: str, out: str, log=print) -> dict:
-    data = PreparedData(data_dir)
-    task = PretrainTask(cfg, data)
-    engine = Engine(cfg.train, out, hidden_size=task.model_config.hidden_size, log=log)
-    params = param_counts(task.model)
-    engine.log(f"model: preset {cfg.preset}, {params['total']:,} parameters, {data.num_items:,} items, "
-               f"domains {task.domains or 'all'}")
-    result = engine.fit(task)
-
-    def final_eval():
-        model = CrossRecModel.from_pretrained(out)  # the consolidated best model, in one process
+    def final_record(self, engine, result) -> dict:
+        model = CrossRecModel.from_pretrained(engine.out_dir)  # the consolidated best model, in one process
         t0 = time.perf_counter()
-        ev = evaluate_model(model, data, task.domains, task.max_len, cfg.train.eval_batch_size)
-        record = metrics_record(
-            stage="pretrain", domain=None, method="pretrain", params=params,
+        ev = evaluate_model(model, self.data, self.domains, self.max_len, self.train.eval_batch_size)
+        return metrics_record(
+            stage="pretrain", domain=None, method="pretrain", params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], per_domain=ev["test"]["per_domain"],
             train=result.train_record(), in_training_valid=result.best_valid.get("overall", {}),
-            history=result.history, preset=cfg.preset, domains=task.domains,
-            config={"model": task.model_config.to_diff_dict(), "train": asdict(cfg.train)},
+            history=result.history, preset=self.cfg.preset, domains=self.domains,
+            config={"model": self.model_config.to_diff_dict(), "train": asdict(self.train)},
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
+            zero3_init=engine.settings.zero3_init, grad_accum=engine.settings.grad_accum,
             eval_seconds=round(time.perf_counter() - t0, 3))
-        write_metrics(out, record)
-        t = record["test"]
-        log(f"pretrain done: test ndcg@10={t['ndcg@10']:.4f} hr@10={t['hr@10']:.4f} "
-            f"({result.steps} steps, {result.train_record()['samples_per_second']} samples/s) -> {out}")
-        return record
 
-    return on_main(final_eval)
+
+def run_pretrain(cfg: PretrainConfig, data_dir: str, out: str, log=print) -> dict:
+    return run_stage(PretrainTask(cfg, PreparedData(data_dir)), out, log=log)
 
 
 def load_pretrain_config(path: str | None, preset: str | None, overrides: list[str], domains: str | None):
-    base = {}
-    if preset:
-        base["preset"] = preset
+    base = {"preset": preset} if preset else {}
     cfg = load_config(PretrainConfig, path, overrides, base=base)
     if preset:
         cfg.preset = preset  # the command line wins over the file
     if domains:
         cfg.domains = resolve_domains(domains)
+    check_preset(cfg.preset, cfg.model)
     return cfg

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..data.prepared import PreparedData
+from ..engine.task import MicroBatch
+from .prepared import PreparedData
 
 
 @dataclass
@@ -46,7 +47,9 @@ def window_tensors(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len
 
 
 class SequenceBatches:
-    """Per-rank micro-batches of one epoch: global batch = micro_batch * world, same count on all ranks."""
+    """Per-rank micro-batches of one epoch: global batch = micro_batch * world, same count on all ranks.
+    Each micro-batch's weight is its number of next-item targets (labels > 0), so the engine can
+    average the loss over every target of an optimizer update exactly."""
 
     def __init__(self, data: PreparedData, windows: Windows, max_len: int, micro_batch: int, seed: int,
                  domain_of_seq: np.ndarray | None = None):
@@ -62,7 +65,7 @@ class SequenceBatches:
         for b in range(skip, self.num_batches(world)):
             chunk = order[b * g:(b + 1) * g]
             mine = chunk[rank::world]
-            batch = window_tensors(self.data, self.windows.seq[mine], self.windows.end[mine], self.max_len,
-                                   self.domain_of_seq)
-            batch["sample_ids"] = torch.from_numpy(mine.astype(np.int64))  # which windows this rank saw
-            yield batch
+            inputs = window_tensors(self.data, self.windows.seq[mine], self.windows.end[mine], self.max_len,
+                                    self.domain_of_seq)
+            yield MicroBatch(inputs=inputs, weight=int((inputs["labels"] > 0).sum()), samples=len(mine),
+                             sample_ids=torch.from_numpy(mine.astype(np.int64)))

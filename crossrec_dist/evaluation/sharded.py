@@ -10,8 +10,8 @@ import numpy as np
 import torch
 
 from ..data.prepared import EvalSet, PreparedData
-from ..evaluation.evaluator import EvalOptions, rank_eval_set, summarize_ranks
-from . import distributed as dist_info
+from ..engine import distributed as dist_info
+from .evaluator import EvalOptions, rank_eval_set, summarize_ranks
 
 
 def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions, device) -> dict:
@@ -20,7 +20,7 @@ def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions,
     mine = idx[rank::world]
     n_batches = int(np.ceil(len(idx[0::world]) / opts.batch_size)) if len(idx) else 0
     shard = EvalSet(ev.seq_index[mine], ev.hist_end[mine], ev.targets[mine], ev.domains[mine])
-    ranks = rank_eval_set(data, shard, scorer, opts, device)
+    ranks = rank_eval_set(data, shard, scorer, opts, device, show_progress=rank == 0)
     done = int(np.ceil(len(mine) / opts.batch_size))
     for _ in range(done, n_batches):  # keep collective forward passes in step across ranks
         scorer(torch.zeros(1, opts.max_len, dtype=torch.long, device=device),

@@ -1,0 +1,129 @@
+"""What a stage hands the engine: the one contract between ``engine/`` and everything that trains.
+
+The engine knows nothing about items, metrics or models beyond this file. A task declares
+
+* ``selection``: the validation metric that picks the kept checkpoint and its direction;
+* ``build_model()``: the model, built *inside* the engine's construction context (so that under
+  ZeRO-3 with ``zero3_init`` it is born partitioned and no rank ever holds all of it);
+* ``batches()``: per-rank micro-batches (:class:`Batches`), each a :class:`MicroBatch` that says how
+  many loss terms it carries, so the engine can average over every term of an optimizer update
+  exactly, whatever the micro-batch size, accumulation or number of processes;
+* ``loss(model, inputs)``: a :class:`LossTerms`;
+* ``validate(engine)``: a :class:`Validation`;
+* ``save(engine, state_dict, out_dir)``: writes the kept model;
+* hooks with no-op defaults: ``after_backward`` (AdaLoRA's budget), ``final_record`` (metrics.json).
+
+Subclass :class:`TrainTask` and override what you need; nothing is probed with ``getattr``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from .trainer import Engine, FitResult
+
+
+@dataclass
+class MicroBatch:
+    """One rank's share of one accumulation step.
+
+    Args:
+        inputs: tensors for ``TrainTask.loss`` (the engine moves them to the device).
+        weight: the number of loss terms (e.g. target tokens) in it; the engine normalises the
+            loss of an optimizer update by the sum of weights over all its micro-batches and ranks.
+        samples: rows in it, for throughput.
+        sample_ids: which training examples these rows are (only for ``train.rank_report``).
+    """
+    inputs: dict[str, torch.Tensor]
+    weight: int
+    samples: int
+    sample_ids: torch.Tensor | None = None
+
+
+class Batches(Protocol):
+    """A deterministic, resumable epoch of micro-batches for one rank."""
+
+    def num_batches(self, world: int) -> int:
+        """Micro-batches per epoch, identical on every rank."""
+
+    def epoch(self, epoch: int, rank: int, world: int, skip: int = 0) -> Iterator[MicroBatch]:
+        """The epoch's micro-batches for ``rank``, starting after the first ``skip``."""
+
+
+@dataclass
+class LossTerms:
+    """A micro-batch's loss, split by how it must be averaged.
+
+    Args:
+        mean: mean over the micro-batch's ``weight`` loss terms. The engine turns it into the
+            exact mean over the whole update (``mean * weight / total weight of the update``).
+        penalty: a term of the parameters alone (L2-SP, AdaLoRA's orthogonality), counted once
+            per optimizer update however many micro-batches it spans.
+    """
+    mean: torch.Tensor
+    penalty: torch.Tensor | float = 0.0
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which validation metric picks the kept checkpoint and drives early stopping."""
+    metric: str
+    mode: str = "max"           # max | min
+
+    def better(self, value: float, best: float | None) -> bool:
+        if best is None:
+            return True
+        return value > best if self.mode == "max" else value < best
+
+
+@dataclass
+class Validation:
+    """What a validation pass returns.
+
+    Args:
+        metrics: flat ``name -> value`` on the selection split; must include ``Selection.metric``.
+            Logged to the history as ``valid_<name>``.
+        tracked: other flat figures logged as they are (e.g. ``test_ndcg@10`` for time-to-quality
+            curves); never used for selection.
+        details: anything the stage wants back at the end (e.g. per-domain breakdowns); kept for
+            the best validation only.
+    """
+    metrics: dict[str, float]
+    tracked: dict[str, float] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+
+class TrainTask:
+    """Base class of the stages' tasks. See the module docstring for the contract."""
+
+    name: str = "task"
+    selection: Selection = Selection("loss", "min")
+    default_lr: float = 1e-3
+    tokens_per_sample: int = 1            # for tokens/s
+    flops_per_token: float | None = None  # for MFU on GPUs with a known peak
+
+    def build_model(self, engine: "Engine") -> torch.nn.Module:
+        raise NotImplementedError
+
+    def batches(self) -> Batches:
+        raise NotImplementedError
+
+    def loss(self, model, inputs: dict[str, torch.Tensor]) -> LossTerms:
+        raise NotImplementedError
+
+    def validate(self, engine: "Engine") -> Validation:
+        raise NotImplementedError
+
+    def save(self, engine: "Engine", state_dict: dict | None, out_dir: Path) -> None:
+        raise NotImplementedError
+
+    def after_backward(self, model, step: int) -> None:
+        """Called once per optimizer update, after the gradients are complete, before the step."""
+
+    def final_record(self, engine: "Engine", result: "FitResult") -> dict:
+        """The stage's metrics.json record, computed on the main rank after training."""
+        raise NotImplementedError

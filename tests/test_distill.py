@@ -38,17 +38,19 @@ def test_alpha_one_is_plain_training_and_padding_is_excluded():
 
 def test_alpha_one_task_loss_is_the_students_own_loss_and_never_runs_the_teacher(tiny_base, ml100k):
     from crossrec_dist.data.prepared import PreparedData
-    from crossrec_dist.stages.distill import DistillConfig, DistillTask
+    from crossrec_dist.models.model import CrossRecModel
+    from crossrec_dist.stages.distill import DistillConfig, DistillTask, StudentWithProjection
     cfg = DistillConfig(alpha=1.0, model={"hidden_size": 16, "intermediate_size": 32})
     task = DistillTask(cfg, PreparedData(ml100k), str(tiny_base), None, TARGET_REGIONS[0])
+    model = StudentWithProjection(CrossRecModel(task.student_config), task.teacher.config.hidden_size)
 
     def no_teacher(*_, **__):
         raise AssertionError("the teacher ran although alpha = 1 has no teacher term")
     task.teacher.encode = no_teacher
-    batch = next(task.batches().epoch(0, rank=0, world=1))
-    task.model.eval()
-    want = task.model.student(**batch).loss
-    assert task.loss(task.model, batch).item() == pytest.approx(want.item(), rel=1e-5)
+    batch = next(task.batches().epoch(0, rank=0, world=1)).inputs
+    model.eval()
+    want = model.student(**batch).loss
+    assert task.loss(model, batch).mean.item() == pytest.approx(want.item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

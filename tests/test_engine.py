@@ -21,9 +21,10 @@ def plain_run(ml100k, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("ds", ["zero1", "zero2", "zero3_offload"])
+@pytest.mark.parametrize("ds", ["zero1", "zero3_offload"])
 def test_deepspeed_configs_train_like_plain_torch(ds, plain_run, ml100k, tmp_path):
-    """One process under each ZeRO config follows the same loss curve as no DeepSpeed at all."""
+    """One process under each ZeRO config follows the same loss curve as no DeepSpeed at all
+    (ZeRO-2 and ZeRO-3 with accumulation: tests/test_launch.py)."""
     run_cli("pretrain", "--preset", "tiny", "--data", ml100k, "--out", tmp_path, "--set", "train.max_steps=4",
             "--set", f"train.deepspeed={ds}", *FAST)
     assert _losses(tmp_path) == pytest.approx(_losses(plain_run), rel=1e-4)

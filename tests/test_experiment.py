@@ -47,26 +47,27 @@ def test_rerun_skips_finished_steps(experiment):
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "launch" / "recipes").glob("*.yaml")))
 def test_every_recipe_is_a_valid_study(recipe):
-    """Recipes that cannot run here (MovieLens-1M, GPUs) are still checked: every stage config, preset,
-    model option, launch and DeepSpeed file they name must exist, so a typo fails here, not hours in."""
+    """Recipes that cannot run here (MovieLens-1M, GPUs) are still checked when loaded: every stage
+    config is typed, and presets, model options, methods, launch and DeepSpeed files must exist, so a
+    typo fails before the first step, not hours in."""
     from crossrec_dist.config import load_config
-    from crossrec_dist.experiment.recipe import Recipe
-    from crossrec_dist.models.config import CrossRecConfig
-    from crossrec_dist.models.presets import PRESETS
-    from crossrec_dist.stages.distill import DistillConfig
-    from crossrec_dist.stages.finetune import METHODS, FinetuneConfig
-    from crossrec_dist.stages.pretrain import PretrainConfig
+    from crossrec_dist.experiment.recipe import Recipe, check_recipe
 
-    r = load_config(Recipe, REPO / "launch" / "recipes" / recipe)
-    assert r.targets and set(r.methods) <= set(METHODS)
-    stages = [load_config(PretrainConfig, base=r.pretrain), load_config(FinetuneConfig, base=r.finetune)]
-    if r.distill:
-        stages.append(load_config(DistillConfig, base=r.distill))
-    model_keys = set(CrossRecConfig().to_dict())
-    for cfg in stages:
-        if hasattr(cfg, "preset"):
-            assert cfg.preset in PRESETS and set(cfg.model) <= model_keys, (recipe, cfg.preset, cfg.model)
-        if cfg.train.deepspeed:
-            assert (REPO / cfg.train.deepspeed).is_file(), cfg.train.deepspeed
-    if r.launch:
-        assert (REPO / r.launch).is_file(), r.launch
+    path = REPO / "launch" / "recipes" / recipe
+    check_recipe(load_config(Recipe, path), str(path), repo=REPO)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("pretrain.train.epoch=3", "pretrain.train.epoch"),
+    ("finetune.lora.rank=4", "finetune.lora.rank"),
+    ("methods=[lora,lorra]", "methods"),
+    ("method_overrides={lora: {train: {lr: fast}}}", "method_overrides.lora.train.lr"),
+    ("distill.model.hiden_size=8", "distill.model.hiden_size"),
+    ("pretrain.preset=huge", "pretrain.preset"),
+    ("finetune.train.deepspeed=zero9", "finetune.train.deepspeed"),
+])
+def test_a_recipe_typo_fails_before_any_step_runs(override, key, tmp_path):
+    proc = run_cli("experiment", "--config", "launch/recipes/ml100k_regions.yaml", "--out", tmp_path / "x",
+                   "--set", override, check=False)
+    assert proc.returncode == 2 and key in proc.stderr and "ml100k_regions.yaml" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "x").exists()

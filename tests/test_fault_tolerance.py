@@ -35,7 +35,7 @@ def _interrupt(args, sig, at_step):
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(f"step {at_step} "):
+        if line.startswith(f"step {at_step}/"):
             proc.send_signal(sig)
             break
     rest, _ = proc.communicate(timeout=300)

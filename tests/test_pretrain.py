@@ -81,15 +81,14 @@ def test_zero3_consolidated_model_reproduces_training_metrics(zero3_run, ml100k)
 
 
 def test_one_and_two_processes_agree_on_the_loss_curve(zero3_run, ml100k, tmp_path):
-    """Same global batch (64): 1 process x 64 vs 2 processes x 32 under ZeRO-3. Tolerance: 1% relative
-    per logged loss (ranks average their own token means, not the global token mean)."""
+    """Same global batch (64): 1 process x 64 vs 2 processes x 32 under ZeRO-3. The engine averages
+    over every target of the update on all ranks, so the curves agree to float rounding (1e-5)."""
     run_cli("pretrain", "--preset", "tiny", "--data", ml100k, "--out", tmp_path, *SHORT, *NO_DROPOUT,
             "--set", "train.micro_batch_size=64")
     one = [h["loss"] for h in json.loads((tmp_path / "metrics.json").read_text())["history"] if "loss" in h]
     two = [h["loss"] for h in json.loads((zero3_run / "metrics.json").read_text())["history"] if "loss" in h]
     assert len(one) == len(two) > 5
-    for a, b in zip(one, two):
-        assert abs(a - b) / a < 0.01, (one, two)
+    assert two == pytest.approx(one, rel=1e-5)
 
 
 def test_a_two_process_zero3_checkpoint_resumes_on_one_process(zero3_run, ml100k, tmp_path):

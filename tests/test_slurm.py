@@ -170,7 +170,7 @@ def preempted_pretrain(slurm_cluster, ml100k, tmp_path_factory):
     job = submit("pretrain.sbatch", logdir, DATA=ml100k, OUT=out, PRESET="tiny", DOMAINS=PRETRAIN_DOMAINS,
                  EXTRA_ARGS=f"--set train.max_steps={PRETRAIN_STEPS} --set train.log_every=1 "
                             f"--set train.tensorboard=false")
-    training = re.compile(r"^step \d+ epoch", re.M)
+    training = re.compile(r"^step \d+/\d+ epoch", re.M)
     deadline = time.monotonic() + JOB_TIMEOUT
     while not training.search(logs(logdir)):
         recs = jobs(job)

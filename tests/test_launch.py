@@ -1,0 +1,171 @@
+"""The engine under every launch form a user knows, checked against one plain process.
+
+All runs here have dropout off and the same global batch of 64 windows, so they must train the
+same model: 1 process x 64; 1 process x 16 x 4 accumulation steps (plain, ZeRO-2, ZeRO-3); and
+2 processes under `accelerate launch` configured (a) by an `accelerate config` YAML with a
+`deepspeed_config:` block and no JSON, (b) by `--use_deepspeed --zero_stage N` flags.
+
+Tolerances: weights 2e-5 absolute after 4 updates, logged losses 1e-5 and gradient norms 1e-4
+relative; fp32 sums in another order differ by ~1e-6. Clipping is set low (0.05, the norms are
+~0.17) so that it acts on every update: equal weights then also mean clipping saw the true norm.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import REPO, TARGET_REGIONS, run_cli
+
+STEPS = 4
+SAME_RUN = ["--preset", "tiny", "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1",
+            "--set", "train.tensorboard=false", "--set", "model.embedding_dropout=0",
+            "--set", "model.attention_dropout=0", "--set", "train.warmup_ratio=0", "--set", "train.max_grad_norm=0.05"]
+
+# What `accelerate config` writes for DeepSpeed on a CPU machine (no JSON file).
+ACCELERATE_CONFIG_YAML = """\
+compute_environment: LOCAL_MACHINE
+debug: false
+deepspeed_config:
+  gradient_accumulation_steps: {gas}
+  gradient_clipping: 0.05
+  offload_optimizer_device: {offload}
+  offload_param_device: none
+  zero3_init_flag: {init}
+  zero3_save_16bit_model: true
+  zero_stage: {stage}
+distributed_type: DEEPSPEED
+downcast_bf16: 'no'
+machine_rank: 0
+main_training_function: main
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+rdzv_backend: static
+same_network: true
+use_cpu: true
+"""
+
+
+def _history(out: Path, key: str) -> list[float]:
+    return [h[key] for h in json.loads((out / "metrics.json").read_text())["history"] if key in h]
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    a, b = load_file(ref / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 2e-5, worst
+    assert _history(out, "loss") == pytest.approx(_history(ref, "loss"), rel=1e-5)
+    assert _history(out, "grad_norm") == pytest.approx(_history(ref, "grad_norm"), rel=1e-4)
+
+
+def launch(args: list[str], *cli: str, tmp: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *args, "-m", "crossrec_dist", *map(str, cli)]
+    with open(tmp / "launch.log", "w+") as log:   # a file, not a pipe: 2 ranks' output could fill it and block
+        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                              env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        log.seek(0)
+        output = log.read()
+    assert proc.returncode == 0, output[-6000:]
+    proc.stdout = output
+    return proc
+
+
+@pytest.fixture(scope="module")
+def reference(ml100k, tmp_path_factory):
+    """One plain process, micro-batch 64, no accumulation."""
+    out = tmp_path_factory.mktemp("ref")
+    run_cli("pretrain", "--data", ml100k, "--out", out, *SAME_RUN, "--set", "train.micro_batch_size=64")
+    norms = _history(out, "grad_norm")
+    assert len(norms) == STEPS and min(norms) > 0.05    # clipping acts on every update
+    return out
+
+
+@pytest.mark.parametrize("deepspeed", [None, "zero2", "zero3"])
+def test_accumulation_is_exact(deepspeed, reference, ml100k, tmp_path):
+    """grad_accum=4 x micro 16 == grad_accum=1 x micro 64: same weights, losses and gradient norms."""
+    ds = ["--set", f"train.deepspeed={deepspeed}"] if deepspeed else []
+    run_cli("pretrain", "--data", ml100k, "--out", tmp_path, *SAME_RUN, *ds,
+            "--set", "train.micro_batch_size=16", "--set", "train.grad_accum=4")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["grad_accum"] == 4 and m["train"]["steps"] == STEPS
+    assert_same_run(tmp_path, reference)
+
+
+def test_accelerate_config_yaml_zero3_with_zero_init(reference, ml100k, tmp_path):
+    """(a) ZeRO-3, zero3_init_flag true, the YAML's 2 accumulation steps x 2 processes x micro 16."""
+    cfg = tmp_path / "accelerate.yaml"
+    cfg.write_text(ACCELERATE_CONFIG_YAML.format(gas=2, offload="none", init="true", stage=3))
+    out = tmp_path / "out"
+    proc = launch(["--config_file", str(cfg)], "pretrain", "--data", ml100k, "--out", out, *SAME_RUN,
+                  "--set", "train.micro_batch_size=16", "--set", "train.rank_report=true", tmp=tmp_path)
+    assert "zero3 (zero.Init)" in proc.stdout and "grad_accum=2" in proc.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["world_size"], m["zero_stage"], m["zero3_init"], m["grad_accum"]) == (2, 3, True, 2)
+    assert_same_run(out, reference)
+    # Built partitioned: right after construction no rank holds any parameter in full, only its half.
+    for rank in (0, 1):
+        built = json.loads((out / "ranks" / f"rank{rank}.json").read_text())["built"]
+        assert built and all(p["materialized"] == 0 and p["local"] == -(-p["full"] // 2) for p in built.values())
+
+
+def test_accelerate_config_yaml_zero2_with_cpu_offload_distills(tiny_base, ml100k, tmp_path):
+    """(a) ZeRO-2 with the optimizer offloaded to CPU, for `crossrec distill`."""
+    cfg = tmp_path / "accelerate.yaml"
+    cfg.write_text(ACCELERATE_CONFIG_YAML.format(gas=1, offload="cpu", init="false", stage=2))
+    out = tmp_path / "student"
+    launch(["--config_file", str(cfg)], "distill", "--teacher", tiny_base, "--data", ml100k,
+           "--domain", TARGET_REGIONS[0], "--out", out, "--set", "model.hidden_size=16", "--set", "train.max_steps=4",
+           "--set", "train.micro_batch_size=32", "--set", "train.tensorboard=false", tmp=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["stage"] == "distill" and m["world_size"] == 2 and m["train"]["steps"] == 4
+    assert (out / "model.safetensors").is_file()
+
+
+def test_flags_zero3_pretrain(reference, ml100k, tmp_path):
+    """(b) `--use_deepspeed --zero_stage 3` (accelerate's default: zero3_init on), micro 32 x 2 processes."""
+    out = tmp_path / "out"
+    launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "3"], "pretrain", "--data", ml100k,
+           "--out", out, *SAME_RUN, "--set", "train.micro_batch_size=32", tmp=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["world_size"], m["zero_stage"], m["zero3_init"]) == (2, 3, True)
+    assert_same_run(out, reference)
+
+
+def test_flags_zero2_finetune_with_the_launchers_accumulation(tiny_base, ml100k, tmp_path):
+    """(b) `--use_deepspeed --zero_stage 2 --gradient_accumulation_steps 2` for a LoRA fine-tune."""
+    from peft import PeftModel
+
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.models.model import CrossRecModel
+    from crossrec_dist.stages.common import evaluate_model
+    out = tmp_path / "lora"
+    launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "2"],
+           "finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[1], "--method", "lora",
+           "--out", out, "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.micro_batch_size=16",
+           "--set", "train.validate_at_start=false", "--set", "train.tensorboard=false", tmp=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["world_size"], m["zero_stage"], m["grad_accum"], m["train"]["steps"]) == (2, 2, 2, 4)
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+    model = PeftModel.from_pretrained(CrossRecModel.from_pretrained(tiny_base), str(out))
+    ev = evaluate_model(model, PreparedData(ml100k), [TARGET_REGIONS[1]], model.config.max_len)
+    assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-4)
+
+
+def test_conflicting_accumulation_values_stop_before_training(ml100k, tmp_path):
+    cfg = tmp_path / "accelerate.yaml"
+    cfg.write_text(ACCELERATE_CONFIG_YAML.format(gas=2, offload="none", init="false", stage=2))
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(cfg), "-m", "crossrec_dist",
+           "pretrain", "--data", str(ml100k), "--out", str(tmp_path / "out"), "--preset", "tiny",
+           "--set", "train.grad_accum=4"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    # each rank exits 2 with our message; the launcher then reports the failed children itself
+    assert proc.returncode != 0 and "exitcode: 2" in proc.stderr
+    assert "crossrec: error: field 'train.grad_accum'" in proc.stderr and "gradient_accumulation_steps=2" in proc.stderr
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr, proc.stderr[-3000:]

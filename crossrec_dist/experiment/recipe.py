@@ -1,7 +1,22 @@
-"""Recipe: one YAML that names the data, the source/target split, and each stage's config."""
+"""Recipe: one YAML that names the data, the source/target split, and each stage's typed config.
+
+Every section is the same dataclass the stage's own command reads (``PretrainConfig``,
+``FinetuneConfig``, ``DistillConfig``), so a typo anywhere in a recipe fails when the recipe is
+loaded, naming the key, before the first step runs. ``check_recipe`` adds the cross-field rules.
+"""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import deep_merge, from_dict
+from ..errors import InputError
+from ..stages.distill import DistillConfig
+from ..stages.finetune import METHODS, FinetuneConfig
+from ..stages.pretrain import PretrainConfig, check_preset
+
+SOURCES = ("movielens-100k", "movielens-1m", "synth")
 
 
 @dataclass
@@ -21,9 +36,65 @@ class Recipe:
     targets: list[str] = field(default_factory=list)
     sources: list[str] | None = None      # None: every domain that is not a target
     methods: list[str] = field(default_factory=lambda: ["none", "scratch", "full", "lora", "adalora"])
-    pretrain: dict = field(default_factory=dict)   # a `crossrec pretrain --config` document
-    finetune: dict = field(default_factory=dict)   # a `crossrec finetune --config` document (method set per run)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)   # the method is set per run
     method_overrides: dict = field(default_factory=dict)  # method -> finetune config overrides
-    distill: dict = field(default_factory=dict)    # a `crossrec distill --config` document; {} = skip
+    distill: DistillConfig | None = None  # None: no distillation
     distill_from: str = "lora"            # which fine-tuned teacher to distil per target
     launch: str | None = None             # accelerate config for training steps (None: one process)
+
+    def finetune_config(self, method: str) -> FinetuneConfig:
+        """The finetune section with ``method_overrides[method]`` on top."""
+        doc = deep_merge(dataclasses.asdict(self.finetune), self.method_overrides.get(method, {}) or {})
+        return from_dict(FinetuneConfig, {**doc, "method": method}, source="recipe",
+                         prefix=f"method_overrides.{method}.")
+
+
+def check_recipe(recipe: Recipe, path: str, repo: Path | None = None) -> None:
+    """Cross-field rules of a recipe; every error names the recipe file and the key."""
+    try:
+        _check(recipe, path, repo)
+    except InputError as e:
+        if e.path is not None:
+            raise
+        raise InputError(e.message, path=path, line=e.line, field=e.field) from None
+
+
+def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
+    if recipe.data.source not in SOURCES:
+        raise InputError(f"unknown data source {recipe.data.source!r}; choose one of {', '.join(SOURCES)}",
+                         path=path, field="data.source")
+    if not recipe.targets:
+        raise InputError("the recipe names no target domains", path=path, field="targets")
+    unknown = [m for m in recipe.methods if m not in METHODS]
+    if unknown or not recipe.methods:
+        raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}", path=path, field="methods")
+    for method in recipe.method_overrides:
+        if method not in recipe.methods:
+            raise InputError(f"override for method {method!r}, which the recipe does not run", path=path,
+                             field=f"method_overrides.{method}")
+    for method in recipe.methods:
+        try:
+            recipe.finetune_config(method)
+        except InputError as e:
+            raise InputError(e.message, path=path, field=e.field) from None
+    check_preset(recipe.pretrain.preset, recipe.pretrain.model, "pretrain.")
+    if recipe.distill is not None:
+        check_preset(recipe.distill.preset, recipe.distill.model, "distill.")
+        if recipe.distill_from not in recipe.methods:
+            raise InputError(f"distill_from {recipe.distill_from!r} is not among the methods {recipe.methods}",
+                             path=path, field="distill_from")
+    base = repo or Path.cwd()
+    sections = [("pretrain", recipe.pretrain.train), ("finetune", recipe.finetune.train)]
+    if recipe.distill is not None:
+        sections.append(("distill", recipe.distill.train))
+    for name, train in sections:
+        if train.deepspeed not in (None, "none", "off"):
+            from ..engine.deepspeed_config import resolve_path
+            try:
+                resolve_path(train.deepspeed)
+            except InputError:
+                raise InputError(f"DeepSpeed config {train.deepspeed!r} not found", path=path,
+                                 field=f"{name}.train.deepspeed") from None
+    if recipe.launch and not (Path(recipe.launch).is_file() or (base / recipe.launch).is_file()):
+        raise InputError(f"launch config {recipe.launch!r} not found", path=path, field="launch")

@@ -12,14 +12,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import yaml
 
 from ..config import load_config
 from ..errors import InputError, RunStopped
-from .recipe import Recipe
+from .recipe import Recipe, check_recipe
 
 
 class StepFailed(RunStopped):
@@ -57,10 +57,11 @@ class Runner:
         path = self.out / "timings.json"
         path.write_text(json.dumps(self.timings, indent=2))
 
-    def _config(self, name: str, doc: dict) -> Path:
+    def _config(self, name: str, cfg) -> Path:
+        """The step's typed config, written in full as the YAML its command reads."""
         path = self.out / "configs" / f"{name}.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
         return path
 
     def run(self) -> Path:
@@ -101,12 +102,12 @@ class Runner:
 
         for target in r.targets:
             for method in r.methods:
-                doc = _merge(r.finetune, r.method_overrides.get(method, {}))
+                doc = r.finetune_config(method)
                 dest = out / "targets" / target / method
                 self._step(f"finetune {target} {method}", dest / "metrics.json", lambda: self._cli(
                     "finetune", "--config", self._config(f"finetune_{method}", doc), "--base", base, "--data", data,
                     "--domain", target, "--method", method, "--out", dest, "--resume", "auto", train=method != "none"))
-            if r.distill:
+            if r.distill is not None:
                 self._distill(target, base, data)
         timings = {**self.timings, "all steps": round(sum(self.timings.values()), 2),
                    "this run": round(time.perf_counter() - t_all, 2)}
@@ -117,7 +118,7 @@ class Runner:
         teacher = self.out / "targets" / target / self.r.distill_from
         adapter = ["--adapter", teacher] if (teacher / "adapter_config.json").is_file() else []
         teacher_model = base if adapter else teacher
-        for kind, doc in (("student_kd", self.r.distill), ("student_ce", _merge(self.r.distill, {"alpha": 1.0}))):
+        for kind, doc in (("student_kd", self.r.distill), ("student_ce", replace(self.r.distill, alpha=1.0))):
             dest = self.out / "targets" / target / kind
             self._step(f"distill {target} {kind}", dest / "metrics.json", lambda: self._cli(
                 "distill", "--config", self._config(kind, doc), "--teacher", teacher_model, *adapter,
@@ -127,13 +128,7 @@ class Runner:
                 "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench))
 
 
-def _merge(a: dict, b: dict) -> dict:
-    from ..config import deep_merge
-    return deep_merge(a or {}, b or {})
-
-
 def run_experiment(config: str, out: str, force: bool = False, overrides=()) -> Path:
     recipe = load_config(Recipe, config, overrides)
-    if not recipe.targets:
-        raise InputError("the recipe names no target domains", path=config, field="targets")
+    check_recipe(recipe, config)
     return Runner(recipe, Path(out), force).run()

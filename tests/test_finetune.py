@@ -131,9 +131,24 @@ def test_new_target_items_get_trainable_rows(synth_data, tmp_path):
 
 
 def test_lora_under_zero3_saves_the_trained_adapter(tiny_base, ml100k, tmp_path):
-    """PITFALLS #1/#2: under ZeRO-3 an un-gathered save writes empty tensors; lora_B must move."""
-    accelerate_launch("cpu_zero3_2proc.yaml", "finetune", "--base", tiny_base, "--data", ml100k,
-                      "--domain", TARGET_REGIONS[1], "--method", "lora", "--out", tmp_path, *QUICK)
+    """PITFALLS #1/#2: under ZeRO-3 an un-gathered save writes empty tensors; lora_B must move.
+    Launched with `--use_deepspeed --zero_stage 3`, so zero3_init is on (accelerate's default) and
+    the target has new items: PEFT's trainable-token rows cannot be built on partitioned weights
+    without CUDA, so the base is loaded whole and partitioned by DeepSpeed (said in the log)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    from conftest import REPO
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
+           "--zero_stage", "3", "-m", "crossrec_dist", "finetune", "--base", str(tiny_base), "--data", str(ml100k),
+           "--domain", TARGET_REGIONS[1], "--method", "lora", "--out", str(tmp_path), *QUICK]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    if m["new_items"]:
+        assert "the base is loaded whole" in proc.stdout
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert tensors and all(t.numel() > 0 for t in tensors.values())
     assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)

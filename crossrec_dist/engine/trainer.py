@@ -186,6 +186,18 @@ class Engine:
         initialize_partitioned(model)
         return model
 
+    @contextlib.contextmanager
+    def unpartitioned(self):
+        """Inside, ``from_pretrained`` builds a whole model even under zero3_init (DeepSpeed then
+        partitions it in ``prepare``): for libraries that cannot touch partitioned parameters."""
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            if self.settings.zero3_init:
+                self.settings.plugin.set_deepspeed_weakref()
+
     def gathered(self, params, modifier_rank: int | None = 0):
         """Context in which ``params`` are whole on every rank (ZeRO-3); what ``modifier_rank``
         writes is kept. A no-op for parameters that are not partitioned."""

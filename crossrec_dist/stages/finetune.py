@@ -7,6 +7,7 @@ embedding table, which is also the output side), ``l2sp`` (full, plus lambda * |
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -99,11 +100,23 @@ class FinetuneTask(RecommenderTask):
         if self.cfg.method == "scratch":   # same architecture, fresh weights
             model = engine.construct(lambda: CrossRecModel(self.base_config))
         else:
-            model = self._adapt(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True), engine)
+            with self._load_context(engine):
+                model = self._adapt(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True), engine)
         if self.cfg.method == "l2sp":
             self.anchor = [p.detach().clone() for p in model.parameters()]
         self.params = param_counts(model)
         return model
+
+    def _load_context(self, engine):
+        """PEFT copies new-item rows out of a ZeRO-3 partitioned table with a CUDA-only gather (peft
+        0.21: "right now, only CUDA is implemented"); without CUDA the base is loaded whole and
+        DeepSpeed partitions it when the engine is prepared."""
+        rows = self.cfg.method in PEFT_METHODS and self.cfg.train_new_items and self.new_items
+        if rows and engine.settings.zero3_init and not torch.cuda.is_available():
+            engine.log("zero3_init: the base is loaded whole (PEFT's trainable-token rows need CUDA to be "
+                       "built on partitioned weights); DeepSpeed partitions it when training starts")
+            return engine.unpartitioned()
+        return contextlib.nullcontext()
 
     def describe(self) -> str:
         return (f"finetune {self.cfg.method} on {self.domain}: {self.params['trainable']:,} of "

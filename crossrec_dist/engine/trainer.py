@@ -324,7 +324,8 @@ class Engine:
                     return
 
     def _train_step(self, run: _Run, state: TrainerState, micro_batches: list[MicroBatch]):
-        """One optimizer update over ``micro_batches``: returns (update loss, grad norm) as tensors."""
+        """One optimizer update over ``micro_batches``: returns its loss and gradient norm (left on the
+        device, read at the log interval) and the samples it used on all ranks."""
         model, k, is_ds = run.model, len(micro_batches), self.ds_config is not None
         weight = torch.tensor(float(sum(mb.weight for mb in micro_batches)), device=self.device)
         if self.world > 1:
@@ -347,10 +348,9 @@ class Engine:
                     self.accelerator.backward(loss)
             update_loss += loss.detach()
         grad_norm = self._optimizer_step(run, state.step)
-        state.batch += k
-        state.samples += sum(mb.samples for mb in micro_batches) * self.world
-        state.step += 1
-        return update_loss, grad_norm, sum(mb.samples for mb in micro_batches) * self.world
+        samples = sum(mb.samples for mb in micro_batches) * self.world
+        state.batch, state.samples, state.step = state.batch + k, state.samples + samples, state.step + 1
+        return update_loss, grad_norm, samples
 
     def _optimizer_step(self, run: _Run, step: int):
         model = run.model

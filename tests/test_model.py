@@ -60,3 +60,14 @@ def test_sampled_softmax_approaches_full_softmax_with_many_negatives():
     w.requires_grad_(True)
     sampled_softmax(h, w, y, num_negatives=32).backward()
     assert w.grad.abs().sum() > 0
+
+
+def test_model_options_list_matches_the_config_signature():
+    """Configs are checked against MODEL_OPTIONS without importing transformers; it must not drift."""
+    import inspect
+
+    from crossrec_dist.models.config import CrossRecConfig
+    from crossrec_dist.models.presets import MODEL_OPTIONS
+    params = [n for n, p in inspect.signature(CrossRecConfig.__init__).parameters.items()
+              if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    assert sorted(MODEL_OPTIONS) == sorted(params)

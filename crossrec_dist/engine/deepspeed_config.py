@@ -32,8 +32,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ..errors import InputError
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -168,7 +166,11 @@ def _pick_int(what, ours_name, ours, theirs_name, theirs, default) -> int:
 def _pick_float(what, ours_name, ours, theirs_name, theirs, default) -> float:
     if theirs in (None, "auto", "none", ""):
         return ours
-    return _reconcile(what, ours_name, ours, theirs_name, float(theirs), default)
+    try:
+        theirs = float(theirs)
+    except (TypeError, ValueError):
+        raise InputError(f"{theirs_name} is not a number: {theirs!r}", field=ours_name) from None
+    return _reconcile(what, ours_name, ours, theirs_name, theirs, default)
 
 
 def _reconcile(what, ours_name, ours, theirs_name, theirs, default):
@@ -189,6 +191,7 @@ def _precision(ours: str, launcher: str, ds: str | None) -> str:
     if ours == "auto":
         if theirs:
             return theirs
+        import torch
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if theirs and theirs != ours:
         raise InputError(f"train.mixed_precision={ours} but the launcher / DeepSpeed config asks for {theirs}; "

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from ..config import deep_merge, from_dict
 from ..errors import InputError
-from ..stages.distill import DistillConfig
-from ..stages.finetune import METHODS, FinetuneConfig
-from ..stages.pretrain import PretrainConfig, check_preset
+from ..stages.configs import METHODS, DistillConfig, FinetuneConfig, PretrainConfig, check_preset
 
 SOURCES = ("movielens-100k", "movielens-1m", "synth")
 

@@ -28,3 +28,10 @@ def preset_config(name: str, **overrides):
     if name not in PRESETS:
         raise InputError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}", field="--preset")
     return CrossRecConfig(**{"num_items": DEFAULT_CATALOGUE, **PRESETS[name], **overrides})
+
+# Every option of CrossRecConfig, as data: configs are checked against it without importing
+# transformers (tests/test_model.py keeps it equal to CrossRecConfig's signature).
+MODEL_OPTIONS = ("num_items", "num_domains", "use_domain_embedding", "hidden_size", "num_layers", "num_heads",
+                 "num_kv_heads", "intermediate_size", "max_len", "embedding_dropout", "attention_dropout",
+                 "rms_norm_eps", "rope_theta", "initializer_range", "loss", "num_negatives", "domain_names",
+                 "pretrain_domains")

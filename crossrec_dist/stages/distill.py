@@ -9,7 +9,7 @@ The teacher is frozen, in eval mode, and outside the optimizer: it never holds o
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -18,7 +18,6 @@ import torch.nn as nn
 from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
-from ..engine.config import TrainConfig
 from ..engine.task import LossTerms
 from ..errors import InputError
 from ..evaluation.record import metrics_record
@@ -29,23 +28,8 @@ from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, seed_everything, run_stage
-from .pretrain import check_preset, model_config
-
-
-@dataclass
-class DistillConfig:
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)     # student CrossRecConfig overrides
-    alpha: float = 0.5                             # weight of the true-next-item CE (1 = no teacher)
-    temperature: float = 1.0
-    feature_weight: float = 0.0                   # hidden-state distillation through a learned projection
-    init_from_teacher: bool = True                # student item table = teacher's, projected (PCA)
-    top_k: int = 0                                 # >0: KL over teacher top-k + sampled items, not all items
-    num_sampled: int = 256
-    transfer: str = "all"                         # sequences the student learns from: all | target
-    select_on: str = "target"                     # validation users that pick the checkpoint and stop early:
-                                                  # target (the region's) | transfer (the transfer set's)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=8))
+from .configs import DistillConfig, check_preset
+from .pretrain import model_config
 
 
 class StudentWithProjection(nn.Module):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,6 @@ import torch
 from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
-from ..engine.config import TrainConfig
 from ..engine.task import LossTerms
 from ..engine.trainer import Engine
 from ..errors import InputError
@@ -31,41 +30,7 @@ from ..models.loading import load_model_config
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, on_main, run_stage, seed_everything
-
-METHODS = ("lora", "adalora", "full", "head", "l2sp", "scratch", "none")
-PEFT_METHODS = ("lora", "adalora")
-DEFAULT_LR = {"lora": 5e-3, "adalora": 5e-3, "head": 2e-3, "full": 5e-4, "l2sp": 5e-4, "scratch": 1e-3}
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-@dataclass
-class LoraOptions:
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-
-
-@dataclass
-class AdaLoraOptions:
-    init_r: int = 12
-    target_r: int = 4
-    tinit_ratio: float = 0.1      # share of the real step count before budget pruning starts
-    tfinal_ratio: float = 0.2     # share at the end with the final budget fixed
-    delta_t: int = 5              # steps between budget re-allocations
-    orth_reg_weight: float = 0.5
-
-
-@dataclass
-class FinetuneConfig:
-    method: str = "lora"
-    lora: LoraOptions = field(default_factory=LoraOptions)
-    adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
-    l2sp_weight: float = 0.01
-    train_new_items: bool = True  # PEFT methods: trainable rows for items new to the target domain
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=5, micro_batch_size=32,
-                                                                    validate_at_start=True))
-
+from .configs import DEFAULT_LR, METHODS, PEFT_METHODS, FinetuneConfig
 
 def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
     """Items in the target's training part that no source domain's training part contains."""

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
-from ..engine.config import TrainConfig
 from ..errors import InputError
 from ..evaluation.record import metrics_record
 from ..export.vocab import write_vocab
@@ -16,23 +15,7 @@ from ..models.model import CrossRecModel
 from ..models.presets import PRESETS
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, resolve_domains, run_stage, seed_everything
-
-
-@dataclass
-class PretrainConfig:
-    preset: str = "small"
-    model: dict = field(default_factory=dict)     # CrossRecConfig overrides (hidden_size, loss, ...)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    domains: list[str] | None = None              # source domains; None = all
-
-
-def check_preset(preset: str, overrides: dict, field_prefix: str = "") -> None:
-    """The preset exists and every model override is a CrossRecConfig option."""
-    if preset not in PRESETS:
-        raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", field=field_prefix + "preset")
-    bad = sorted(set(overrides) - set(CrossRecConfig().to_dict()))
-    if bad:
-        raise InputError(f"unknown model option(s) {bad}", field=f"{field_prefix}model.{bad[0]}")
+from .configs import PretrainConfig, check_preset
 
 
 def model_config(preset: str, overrides: dict, **fixed) -> CrossRecConfig:

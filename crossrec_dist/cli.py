@@ -32,7 +32,7 @@ def _cmd_prepare(a):
         domains=[d for d in a.domains.split(",") if d] if a.domains else None,
         min_user_interactions=a.min_user, min_item_interactions=a.min_item, split=a.split,
         temporal_valid=a.temporal_valid, temporal_test=a.temporal_test, on_bad_rows=a.on_bad_rows,
-        user_attrs=a.user_attrs, item_attrs=a.item_attrs)
+        duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs)
     if a.format == "auto":
         opts.format = _auto_format(a.input)
     prepare(a.input, a.out, opts)
@@ -50,7 +50,7 @@ def _auto_format(path):
 def _cmd_evaluate(a):
     from .evaluation.command import run_evaluate
     run_evaluate(model=a.model, adapter=a.adapter, data=a.data, domain=a.domain, out=a.out,
-                 batch_size=a.batch_size, max_len=a.max_len)
+                 batch_size=a.batch_size, max_len=a.max_len, allow_unverified_adapter=a.allow_unverified_adapter)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,11 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--temporal-valid", type=float, default=0.8, help="quantile (<=1) or time of the valid cut")
     pr.add_argument("--temporal-test", type=float, default=0.9, help="quantile (<=1) or time of the test cut")
     pr.add_argument("--on-bad-rows", default="error", choices=["error", "skip"])
+    pr.add_argument("--duplicates", default="drop", choices=["drop", "keep", "error"],
+                    help="exact repeats of a (user, item, timestamp[, domain]) row: drop them (counted in "
+                         "stats.json), keep them, or stop naming the line")
     pr.set_defaults(func=_cmd_prepare)
 
     ev = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR@K as metrics.json")
     ev.add_argument("--model", required=True, help="a model DIR, or 'popularity' for the baseline")
     ev.add_argument("--adapter", default=None)
+    ev.add_argument("--allow-unverified-adapter", action="store_true",
+                    help="apply an adapter that records no base fingerprint (made outside crossrec)")
     ev.add_argument("--data", required=True)
     ev.add_argument("--domain", default=None, help="one domain, a comma list, or all (default)")
     ev.add_argument("--out", required=True, help="metrics JSON file to write")

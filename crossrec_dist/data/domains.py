@@ -80,6 +80,6 @@ def assign_domains(log: RawLog, rule: str | None, *, other: str = "other",
         first = int(np.flatnonzero(missing)[0])
         raise InputError(f"{int(missing.sum())} interaction(s) have a {side} with no row in {table.path}, "
                          f"e.g. {side} {ids[first].as_py()!r}", path=log.source.path,
-                         line=log.source.line(first), field=side)
+                         line=log.line(first), field=side)
     values = pc.take(table.table[attr].combine_chunks(), idx)
     return _encode(_apply_rule(values, sub, other, "--domain-from"))

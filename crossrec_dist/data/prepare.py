@@ -6,7 +6,11 @@ k-core filter is repeated ``bincount``s, and the Arrow list column is built from
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +21,7 @@ import pyarrow.compute as pc
 
 from ..errors import InputError
 from .domains import assign_domains
-from .readers import Columns, read_log
+from .readers import DUPLICATES, Columns, read_log
 
 FORMAT_VERSION = 1
 
@@ -35,6 +39,7 @@ class PrepareOptions:
     temporal_valid: float = 0.8               # temporal: quantile (<= 1) or absolute time of the valid cut
     temporal_test: float = 0.9
     on_bad_rows: str = "error"
+    duplicates: str = "drop"                   # exact repeats of a (user, item, time[, domain]) row
     user_attrs: str | None = None
     item_attrs: str | None = None
 
@@ -64,14 +69,31 @@ def _split_points(lengths: np.ndarray, seq_of_row: np.ndarray, ts: np.ndarray, o
         valid_end = np.where(evaluable, lengths - 1, lengths)
         return train_end.astype(np.int32), valid_end.astype(np.int32), {"split": "loo"}
     if opts.split == "temporal":
-        def cut(v):
-            return float(np.quantile(ts, v)) if 0 <= v <= 1 else float(v)
-        t_valid, t_test = cut(opts.temporal_valid), cut(opts.temporal_test)
+        lo, hi = float(ts.min()), float(ts.max())
+
+        def cut(v, flag):
+            if not math.isfinite(v) or v < 0:
+                raise InputError(f"must be a quantile in [0, 1] or a time inside the data ({lo:g}..{hi:g}), "
+                                 f"got {v}", field=flag)
+            if v <= 1:
+                return float(np.quantile(ts, v))
+            if v <= lo:
+                raise InputError(f"time {v:g} is before every interaction (the data spans {lo:g}..{hi:g})", field=flag)
+            if v > hi:
+                raise InputError(f"time {v:g} is after every interaction (the data spans {lo:g}..{hi:g})", field=flag)
+            return float(v)
+        t_valid, t_test = cut(opts.temporal_valid, "--temporal-valid"), cut(opts.temporal_test, "--temporal-test")
         if t_test < t_valid:
             raise InputError("temporal test cut is before the valid cut", field="--temporal-test")
         n = len(lengths)
         train_end = np.bincount(seq_of_row, weights=ts < t_valid, minlength=n).astype(np.int32)
         valid_end = np.bincount(seq_of_row, weights=ts < t_test, minlength=n).astype(np.int32)
+        if not ((valid_end > train_end) & (train_end >= 1)).any():
+            raise InputError(f"no user has history before {t_valid:g} and an interaction between the cuts: "
+                             "no validation targets", field="--temporal-valid")
+        if not ((lengths > valid_end) & (valid_end >= 1)).any():
+            raise InputError(f"no user has history before {t_test:g} and an interaction after it: no test targets",
+                             field="--temporal-test")
         return train_end, valid_end, {"split": "temporal", "valid_time": t_valid, "test_time": t_test}
     raise InputError(f"unknown split {opts.split!r}; use 'loo' or 'temporal'", field="--split")
 
@@ -82,14 +104,24 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
 
     from ..progress import Phases
     t0 = time.perf_counter()
+    check_prepare_options(opts)
+    out = _check_out(Path(out))
     phases = Phases(["read", "domains", "sequences", "write"], "prepare")
     raw = read_log(input_path, opts.format, opts.columns, on_bad_rows=opts.on_bad_rows,
-                   user_attrs=opts.user_attrs, item_attrs=opts.item_attrs)
+                   user_attrs=opts.user_attrs, item_attrs=opts.item_attrs, duplicates=opts.duplicates)
     if raw.skipped:
         log(f"skipped {raw.skipped} bad row(s) of {raw.source.path} (--on-bad-rows skip)")
+    if raw.notes.get("stripped_whitespace_ids"):
+        log(f"stripped surrounding whitespace from {raw.notes['stripped_whitespace_ids']} id value(s) "
+            f"of {raw.source.path} (' u1 ' and 'u1' are one id)")
+    if raw.notes.get("duplicate_rows"):
+        verb = "dropped" if opts.duplicates == "drop" else "kept"
+        log(f"{verb} {raw.notes['duplicate_rows']} exact duplicate row(s) of {raw.source.path} "
+            f"(--duplicates {opts.duplicates})")
     phases.done("read")
     dom_code, dom_names = assign_domains(raw, opts.domain_from, other=opts.other_domain,
                                          user_key=opts.columns.user, item_key=opts.columns.item)
+    _check_domain_names(raw, dom_code, dom_names, opts)
     phases.done("domains")
     t = raw.interactions
     user_enc = pc.dictionary_encode(t["user"]).combine_chunks()
@@ -112,7 +144,8 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
     keep = wanted & _kcore(seq_id, item, seq_id.max() + 1, len(item_enc.dictionary),
                            opts.min_user_interactions, opts.min_item_interactions)
     if not keep.any():
-        raise InputError("no interactions left after filtering (check --min-user/--min-item and --domains)")
+        raise InputError("no interactions left after filtering (check --min-user/--min-item and --domains)",
+                         field="--min-user" if opts.min_user_interactions > 1 else "--min-item")
     rows = np.flatnonzero(keep)
     # Chronological order per sequence; equal timestamps keep file order (rows are in file order).
     order = rows[np.lexsort((rows, ts[rows], seq_key[rows]))]
@@ -144,11 +177,7 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
     vocab = pa.table({"item_id": pc.cast(item_enc.dictionary, pa.string()).take(pa.array(used_items))})
     phases.done("sequences")
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    datasets.Dataset(table).save_to_disk(str(out / "sequences"))
-    datasets.Dataset(vocab).save_to_disk(str(out / "items"))
-
+    item_ids = vocab["item_id"].to_pylist()
     present = sorted(set(seq_dom.tolist()))
     dom_users = np.bincount(seq_dom, minlength=n_dom)
     dom_inter = np.bincount(seq_dom, weights=lengths, minlength=n_dom).astype(np.int64)
@@ -161,19 +190,99 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
         "evaluable_sequences": int((valid_end > train_end).sum()),
         "skipped_bad_rows": int(raw.skipped),
         "filtered_out_interactions": int(len(user) - keep.sum()),
+        "input_rules": {"stripped_whitespace_ids": int(raw.notes.get("stripped_whitespace_ids", 0)),
+                        "duplicate_rows": int(raw.notes.get("duplicate_rows", 0)), "duplicates": opts.duplicates},
     }
     meta = {
         "format_version": FORMAT_VERSION, "input": str(input_path), "options": _jsonable(asdict(opts)),
-        "domains": [dom_names[d] for d in present], "num_items": int(len(used_items)), **split_info,
+        "domains": [dom_names[d] for d in present], "num_items": int(len(used_items)),
+        "vocab_hash": vocab_hash(item_ids), **split_info,
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2))
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+
+    def write(folder: Path) -> None:
+        datasets.Dataset(table).save_to_disk(str(folder / "sequences"))
+        datasets.Dataset(vocab).save_to_disk(str(folder / "items"))
+        (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
+    write_atomically(out, write)
     phases.done("write")
     phases.close()
     log(f"prepared {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items, "
         f"{len(present)} domain(s) in {meta['seconds']:.1f}s -> {out}")
     return stats
+
+
+def vocab_hash(item_ids: list[str]) -> str:
+    """Identity of an item vocabulary: SHA-256 of the raw ids in index order (index i+1 = ids[i]).
+
+    Two vocabularies of the same size but other ids (or another order) differ; models, datasets and
+    adapters are matched on this, never on the size alone."""
+    h = hashlib.sha256()
+    for i in item_ids:
+        h.update(str(i).encode("utf-8", "surrogatepass") + b"\0")
+    return "sha256:" + h.hexdigest()
+
+
+def check_prepare_options(opts: PrepareOptions) -> None:
+    """Every option's range, before the input is read."""
+    if opts.min_user_interactions < 0:
+        raise InputError(f"must be >= 0, got {opts.min_user_interactions}", field="--min-user")
+    if opts.min_item_interactions < 0:
+        raise InputError(f"must be >= 0, got {opts.min_item_interactions}", field="--min-item")
+    if not opts.other_domain.strip():
+        raise InputError("the bucket for values a rule cannot place needs a name; it is empty", field="--other-domain")
+    if opts.duplicates not in DUPLICATES:
+        raise InputError(f"must be one of {', '.join(DUPLICATES)}", field="--duplicates")
+    for flag, v in (("--temporal-valid", opts.temporal_valid), ("--temporal-test", opts.temporal_test)):
+        if not math.isfinite(v) or v < 0:
+            raise InputError(f"must be a quantile in [0, 1] or a time inside the data, got {v}", field=flag)
+
+
+def _check_domain_names(raw, codes: np.ndarray, names: list[str], opts: PrepareOptions) -> None:
+    """Domain names are data that later become list items (``--domains a,b``) and, sanitised, folder
+    names: an empty name, a comma or a control character is refused where it first occurs."""
+    flag = opts.columns.domain or "--domain-from"
+    for code, name in enumerate(names):
+        why = ("is empty" if not name.strip() else
+               "contains ',' (the separator of domain lists)" if "," in name else
+               "contains a control character" if any(ord(ch) < 32 or ord(ch) == 127 for ch in name) else None)
+        if why:
+            rows = np.flatnonzero(codes == code)
+            line = raw.line(int(rows[0])) if len(rows) else None
+            raise InputError(f"domain name {name!r} {why}; rename it in the data or derive domains with a rule",
+                             path=raw.source.path, line=line, field=flag)
+
+
+def _check_out(out: Path) -> Path:
+    """``--out`` may be new, empty, or an earlier prepared dataset (replaced); anything else is refused,
+    so a mistyped path never replaces a folder of the user's."""
+    from ..paths import check_output_dir
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise InputError("output folder is not empty and is not a prepared dataset; choose a new folder",
+                         path=str(out), field="--out")
+    return check_output_dir(out)
+
+
+def write_atomically(out: Path, write) -> None:
+    """``write(folder)`` into a temporary sibling of ``out``, then swap it in: a prepare that dies
+    leaves either the previous dataset or none, never a mix that the next step would accept."""
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise InputError(f"cannot write the prepared dataset: {e.strerror or e}", path=str(out), field="--out") from None
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _jsonable(d):

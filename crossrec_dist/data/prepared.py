@@ -45,8 +45,12 @@ class PreparedData:
             if not (self.path / need).exists():
                 raise InputError(f"not a prepared dataset (missing {need}); run 'crossrec prepare' first",
                                  path=str(self.path))
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        self.stats = json.loads((self.path / "stats.json").read_text())
+        try:
+            self.meta = json.loads((self.path / "meta.json").read_text())
+            self.stats = json.loads((self.path / "stats.json").read_text())
+        except ValueError as e:
+            raise InputError(f"meta.json / stats.json is not valid JSON ({e}); prepare it again",
+                             path=str(self.path)) from None
         table = datasets.load_from_disk(str(self.path / "sequences")).with_format("arrow")[:]
         col = table["item_ids"].combine_chunks()
         self.offsets = col.offsets.to_numpy().astype(np.int64)
@@ -59,6 +63,16 @@ class PreparedData:
         self.seq_domain = np.fromiter((index[d] for d in dom), dtype=np.int64, count=len(dom))
         self.user_ids = table["user_id"]
         self.num_items = int(self.meta["num_items"])
+
+    @property
+    def vocab_hash(self) -> str:
+        """Identity of the item vocabulary (recorded by prepare; computed for older folders)."""
+        if "vocab_hash" not in self.meta:
+            import datasets
+
+            from .prepare import vocab_hash
+            self.meta["vocab_hash"] = vocab_hash(datasets.load_from_disk(str(self.path / "items"))["item_id"])
+        return self.meta["vocab_hash"]
 
     @property
     def num_sequences(self) -> int:

@@ -6,20 +6,45 @@ line. Parsing, validation and casting stay in Arrow: no Python object per row.
 """
 from __future__ import annotations
 
+import gzip
+import json
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from .rules import DUPLICATES, check_unique, duplicate_rows, id_column, time_column
 
 FORMATS = ("recbole", "movielens", "csv", "tsv", "parquet", "jsonl")
-NUMERIC = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
+# Leading bytes of compressed files, so "gzip behind a .csv name" is named, not parsed as text.
+_MAGIC = {b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"BZh": "bzip2", b"\x28\xb5\x2f\xfd": "zstd",
+          b"\xfd7zXZ\x00": "xz"}
+
+
+def _is_gzip(path: Path) -> bool:
+    """True for ``*.gz`` (which must hold gzip data); other compressed data behind a text name is an error."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    kind = next((k for magic, k in _MAGIC.items() if head.startswith(magic)), None)
+    if path.name.lower().endswith(".gz"):
+        if kind != "gzip":
+            raise InputError("named *.gz but does not hold gzip data", path=str(path))
+        return True
+    if kind:
+        hint = "name it *.gz" if kind == "gzip" else "decompress it first (only gzip is read directly)"
+        raise InputError(f"this is {kind}-compressed data behind a plain-text name: {hint}", path=str(path))
+    return False
+
+
+def _open_text(path: Path):
+    """Binary line reader of a text file, gzip-transparent (error paths and headers only)."""
+    return gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")
 
 
 @dataclass
@@ -48,7 +73,7 @@ class Table:
         if not p.is_file():
             return None
         skipped, seen = set(self.skipped_lines), -1
-        with open(p, "rb") as f:
+        with _open_text(p) as f:
             for lineno, raw in enumerate(f, start=1):
                 if lineno <= self.header_lines or lineno in skipped or not raw.strip():
                     continue
@@ -65,19 +90,31 @@ class RawLog:
     user_attrs: Table | None = None
     item_attrs: Table | None = None
     skipped: int = 0
+    kept_rows: np.ndarray | None = None   # parsed row of each interaction (bad / duplicate rows removed)
+    notes: dict = field(default_factory=dict)   # what the input rules did (counts), for stats.json
+
+    def line(self, i: int) -> int | None:
+        """File line of interaction ``i``."""
+        return self.source.line(int(self.kept_rows[i]) if self.kept_rows is not None else i)
 
 
 def _read_delimited(path: Path, *, delimiter: str, names: list[str] | None, on_bad_rows: str,
                     data: bytes | None = None) -> Table:
     """Delimited text, every column as a string. ``names=None`` means the first line is a header."""
     header_lines = 0
+    compressed = data is None and _is_gzip(path)
     if names is None:
-        with open(path, "rb") if data is None else _nullctx() as f:
-            first = (f.readline() if data is None else data.split(b"\n", 1)[0]).decode("utf-8", "replace")
+        try:
+            with _open_text(path) if data is None else _nullctx() as f:
+                first = (f.readline() if data is None else data.split(b"\n", 1)[0]).decode("utf-8", "replace")
+        except (OSError, EOFError, zlib.error) as e:
+            raise InputError(f"cannot read: {e}", path=str(path)) from None
+        first = first.removeprefix("\ufeff")      # a UTF-8 byte-order mark is not part of the first name
         names = [n.strip() for n in first.rstrip("\r\n").split(delimiter)]
         header_lines = 1
         if not first.strip():
             raise InputError("empty file or empty header line", path=str(path), line=1)
+        check_unique(names, str(path), line=1)
     skipped: list[int] = []
     first_bad: list = []
 
@@ -92,7 +129,10 @@ def _read_delimited(path: Path, *, delimiter: str, names: list[str] | None, on_b
     parse = pacsv.ParseOptions(delimiter=delimiter, quote_char='"' if delimiter == "," else False,
                                invalid_row_handler=on_bad)
     convert = pacsv.ConvertOptions(column_types={n: pa.string() for n in names}, strings_can_be_null=False)
-    source = pa.BufferReader(data) if data is not None else str(path)
+    if data is not None:
+        source = pa.BufferReader(data)
+    else:
+        source = pa.input_stream(str(path), compression="gzip") if compressed else str(path)
     try:
         table = pacsv.read_csv(source, read_options=read, parse_options=parse, convert_options=convert)
     except pa.ArrowInvalid as e:
@@ -102,7 +142,14 @@ def _read_delimited(path: Path, *, delimiter: str, names: list[str] | None, on_b
             raise InputError(f"expected {row.expected_columns} fields, found {row.actual_columns}: "
                              f"{row.text[:80]!r} (use --on-bad-rows skip to drop such rows)",
                              path=str(path), line=line) from None
-        raise InputError(f"cannot parse: {e}", path=str(path)) from None
+        if "invalid UTF8" in str(e):
+            raise InputError("not UTF-8 text (save the file as UTF-8)", path=str(path),
+                             line=_first_non_utf8_line(path, data)) from None
+        why = "cannot read the compressed file (truncated or corrupt?)" if compressed else "cannot parse"
+        raise InputError(f"{why}: {e}", path=str(path)) from None
+    except (OSError, EOFError, zlib.error) as e:
+        why = "cannot read the compressed file (truncated or corrupt?)" if compressed else "cannot read"
+        raise InputError(f"{why}: {e}", path=str(path)) from None
     except UnicodeDecodeError as e:
         raise InputError(f"not UTF-8 text: {e}", path=str(path)) from None
     return Table(table, str(path), header_lines, skipped)
@@ -111,10 +158,25 @@ def _read_delimited(path: Path, *, delimiter: str, names: list[str] | None, on_b
 def _find_line(path: Path, data: bytes | None, text: str, header_lines: int) -> int | None:
     """Line number of the first line equal to ``text`` (error path only: pyarrow's multi-threaded
     reader does not number rows)."""
-    lines = data.splitlines() if data is not None else open(path, "rb").read().splitlines()
+    if data is None:
+        with _open_text(path) as f:
+            data = f.read()
+    lines = data.splitlines()
     want = text.rstrip("\r\n").encode()
     for lineno, raw in enumerate(lines, start=1):
         if lineno > header_lines and raw.rstrip(b"\r") == want:
+            return lineno
+    return None
+
+
+def _first_non_utf8_line(path: Path, data: bytes | None) -> int | None:
+    if data is None:
+        with _open_text(path) as f:
+            data = f.read()
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
             return lineno
     return None
 
@@ -140,45 +202,23 @@ def _require(table: Table, columns: list[str], what: str) -> None:
                          path=table.path, field=missing[0])
 
 
-def _validate(table: Table, cols: Columns, on_bad_rows: str) -> tuple[pa.Table, int]:
-    """Cast to the interaction schema; rows with empty ids or non-numeric timestamps are bad rows."""
+def _validate(table: Table, cols: Columns, on_bad_rows: str, notes: dict) -> tuple[pa.Table, np.ndarray]:
+    """Cast to the interaction schema by the rules of ``rules.id_column`` / ``rules.time_column``; rows with an
+    empty id or a timestamp that is not a finite number are bad rows. Returns the table and the parsed
+    row index of each kept row (for line numbers later)."""
     t = table.table
+    check_unique(t.column_names, table.path)
     _require(table, [c for c in (cols.user, cols.item, cols.time, cols.domain) if c], "interaction")
-    out = {"user": t[cols.user], "item": t[cols.item]}
+    out = {}
     ok = np.ones(t.num_rows, dtype=bool)
     reasons = []
     for name, col in (("user", cols.user), ("item", cols.item)) + ((("domain", cols.domain),) if cols.domain else ()):
-        arr = t[col]
-        if pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type):
-            bad = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(arr), ""), True)
-        else:
-            bad = pc.is_null(arr)
-        bad = bad.to_numpy(zero_copy_only=False)
+        out[name], bad = id_column(t[col], col, table.path, notes)
         reasons.append((bad, col, "empty value"))
         ok &= ~bad
-        out[name] = arr
-    ts = t[cols.time]
-    if pa.types.is_string(ts.type) or pa.types.is_large_string(ts.type):
-        numeric = pc.fill_null(pc.match_substring_regex(ts, NUMERIC), False).to_numpy(zero_copy_only=False)
-        if not numeric.any() and t.num_rows:
-            try:  # ISO dates instead of epoch numbers
-                ts_num = pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64())
-                out["timestamp"] = pc.cast(ts_num, pa.float64())
-                numeric = np.ones(t.num_rows, dtype=bool)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass
-        reasons.append((~numeric, cols.time, "not a number or date"))
-        ok &= numeric
-        if "timestamp" not in out:
-            clean = pc.if_else(pa.array(numeric), ts, pa.scalar("0"))
-            out["timestamp"] = pc.cast(pc.utf8_trim_whitespace(clean), pa.float64())
-    elif pa.types.is_timestamp(ts.type):
-        out["timestamp"] = pc.cast(pc.cast(ts, pa.timestamp("s")).cast(pa.int64()), pa.float64())
-    else:
-        nulls = pc.is_null(ts).to_numpy(zero_copy_only=False)
-        reasons.append((nulls, cols.time, "empty value"))
-        ok &= ~nulls
-        out["timestamp"] = pc.cast(ts, pa.float64())
+    out["timestamp"], bad, why = time_column(t[cols.time], cols.time, table.path, t.num_rows)
+    reasons.append((bad, cols.time, why))
+    ok &= ~bad
     n_bad = int((~ok).sum())
     if n_bad and on_bad_rows == "error":
         row = int(np.flatnonzero(~ok)[0])
@@ -187,9 +227,10 @@ def _validate(table: Table, cols: Columns, on_bad_rows: str) -> tuple[pa.Table, 
                 raise InputError(f"{why} ({n_bad} bad row(s) in all; use --on-bad-rows skip to drop them)",
                                  path=table.path, line=table.line(row), field=col)
     result = pa.table(out)
+    kept = np.flatnonzero(ok)
     if n_bad:
         result = result.filter(pa.array(ok))
-    return result, n_bad
+    return result, kept
 
 
 def _read_any(path: Path, fmt: str, on_bad_rows: str) -> Table:
@@ -199,17 +240,40 @@ def _read_any(path: Path, fmt: str, on_bad_rows: str) -> Table:
         return _read_delimited(path, delimiter="," if fmt == "csv" else "\t", names=None, on_bad_rows=on_bad_rows)
     if fmt == "parquet":
         try:
+            check_unique(pq.ParquetFile(path).schema_arrow.names, str(path))
             t = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"not a readable Parquet file: {e}", path=str(path)) from None
+        except ValueError as e:   # e.g. duplicated column names in the file's schema
+            raise InputError(f"cannot read this Parquet file's columns: {e}", path=str(path)) from None
         return Table(t, str(path), line_of_row=np.arange(1, t.num_rows + 1))  # "line" = row number
     if fmt == "jsonl":
+        compressed = _is_gzip(path)
         try:
-            t = pajson.read_json(path)
-        except pa.ArrowInvalid as e:
-            raise InputError(f"not valid JSON lines: {e}", path=str(path)) from None
+            t = pajson.read_json(pa.input_stream(str(path), compression="gzip") if compressed else str(path))
+        except (pa.ArrowInvalid, OSError, EOFError, zlib.error) as e:
+            line, why = _first_bad_json_line(path)
+            raise InputError(f"not valid JSON lines: {why or e}", path=str(path), line=line) from None
         return Table(t, str(path))
     raise InputError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}", field="--format")
+
+
+def _first_bad_json_line(path: Path) -> tuple[int | None, str | None]:
+    """(1-based line, reason) of the first line that is not one JSON object (error path only)."""
+    try:
+        with _open_text(path) as f:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    continue
+                try:
+                    obj = json.loads(raw)
+                except ValueError as e:
+                    return lineno, f"JSON error: {e}"
+                if not isinstance(obj, dict):
+                    return lineno, f"each line must be one JSON object, not {type(obj).__name__}"
+    except (OSError, EOFError, zlib.error) as e:
+        return None, f"cannot read the compressed file (truncated or corrupt?): {e}"
+    return None, None
 
 
 def _attr_path(path: Path, given: str | None, default_names: list[str]) -> Path | None:
@@ -222,10 +286,17 @@ def _attr_path(path: Path, given: str | None, default_names: list[str]) -> Path 
 
 
 def read_log(path: str | Path, fmt: str, cols: Columns | None = None, *, on_bad_rows: str = "error",
-             user_attrs: str | None = None, item_attrs: str | None = None) -> RawLog:
-    """Read interactions (and user/item attribute tables when present) in format ``fmt``."""
+             user_attrs: str | None = None, item_attrs: str | None = None, duplicates: str = "drop") -> RawLog:
+    """Read interactions (and user/item attribute tables when present) in format ``fmt``.
+
+    Rules applied to every format (counted in ``RawLog.notes``): surrounding whitespace of ids is
+    stripped; exact repeats of a (user, item, timestamp[, domain]) row are dropped, kept or an
+    error (``duplicates``); rows with an empty id or a non-finite timestamp are bad rows.
+    """
     if on_bad_rows not in ("error", "skip"):
         raise InputError(f"--on-bad-rows must be 'error' or 'skip', not {on_bad_rows!r}", field="--on-bad-rows")
+    if duplicates not in DUPLICATES:
+        raise InputError(f"must be one of {', '.join(DUPLICATES)}, not {duplicates!r}", field="--duplicates")
     path = Path(path)
     if not path.exists():
         raise InputError("no such file or folder", path=str(path))
@@ -271,11 +342,23 @@ def read_log(path: str | Path, fmt: str, cols: Columns | None = None, *, on_bad_
             uattr = _read_any(Path(user_attrs), _fmt_of(user_attrs, fmt), on_bad_rows)
         if item_attrs:
             iattr = _read_any(Path(item_attrs), _fmt_of(item_attrs, fmt), on_bad_rows)
-    interactions, n_bad = _validate(src, cols, on_bad_rows)
+    notes: dict = {}
+    interactions, kept = _validate(src, cols, on_bad_rows, notes)
+    n_bad = src.table.num_rows - len(kept)
     if interactions.num_rows == 0:
         raise InputError("no interactions left to read", path=str(path))
+    dup, first = duplicate_rows(interactions)
+    notes["duplicate_rows"] = int(dup.sum())
+    if dup.any() and duplicates == "error":
+        row = int(np.flatnonzero(dup)[0])
+        raise InputError(f"{int(dup.sum())} exact duplicate row(s); this one repeats {src.path}:"
+                         f"{src.line(int(kept[first[row]]))} (choose --duplicates drop or keep)",
+                         path=src.path, line=src.line(int(kept[row])), field="--duplicates")
+    if dup.any() and duplicates == "drop":
+        interactions = interactions.filter(pa.array(~dup))
+        kept = kept[~dup]
     skipped = n_bad + len(src.skipped_lines)
-    return RawLog(interactions, src, uattr, iattr, skipped)
+    return RawLog(interactions, src, uattr, iattr, skipped, kept_rows=kept, notes=notes)
 
 
 def _fmt_of(path: str, default: str) -> str:

@@ -5,9 +5,13 @@ values combine with what an ``accelerate launch`` asks for is in ``engine/deepsp
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InputError
+
+
+SCHEDULES = ("cosine", "linear", "constant")
 
 
 @dataclass
@@ -48,23 +52,38 @@ class TrainConfig:
     rank_report: bool = False           # each rank writes ranks/rank{N}.json: its parameter shards and samples
 
 
-def validate_train_config(cfg: TrainConfig) -> None:
-    """Ranges the dataclass types cannot say; checked before any work starts."""
+def validate_train_config(cfg: TrainConfig, prefix: str = "") -> None:
+    """Ranges the dataclass types cannot say; checked before any work starts. ``prefix`` names the
+    section in errors (``pretrain.`` in a recipe)."""
     positive = ("micro_batch_size", "grad_accum", "eval_batch_size", "log_every")
     for name in positive:
         if getattr(cfg, name) < 1:
-            raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field=f"train.{name}")
+            raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field=f"{prefix}train.{name}")
     for name in ("epochs", "max_steps", "warmup_steps", "patience", "checkpoint_every", "eval_every"):
         if getattr(cfg, name) < 0:
-            raise InputError(f"must be >= 0, got {getattr(cfg, name)}", field=f"train.{name}")
+            raise InputError(f"must be >= 0, got {getattr(cfg, name)}", field=f"{prefix}train.{name}")
     if cfg.epochs == 0 and cfg.max_steps == 0:
-        raise InputError("nothing to train: epochs and max_steps are both 0", field="train.epochs")
-    if cfg.lr is not None and not cfg.lr > 0:
-        raise InputError(f"must be > 0, got {cfg.lr}", field="train.lr")
-    if cfg.max_grad_norm < 0:
-        raise InputError(f"must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}", field="train.max_grad_norm")
+        raise InputError("nothing to train: epochs and max_steps are both 0", field=prefix + "train.epochs")
+    if cfg.lr is not None and not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise InputError(f"must be a number > 0, got {cfg.lr}", field=prefix + "train.lr")
+    for name in ("weight_decay", "max_train_seconds"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise InputError(f"must be a number >= 0, got {value}", field=f"{prefix}train.{name}")
+    if not 0 < cfg.adam_beta2 < 1:
+        raise InputError(f"must be in (0, 1), got {cfg.adam_beta2}", field=prefix + "train.adam_beta2")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise InputError(f"must be in [0, 1], got {cfg.min_lr_ratio}", field=prefix + "train.min_lr_ratio")
+    if cfg.schedule not in SCHEDULES:
+        raise InputError(f"unknown schedule {cfg.schedule!r}; use {', '.join(SCHEDULES)}", field=prefix + "train.schedule")
+    if cfg.keep_checkpoints < 1:
+        raise InputError(f"must be >= 1, got {cfg.keep_checkpoints}", field=prefix + "train.keep_checkpoints")
+    if cfg.window_stride < 0:
+        raise InputError(f"must be >= 0, got {cfg.window_stride}", field=prefix + "train.window_stride")
+    if not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):
+        raise InputError(f"must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}", field=prefix + "train.max_grad_norm")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
         raise InputError(f"unknown mixed_precision {cfg.mixed_precision!r}; use auto, no, bf16 or fp16",
-                         field="train.mixed_precision")
+                         field=prefix + "train.mixed_precision")
     if not 0 <= cfg.warmup_ratio < 1:
-        raise InputError(f"must be in [0, 1), got {cfg.warmup_ratio}", field="train.warmup_ratio")
+        raise InputError(f"must be in [0, 1), got {cfg.warmup_ratio}", field=prefix + "train.warmup_ratio")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..config import deep_merge, from_dict
 from ..errors import InputError
-from ..stages.configs import METHODS, DistillConfig, FinetuneConfig, PretrainConfig, check_preset
+from ..stages.configs import (METHODS, DistillConfig, FinetuneConfig, PretrainConfig, check_distill_config,
+                              check_finetune_config, check_pretrain_config)
 
 SOURCES = ("movielens-100k", "movielens-1m", "synth")
 
@@ -64,6 +65,14 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
                          path=path, field="data.source")
     if not recipe.targets:
         raise InputError("the recipe names no target domains", path=path, field="targets")
+    for key, names in (("targets", recipe.targets), ("sources", recipe.sources or [])):
+        # Names are data (a region may be called anything); folders for them go through paths.inside.
+        blank = [n for n in names if not str(n).strip()]
+        if blank:
+            raise InputError(f"empty domain name {blank[0]!r}", path=path, field=key)
+        twice = sorted({str(n) for n in names if list(map(str, names)).count(str(n)) > 1})
+        if twice:
+            raise InputError(f"domain(s) {twice} listed more than once", path=path, field=key)
     unknown = [m for m in recipe.methods if m not in METHODS]
     if unknown or not recipe.methods:
         raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}", path=path, field="methods")
@@ -73,12 +82,15 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
                              field=f"method_overrides.{method}")
     for method in recipe.methods:
         try:
-            recipe.finetune_config(method)
+            cfg = recipe.finetune_config(method)
+            if method != "none":
+                check_finetune_config(cfg, "finetune.")
         except InputError as e:
-            raise InputError(e.message, path=path, field=e.field) from None
-    check_preset(recipe.pretrain.preset, recipe.pretrain.model, "pretrain.")
+            field = e.field if e.field != "--method" else "methods"
+            raise InputError(e.message, path=path, field=field) from None
+    check_pretrain_config(recipe.pretrain, "pretrain.")
     if recipe.distill is not None:
-        check_preset(recipe.distill.preset, recipe.distill.model, "distill.")
+        check_distill_config(recipe.distill, "distill.")
         if recipe.distill_from not in recipe.methods:
             raise InputError(f"distill_from {recipe.distill_from!r} is not among the methods {recipe.methods}",
                              path=path, field="distill_from")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..engine.config import TrainConfig
+from ..engine.config import TrainConfig, validate_train_config
 from ..errors import InputError
 from ..models.presets import MODEL_OPTIONS, PRESETS
 
@@ -20,12 +20,57 @@ class PretrainConfig:
 
 
 def check_preset(preset: str, overrides: dict, field_prefix: str = "") -> None:
-    """The preset exists and every model override is a CrossRecConfig option."""
+    """The preset exists, every model override is a CrossRecConfig option, and the merged options
+    have the right types, ranges and shapes (heads divide the hidden size, ...)."""
     if preset not in PRESETS:
         raise InputError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}", field=field_prefix + "preset")
     bad = sorted(set(overrides) - set(MODEL_OPTIONS))
     if bad:
         raise InputError(f"unknown model option(s) {bad}", field=f"{field_prefix}model.{bad[0]}")
+    check_model_options({**PRESETS[preset], **overrides}, field_prefix + "model.")
+
+
+# name -> (type, lower bound, upper bound, lower inclusive): ranges of the numeric model options.
+_MODEL_RANGES = {
+    "hidden_size": (int, 1, None, True), "num_layers": (int, 1, None, True), "num_heads": (int, 1, None, True),
+    "num_kv_heads": (int, 1, None, True), "intermediate_size": (int, 1, None, True), "max_len": (int, 1, None, True),
+    "num_negatives": (int, 1, None, True), "num_items": (int, 1, None, True), "num_domains": (int, 1, None, True),
+    "embedding_dropout": (float, 0, 1, True), "attention_dropout": (float, 0, 1, True),
+    "rms_norm_eps": (float, 0, None, False), "rope_theta": (float, 0, None, False),
+    "initializer_range": (float, 0, None, False),
+}
+
+
+def check_model_options(options: dict, prefix: str = "model.") -> None:
+    """Types and ranges of model options (a preset merged with overrides); errors name ``prefix + key``."""
+    import math
+    for name, value in options.items():
+        if name in _MODEL_RANGES:
+            if value is None and name in ("num_kv_heads", "intermediate_size"):
+                continue
+            kind, lo, hi, lo_inclusive = _MODEL_RANGES[name]
+            ok_type = (isinstance(value, int) and not isinstance(value, bool)) if kind is int else \
+                (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+            if not ok_type:
+                raise InputError(f"expected {'an integer' if kind is int else 'a number'}, got {value!r}",
+                                 field=prefix + name)
+            if value < lo or (value == lo and not lo_inclusive) or (hi is not None and value >= hi):
+                rng = f"{'>=' if lo_inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+                raise InputError(f"must be {rng}, got {value!r}", field=prefix + name)
+    if "loss" in options and options["loss"] not in ("full", "sampled"):
+        raise InputError(f"unknown loss {options['loss']!r}; use full or sampled", field=prefix + "loss")
+    if "use_domain_embedding" in options and not isinstance(options["use_domain_embedding"], bool):
+        raise InputError(f"expected true/false, got {options['use_domain_embedding']!r}",
+                         field=prefix + "use_domain_embedding")
+    for name in ("domain_names", "pretrain_domains"):
+        if name in options and not isinstance(options[name], (list, tuple)):
+            raise InputError(f"expected a list, got {options[name]!r}", field=prefix + name)
+    hidden, heads = options.get("hidden_size"), options.get("num_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and hidden % heads:
+        raise InputError(f"{heads} heads do not divide hidden_size {hidden}", field=prefix + "num_heads")
+    kv = options.get("num_kv_heads")
+    if isinstance(kv, int) and isinstance(heads, int) and heads % kv:
+        raise InputError(f"{kv} key/value heads do not divide num_heads {heads}", field=prefix + "num_kv_heads")
 
 
 METHODS = ("lora", "adalora", "full", "head", "l2sp", "scratch", "none")
@@ -77,3 +122,58 @@ class DistillConfig:
     select_on: str = "target"                     # validation users that pick the checkpoint and stop early:
                                                   # target (the region's) | transfer (the transfer set's)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=8))
+
+
+def _need(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise InputError(message, field=field_name)
+
+
+def check_pretrain_config(cfg: PretrainConfig, prefix: str = "") -> None:
+    """Everything about a pretrain config that can be known before reading data."""
+    check_preset(cfg.preset, cfg.model, prefix)
+    validate_train_config(cfg.train, prefix)
+
+
+def check_finetune_config(cfg: FinetuneConfig, prefix: str = "") -> None:
+    """Everything about a finetune config that can be known before reading data (the AdaLoRA
+    schedule against the real step count is checked once the data says how many steps there are)."""
+    import math
+    _need(cfg.method in METHODS, "--method", f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}")
+    validate_train_config(cfg.train, prefix)
+    lo, ad = cfg.lora, cfg.adalora
+    p = prefix
+    _need(lo.r >= 1, p + "lora.r", f"must be >= 1, got {lo.r}")
+    _need(lo.alpha > 0, p + "lora.alpha", f"must be > 0, got {lo.alpha}")
+    _need(0 <= lo.dropout < 1, p + "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
+    _need(bool(lo.target_modules), p + "lora.target_modules", "needs at least one module")
+    unknown = [m for m in lo.target_modules if m not in ALL_LINEAR]
+    _need(not unknown, p + "lora.target_modules", f"unknown module(s) {unknown}; the model's linear layers are "
+          f"{', '.join(ALL_LINEAR)}")
+    _need(ad.target_r >= 1, p + "adalora.target_r", f"must be >= 1, got {ad.target_r}")
+    _need(ad.init_r >= ad.target_r, p + "adalora.target_r",
+          f"the final rank {ad.target_r} exceeds the initial rank init_r={ad.init_r}")
+    for name in ("tinit_ratio", "tfinal_ratio"):
+        v = getattr(ad, name)
+        _need(0 <= v < 1, f"{p}adalora.{name}", f"must be in [0, 1), got {v}")
+    _need(ad.tinit_ratio + ad.tfinal_ratio < 1, p + "adalora.tfinal_ratio",
+          f"tinit_ratio + tfinal_ratio = {ad.tinit_ratio + ad.tfinal_ratio:g} leaves no steps for budget allocation")
+    _need(ad.delta_t >= 1, p + "adalora.delta_t", f"must be >= 1, got {ad.delta_t}")
+    _need(ad.orth_reg_weight >= 0, p + "adalora.orth_reg_weight", f"must be >= 0, got {ad.orth_reg_weight}")
+    _need(math.isfinite(cfg.l2sp_weight) and cfg.l2sp_weight >= 0, p + "l2sp_weight",
+          f"must be >= 0, got {cfg.l2sp_weight}")
+
+
+def check_distill_config(cfg: DistillConfig, prefix: str = "") -> None:
+    import math
+    p = prefix
+    check_preset(cfg.preset, cfg.model, p)
+    validate_train_config(cfg.train, p)
+    _need(0.0 <= cfg.alpha <= 1.0, p + "alpha", f"must be in [0, 1], got {cfg.alpha}")
+    _need(math.isfinite(cfg.temperature) and cfg.temperature > 0, p + "temperature",
+          f"must be > 0, got {cfg.temperature}")
+    _need(cfg.feature_weight >= 0, p + "feature_weight", f"must be >= 0, got {cfg.feature_weight}")
+    _need(cfg.top_k >= 0, p + "top_k", f"must be >= 0 (0 = all items), got {cfg.top_k}")
+    _need(cfg.num_sampled >= 1, p + "num_sampled", f"must be >= 1, got {cfg.num_sampled}")
+    for name, allowed in (("transfer", ("all", "target")), ("select_on", ("transfer", "target"))):
+        _need(getattr(cfg, name) in allowed, p + name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

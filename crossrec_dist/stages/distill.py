@@ -22,13 +22,13 @@ from ..engine.task import LossTerms
 from ..errors import InputError
 from ..evaluation.record import metrics_record
 from ..export.loading import load_model
-from ..export.vocab import write_vocab
+from ..export.vocab import check_same_vocabulary, write_vocab
 from ..models.config import CrossRecConfig
 from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, seed_everything, run_stage
-from .configs import DistillConfig, check_preset
+from .configs import DistillConfig, check_distill_config
 from .pretrain import model_config
 
 
@@ -65,21 +65,17 @@ def pca_projection(weight: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class DistillTask(RecommenderTask):
-    def __init__(self, cfg: DistillConfig, data: PreparedData, teacher_dir: str, adapter: str | None, domain: str):
-        if not 0.0 <= cfg.alpha <= 1.0:
-            raise InputError("alpha must be in [0, 1]", field="alpha")
-        if not cfg.temperature > 0:
-            raise InputError("temperature must be > 0", field="temperature")
-        check_preset(cfg.preset, cfg.model)
-        for name, allowed in (("transfer", ("all", "target")), ("select_on", ("transfer", "target"))):
-            if getattr(cfg, name) not in allowed:
-                raise InputError(f"{name} must be one of {', '.join(allowed)}", field=name)
+    def __init__(self, cfg: DistillConfig, data: PreparedData, teacher_dir: str, adapter: str | None, domain: str,
+                 allow_unverified_adapter: bool = False):
+        check_distill_config(cfg)
         self.cfg, self.train, self.data, self.domain = cfg, cfg.train, data, domain
         self.teacher_dir, self.adapter = str(teacher_dir), adapter
         self.name = f"distill-{domain}"
         data.domain_codes([domain])
         seed_everything(cfg.train.seed)
-        teacher = load_model(teacher_dir, adapter)   # before the engine: the teacher is never partitioned
+        check_same_vocabulary(teacher_dir, data, "teacher")
+        # before the engine: the teacher is never partitioned
+        teacher = load_model(teacher_dir, adapter, allow_unverified_adapter)
         if hasattr(teacher, "merge_and_unload"):
             teacher = teacher.merge_and_unload()  # serving-equivalent teacher, one plain module
         self.teacher = teacher.eval().requires_grad_(False)
@@ -184,12 +180,14 @@ class DistillTask(RecommenderTask):
 
 
 def run_distill(cfg: DistillConfig, teacher: str, adapter: str | None, data_dir: str, domain: str, out: str,
-                log=print) -> dict:
-    return run_stage(DistillTask(cfg, PreparedData(data_dir), teacher, adapter, domain), out, log=log)
+                log=print, allow_unverified_adapter: bool = False) -> dict:
+    task = DistillTask(cfg, PreparedData(data_dir), teacher, adapter, domain, allow_unverified_adapter)
+    return run_stage(task, out, log=log)
 
 
 def load_distill_config(path, preset, overrides):
     cfg = load_config(DistillConfig, path, overrides)
     if preset:
         cfg.preset = preset
+    check_distill_config(cfg)
     return cfg

@@ -25,12 +25,12 @@ from ..errors import InputError
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.adapters import apply_adapter
 from ..export.fingerprint import FILE as ADAPTER_INFO, base_fingerprint
-from ..export.vocab import write_vocab
+from ..export.vocab import check_same_vocabulary, write_vocab
 from ..models.loading import load_model_config
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, on_main, run_stage, seed_everything
-from .configs import DEFAULT_LR, METHODS, PEFT_METHODS, FinetuneConfig
+from .configs import DEFAULT_LR, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config
 
 def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
     """Items in the target's training part that no source domain's training part contains."""
@@ -47,9 +47,7 @@ class FinetuneTask(RecommenderTask):
         self.name = f"finetune-{cfg.method}-{domain}"
         data.domain_codes([domain])
         self.base_config = load_model_config(base_dir)
-        if self.base_config.num_items != data.num_items:
-            raise InputError(f"base model has {self.base_config.num_items} items but the dataset has "
-                             f"{data.num_items}; prepare the target data with the same vocabulary", path=str(base_dir))
+        check_same_vocabulary(base_dir, data, "base model")
         self.max_len, self.hidden_size = self.base_config.max_len, self.base_config.hidden_size
         self.default_lr = DEFAULT_LR.get(cfg.method, 1e-3)
         self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain)
@@ -218,4 +216,5 @@ def load_finetune_config(path, method, overrides):
     cfg = load_config(FinetuneConfig, path, overrides)
     if method:
         cfg.method = method
+    check_finetune_config(cfg)
     return cfg

@@ -15,7 +15,7 @@ from ..models.model import CrossRecModel
 from ..models.presets import PRESETS
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, resolve_domains, run_stage, seed_everything
-from .configs import PretrainConfig, check_preset
+from .configs import PretrainConfig, check_pretrain_config, check_preset
 
 
 def model_config(preset: str, overrides: dict, **fixed) -> CrossRecConfig:
@@ -91,5 +91,5 @@ def load_pretrain_config(path: str | None, preset: str | None, overrides: list[s
         cfg.preset = preset  # the command line wins over the file
     if domains:
         cfg.domains = resolve_domains(domains)
-    check_preset(cfg.preset, cfg.model)
+    check_pretrain_config(cfg)
     return cfg

@@ -7,15 +7,23 @@ def _overrides(a) -> list[str]:
     return list(a.set or []) + ([f"train.resume={a.resume}"] if a.resume else [])
 
 
+def _check_out(a) -> None:
+    """The output folder can be written, before any config is read or data is loaded."""
+    from .paths import check_output_dir
+    check_output_dir(a.out)
+
+
 def _cmd_pretrain(a):
     from .stages.pretrain import load_pretrain_config, run_pretrain
     cfg = load_pretrain_config(a.config, a.preset, _overrides(a), a.domains)
+    _check_out(a)
     run_pretrain(cfg, a.data, a.out)
 
 
 def _cmd_finetune(a):
     from .stages.finetune import load_finetune_config, run_finetune
     cfg = load_finetune_config(a.config, a.method, _overrides(a))
+    _check_out(a)
     if bool(a.domain) == bool(a.domains):
         from .errors import InputError
         raise InputError("give exactly one of --domain NAME or --domains all|A,B", field="--domain")
@@ -34,13 +42,15 @@ def _cmd_export(a):
 def _cmd_distill(a):
     from .stages.distill import load_distill_config, run_distill
     cfg = load_distill_config(a.config, a.preset, _overrides(a))
-    run_distill(cfg, a.teacher, a.adapter, a.data, a.domain, a.out)
+    _check_out(a)
+    run_distill(cfg, a.teacher, a.adapter, a.data, a.domain, a.out,
+                allow_unverified_adapter=a.allow_unverified_adapter)
 
 
 def _cmd_bench_serve(a):
     from .export.bench import bench_serving, write_bench
     res = bench_serving(a.student, a.teacher, a.adapter, history=a.history, requests=a.requests, batch=a.batch,
-                        onnx=a.onnx)
+                        onnx=a.onnx, allow_unverified_adapter=a.allow_unverified_adapter)
     write_bench(a.out, res)
     print(f"teacher p50 {res['teacher']['p50_ms']:.2f} ms, student p50 {res['student']['p50_ms']:.2f} ms "
           f"({res['speedup_p50']:.1f}x); batch {res['speedup_throughput']:.1f}x -> {a.out}")
@@ -48,7 +58,7 @@ def _cmd_bench_serve(a):
 
 def _cmd_experiment(a):
     from .experiment.runner import run_experiment
-    report = run_experiment(a.config, a.out, force=a.force, overrides=a.set or [])
+    report = run_experiment(a.config, a.out, force=a.force, overrides=a.set or [], rerun_changed=a.rerun_changed)
     print(f"report: {report}")
 
 
@@ -99,6 +109,8 @@ def register_training_commands(sub) -> None:
     d.add_argument("--preset", default=None, help="student preset (default tiny)")
     d.add_argument("--teacher", required=True, help="teacher model DIR (the base when --adapter is given)")
     d.add_argument("--adapter", default=None, help="the region's adapter DIR")
+    d.add_argument("--allow-unverified-adapter", action="store_true",
+                   help="apply an adapter that records no base fingerprint (made outside crossrec)")
     d.add_argument("--data", required=True)
     d.add_argument("--domain", required=True)
     d.add_argument("--out", required=True)
@@ -109,6 +121,8 @@ def register_training_commands(sub) -> None:
     b.add_argument("--student", required=True)
     b.add_argument("--teacher", required=True)
     b.add_argument("--adapter", default=None)
+    b.add_argument("--allow-unverified-adapter", action="store_true",
+                   help="apply an adapter that records no base fingerprint (made outside crossrec)")
     b.add_argument("--out", required=True, help="JSON file")
     b.add_argument("--history", type=int, default=50)
     b.add_argument("--requests", type=int, default=200)
@@ -120,6 +134,9 @@ def register_training_commands(sub) -> None:
     x.add_argument("--config", required=True, help="recipe YAML, e.g. launch/recipes/ml100k_regions.yaml")
     x.add_argument("--out", required=True)
     x.add_argument("--force", action="store_true", help="redo every step even when its output exists")
+    x.add_argument("--rerun-changed", action="store_true",
+                   help="when the recipe changed since a step ran, delete that step's output and re-run it and "
+                        "every step downstream of it (without this flag such a run stops, naming what changed)")
     x.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value")
     x.set_defaults(func=_cmd_experiment)
 

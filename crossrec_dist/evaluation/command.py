@@ -13,7 +13,19 @@ from .record import metrics_record
 
 
 def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | None, out: str,
-                 batch_size: int = 1024, max_len: int | None = None, log=print) -> dict:
+                 batch_size: int = 1024, max_len: int | None = None, allow_unverified_adapter: bool = False,
+                 log=print) -> dict:
+    if batch_size < 1:
+        raise InputError(f"must be >= 1, got {batch_size}", field="--batch-size")
+    if max_len is not None and max_len < 1:
+        raise InputError(f"must be >= 1, got {max_len}", field="--max-len")
+    path = Path(out)
+    if path.suffix != ".json":
+        path = path / "metrics.json"
+    from ..paths import check_output_dir
+    check_output_dir(path.parent)
+    if path.is_dir():
+        raise InputError("is a folder; name the metrics JSON file to write", path=str(path), field="--out")
     prepared = PreparedData(data)
     domains = None if domain in (None, "all") else [d for d in domain.split(",") if d]
     prepared.domain_codes(domains)  # validate names early
@@ -26,7 +38,9 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
         from ..export.loading import load_model
         from ..models.sizing import param_counts
         from .evaluator import model_scorer
-        loaded = load_model(model, adapter)
+        from ..export.vocab import check_same_vocabulary
+        check_same_vocabulary(model, prepared)
+        loaded = load_model(model, adapter, allow_unverified_adapter)
         scorer, params, method = model_scorer(loaded), param_counts(loaded), "adapter" if adapter else "model"
         L = max_len or (loaded.config if hasattr(loaded, "config") else loaded.base_model.config).max_len
     results = {}
@@ -37,11 +51,9 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
                             method=method, params=params, valid=results["valid"]["overall"],
                             test=results["test"]["overall"], per_domain=results["test"]["per_domain"],
                             eval_seconds=round(time.perf_counter() - t0, 3), model=model, adapter=adapter)
-    path = Path(out)
-    if path.suffix != ".json":
-        path = path / "metrics.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2))
+    tmp.replace(path)
     t = record["test"]
     log(f"{method}: test ndcg@10={t['ndcg@10']:.4f} hr@10={t['hr@10']:.4f} mrr@10={t['mrr@10']:.4f} "
         f"({results['test']['overall']['users']} users) -> {path}")

@@ -13,13 +13,28 @@ def adapter_info(adapter_dir: str | Path) -> dict:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InputError("not a PEFT adapter folder (no adapter_config.json)", path=str(adapter_dir))
     info = adapter_dir / FILE
-    return json.loads(info.read_text()) if info.is_file() else {}
+    if not info.is_file():
+        return {}
+    try:
+        data = json.loads(info.read_text())
+    except ValueError as e:
+        raise InputError(f"not valid JSON: {e}", path=str(info)) from None
+    if not isinstance(data, dict):
+        raise InputError("expected a JSON object", path=str(info))
+    return data
 
 
-def check_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
+def check_base(model_dir: str | Path, adapter_dir: str | Path, allow_unverified: bool = False) -> None:
+    """The adapter was trained on this base (weights fingerprint). An adapter without a fingerprint
+    (made outside crossrec, or its crossrec_adapter.json lost) is refused unless the caller says
+    explicitly to apply it unverified: on a foreign base it would score without a word of warning."""
     want = adapter_info(adapter_dir).get("base_fingerprint")
     if want is None:
-        return
+        if allow_unverified:
+            return
+        raise InputError(f"adapter has no {FILE} recording the base it was trained on, so it cannot be checked "
+                         f"against {model_dir}; pass --allow-unverified-adapter to apply it anyway",
+                         path=str(Path(adapter_dir) / FILE))
     have = base_fingerprint(model_dir)
     if have != want:
         raise InputError(f"adapter was trained on base {want[:19]}..., but {model_dir} is {have[:19]}...; "
@@ -27,7 +42,8 @@ def check_base(model_dir: str | Path, adapter_dir: str | Path) -> None:
                          field="base_fingerprint")
 
 
-def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: str = "default"):
+def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: str = "default",
+                  allow_unverified: bool = False):
     from peft import PeftModel
-    check_base(model_dir, adapter_dir)
+    check_base(model_dir, adapter_dir, allow_unverified)
     return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)

@@ -19,8 +19,8 @@ import torch
 from .loading import load_model
 
 
-def _serving_model(model_dir, adapter=None):
-    model = load_model(model_dir, adapter)
+def _serving_model(model_dir, adapter=None, allow_unverified_adapter: bool = False):
+    model = load_model(model_dir, adapter, allow_unverified_adapter)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     return model.eval()
@@ -82,9 +82,10 @@ def _compare(models: dict, ids: torch.Tensor, requests: int, batch: int) -> dict
     return res
 
 
-def bench_serving(student_dir, teacher_dir, adapter=None, history: int = 50, requests: int = 200,
+def bench_serving(student_dir, teacher_dir, adapter=None, history: int = 50, requests: int = 200, *,
+                  allow_unverified_adapter: bool = False,
                   batch: int = 256, seed: int = 0, onnx: bool = False) -> dict:
-    student, teacher = _serving_model(student_dir), _serving_model(teacher_dir, adapter)
+    student, teacher = _serving_model(student_dir), _serving_model(teacher_dir, adapter, allow_unverified_adapter)
     n_items, max_len = student.config.num_items, student.config.max_len
     g = torch.Generator().manual_seed(seed)
     ids = torch.zeros(max(batch, 64), max_len, dtype=torch.long)

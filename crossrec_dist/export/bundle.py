@@ -9,6 +9,7 @@ from pathlib import Path
 from ..models.model import CrossRecModel
 from .adapters import apply_adapter
 from .manifest import read_manifest
+from ..paths import inside
 from .vocab import VOCAB
 
 
@@ -39,9 +40,9 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
             if entry["kind"] != "adapter":
                 continue
             model = apply_adapter(CrossRecModel.from_pretrained(base_dir, use_safetensors=True), base_dir,
-                                  ad_root / entry["path"])
+                                  inside(ad_root, entry["path"]))
             merged = model.merge_and_unload()
-            target = out_dir / "merged" / domain
+            target = inside(out_dir / "merged", domain)
             merged.save_pretrained(target, safe_serialization=True)
             if (base_dir / VOCAB).is_file():
                 shutil.copy2(base_dir / VOCAB, target / VOCAB)

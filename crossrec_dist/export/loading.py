@@ -4,11 +4,14 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def load_model(model_dir: str | Path, adapter: str | Path | None = None):
+def load_model(model_dir: str | Path, adapter: str | Path | None = None, allow_unverified_adapter: bool = False):
     """A plain-process model (safetensors weights only), with the adapter applied when given."""
     from ..models.loading import load_base_model
+    if adapter:
+        from .adapters import check_base
+        check_base(model_dir, adapter, allow_unverified_adapter)   # before the base is loaded
     model = load_base_model(model_dir)
     if adapter:
         from .adapters import apply_adapter
-        model = apply_adapter(model, model_dir, adapter)
+        model = apply_adapter(model, model_dir, adapter, allow_unverified=allow_unverified_adapter)
     return model.eval()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..paths import safe_name
 from .fingerprint import base_fingerprint
 
 MANIFEST = "manifest.json"
@@ -15,7 +16,7 @@ def update_manifest(root: str | Path, base_dir: str | Path, domain: str, record:
     manifest = json.loads(path.read_text()) if path.is_file() else {
         "base": str(Path(base_dir).resolve()), "base_fingerprint": base_fingerprint(base_dir), "domains": {}}
     manifest["domains"][domain] = {
-        "path": domain, "method": record["method"],
+        "path": safe_name(domain), "method": record["method"],
         "kind": "adapter" if record["method"] in ("lora", "adalora") else ("none" if record["method"] == "none" else "model"),
         "params": record["params"], "valid": record["valid"], "test": record["test"],
         "new_items": record.get("new_items", 0),

@@ -14,6 +14,7 @@ from ..errors import InputError
 from ..models.model import CrossRecModel
 from .adapters import check_base
 from .manifest import read_manifest
+from ..paths import inside
 from .vocab import read_vocab
 
 
@@ -40,14 +41,18 @@ class Recommender:
         self.adapters_root = Path(adapters) if adapters else None
         self.adapter_domains = [d for d, e in self.manifest["domains"].items() if e["kind"] == "adapter"]
         self._full_models: dict[str, CrossRecModel] = {}
+        # Domain names are data: folders come from the manifest through paths.inside, and PEFT adapter
+        # names (module keys, where '.' is not allowed) are our own, one per domain.
+        self._adapter_name = {d: f"region{i}" for i, d in enumerate(self.adapter_domains)}
         if self.adapter_domains:
             from peft import PeftModel
-            first, *rest = self.adapter_domains
-            check_base(self.base_dir, self.adapters_root / first)
-            model = PeftModel.from_pretrained(model, str(self.adapters_root / first), adapter_name=first)
-            for d in rest:
-                check_base(self.base_dir, self.adapters_root / d)
-                model.load_adapter(str(self.adapters_root / d), adapter_name=d)
+            for i, d in enumerate(self.adapter_domains):
+                folder = inside(self.adapters_root, self.manifest["domains"][d]["path"])
+                check_base(self.base_dir, folder)
+                if i == 0:
+                    model = PeftModel.from_pretrained(model, str(folder), adapter_name=self._adapter_name[d])
+                else:
+                    model.load_adapter(str(folder), adapter_name=self._adapter_name[d])
         self.model = model.to(device).eval()
 
     @property
@@ -69,10 +74,10 @@ class Recommender:
         if entry and entry["kind"] == "model":
             if domain not in self._full_models:
                 self._full_models[domain] = CrossRecModel.from_pretrained(
-                    self.adapters_root / entry["path"], use_safetensors=True).to(self.device).eval()
+                    inside(self.adapters_root, entry["path"]), use_safetensors=True).to(self.device).eval()
             return self._full_models[domain], None
         if entry and entry["kind"] == "adapter":
-            self.model.set_adapter(domain)
+            self.model.set_adapter(self._adapter_name[domain])
             return self.model, None
         return self.model, "base"
 

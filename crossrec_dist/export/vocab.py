@@ -1,8 +1,16 @@
-"""The item vocabulary travels with every model: ``items.json`` maps index i+1 -> raw item id."""
+"""The item vocabulary travels with every model: ``items.json`` maps index i+1 -> raw item id.
+
+A model and a dataset fit together only when their vocabularies are *the same list*: the same size
+is not enough (two preparations of different logs can both have 1,682 items, and a model would then
+score the wrong items without a word). Both sides are compared by ``vocab_hash`` (SHA-256 of the ids
+in index order): the dataset records it in meta.json, the model carries items.json.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from ..errors import InputError
 
 VOCAB = "items.json"
 
@@ -15,4 +23,30 @@ def write_vocab(data, out_dir: str | Path) -> None:
 
 def read_vocab(model_dir: str | Path) -> list[str] | None:
     path = Path(model_dir) / VOCAB
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        ids = json.loads(path.read_text())
+    except ValueError as e:
+        raise InputError(f"not valid JSON: {e}", path=str(path)) from None
+    if not isinstance(ids, list):
+        raise InputError("expected a JSON list of item ids", path=str(path))
+    return ids
+
+
+def check_same_vocabulary(model_dir: str | Path, data, what: str = "model") -> None:
+    """``model_dir``'s items.json lists exactly ``data``'s items, in the same order."""
+    from ..data.prepare import vocab_hash
+    path = Path(model_dir) / VOCAB
+    ids = read_vocab(model_dir)
+    if ids is None:
+        raise InputError(f"the {what} has no {VOCAB} (its item vocabulary), so which item each of its rows "
+                         f"scores is unknown; "
+                         f"models written by crossrec carry one (copy it from the model it was made from)",
+                         path=str(path))
+    if vocab_hash(ids) != data.vocab_hash:
+        size = (f"same size ({len(ids):,} items) but other ids or another order" if len(ids) == data.num_items
+                else f"{len(ids):,} items vs the dataset's {data.num_items:,}")
+        raise InputError(f"the {what}'s item vocabulary is not the dataset's ({size}): it was trained on another "
+                         f"preparation; evaluate and adapt it on the prepared folder it was trained on",
+                         path=str(path))

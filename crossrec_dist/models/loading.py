@@ -15,21 +15,43 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise InputError("not a model folder (no config.json)", path=str(model_dir))
     try:
         model_type = json.loads(cfg.read_text()).get("model_type")
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, UnicodeDecodeError) as e:
         raise InputError(f"config.json is not valid JSON: {e}", path=str(cfg)) from None
     if model_type != "crossrec":
         raise InputError("config.json is not a crossrec model", path=str(cfg), field="model_type")
-    if not any(model_dir.glob("*.safetensors")):
+    weights = sorted(model_dir.glob("*.safetensors"))
+    if not weights:
         raise InputError("no *.safetensors weights", path=str(model_dir))
+    for f in weights:
+        check_safetensors(f)
     return model_dir
+
+
+def check_safetensors(path: Path) -> None:
+    """The file's header parses and its tensors cover the file exactly (a truncated copy fails here,
+    naming the file, instead of deep inside from_pretrained). Reads the header only."""
+    from safetensors import safe_open
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:   # safetensors raises its own SafetensorError (no public base class)
+        raise InputError(f"truncated or not a safetensors file ({e})", path=str(path)) from None
 
 
 def load_model_config(model_dir: str | Path):
     from .config import CrossRecConfig
-    return CrossRecConfig.from_pretrained(check_model_dir(model_dir))
+    path = check_model_dir(model_dir)
+    try:
+        return CrossRecConfig.from_pretrained(path)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"bad model configuration: {e}", path=str(path / "config.json")) from None
 
 
 def load_base_model(model_dir: str | Path):
     """A plain-process model, safetensors weights only, in eval mode."""
     from .model import CrossRecModel
-    return CrossRecModel.from_pretrained(check_model_dir(model_dir), use_safetensors=True).eval()
+    config = load_model_config(model_dir)
+    try:
+        return CrossRecModel.from_pretrained(Path(model_dir), config=config, use_safetensors=True).eval()
+    except (RuntimeError, ValueError, KeyError) as e:   # shapes or names that do not fit config.json
+        raise InputError(f"weights do not fit config.json: {str(e).splitlines()[0]}", path=str(model_dir)) from None

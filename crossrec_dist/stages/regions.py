@@ -1,13 +1,14 @@
-"""Fine-tune every target region in one run: OUT/<domain>/ each, and OUT/manifest.json."""
+"""Fine-tune every target region in one run: OUT/<domain>/ each (the name sanitised by
+``paths.safe_name``), and OUT/manifest.json mapping each domain to its folder."""
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..errors import InputError
 from ..export.manifest import update_manifest
+from ..paths import inside
 from ..models.config import CrossRecConfig
 from .finetune import FinetuneConfig, run_finetune
 
@@ -30,7 +31,8 @@ def finetune_regions(cfg: FinetuneConfig, base_dir: str, data_dir: str, spec: st
     for domain in target_domains(data, base_dir, spec):
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()  # a fresh engine per region; the process group stays
-        record = run_finetune(copy.deepcopy(cfg), base_dir, data, domain, Path(out) / domain, log=log)
+        # The domain name is data: its folder is a sanitised name proved to stay inside OUT.
+        record = run_finetune(copy.deepcopy(cfg), base_dir, data, domain, inside(out, domain), log=log)
         if dist_info.is_main():
             update_manifest(out, base_dir, domain, record)
         records[domain] = record

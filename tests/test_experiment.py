@@ -34,15 +34,31 @@ def test_report_numbers_come_from_metrics_files(experiment):
 
 def test_rerun_skips_finished_steps(experiment):
     first = json.loads((experiment / "results.json").read_text())["timings"]
+    records = {p: json.loads(p.read_text()) for p in (experiment / "steps").rglob("*.json")}
+    assert len(records) == 6 and all(r["state"] == "complete" for r in records.values())
     t0 = time.perf_counter()
     proc = run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", experiment, *TINY)
     assert time.perf_counter() - t0 < 60
-    assert not re.search(r"^\[run\]", proc.stdout, re.M) and proc.stdout.count("[skip]") >= 6
+    assert not re.search(r"^\[run\]", proc.stdout, re.M) and proc.stdout.count("[skip]") == 6
+    # The settings hash of every real step is the same in a second process: nothing re-ran, no record changed.
+    assert {p: json.loads(p.read_text()) for p in (experiment / "steps").rglob("*.json")} == records
     again = json.loads((experiment / "results.json").read_text())["timings"]
     assert json.loads((experiment / "timings.json").read_text())["pretrain"] == first["pretrain"]
     assert first["pretrain"] > 0 and again["pretrain"] == first["pretrain"]   # the skipped step keeps its time
     assert again["this run"] < first["this run"] and again["all steps"] == first["all steps"]
     assert f"| pretrain | {first['pretrain']} |" in (experiment / "report.md").read_text()
+
+
+def test_a_changed_recipe_is_not_reported_with_old_results(experiment):
+    """Checked before any step runs, so the finished folder is left as it was."""
+    results = (experiment / "results.json").read_text()
+    proc = run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", experiment, *TINY,
+                   "--set", "pretrain.train.lr=1e-3", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "step 'pretrain': pretrain.train.lr: null -> 0.001" in proc.stderr
+    assert "step 'finetune d3 lora': upstream step 'pretrain' changed" in proc.stderr
+    assert "--rerun-changed" in proc.stderr and "'prepare'" not in proc.stderr
+    assert "[run]" not in proc.stdout and (experiment / "results.json").read_text() == results
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "launch" / "recipes").glob("*.yaml")))

@@ -7,6 +7,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from ..paths import inside
+from .records import write_atomic
+
 METRICS = ("ndcg@10", "hr@10", "mrr@10")
 
 
@@ -23,12 +26,12 @@ def collect(out: Path, methods: list[str], targets: list[str]) -> dict:
     for t in targets:
         row = {}
         for m in methods + ["student_kd", "student_ce"]:
-            rec = _read(out / "targets" / t / m / "metrics.json")
+            rec = _read(inside(out, "targets", t, m) / "metrics.json")
             if rec:
                 row[m] = {**{k: rec["test"][k] for k in METRICS}, "users": rec["test"].get("users"),
                           "trainable": rec["params"]["trainable"], "total": rec["params"]["total"],
                           "steps": rec["train"]["steps"], "seconds": rec["train"]["seconds"]}
-                serving = _read(out / "targets" / t / m / "serving.json")
+                serving = _read(inside(out, "targets", t, m) / "serving.json")
                 if serving:
                     row[m]["serving"] = serving
         res["targets"][t] = row
@@ -91,7 +94,7 @@ def _plots(out: Path, res: dict, methods: list[str], targets: list[str]) -> list
             a2.plot(*zip(*valids), marker="o", ms=3, label="pretrain")
         for t in targets:
             for m in ("lora", "full"):
-                rec = _read(out / "targets" / t / m / "metrics.json")
+                rec = _read(inside(out, "targets", t, m) / "metrics.json")
                 if rec and rec.get("history"):
                     v = [(h["step"], h["valid_ndcg@10"]) for h in rec["history"] if "valid_ndcg@10" in h]
                     if v:
@@ -138,7 +141,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
     res = collect(out, methods, targets)
     res.update(recipe=asdict(recipe), sources=sources, timings=timings, distill_from=recipe.distill_from,
                generated=time.strftime("%Y-%m-%d %H:%M:%S"))
-    (out / "results.json").write_text(json.dumps(res, indent=2))
+    write_atomic(out / "results.json", json.dumps(res, indent=2))
     plots = _plots(out, res, methods, targets)
     stats = json.loads((out / "data" / "stats.json").read_text())
     lines = [f"# Experiment `{recipe.name}`", "",
@@ -191,5 +194,5 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
     lines += ["## Timings (s)", "", "Wall seconds of each step when it last ran (a re-run skips finished steps and "
               "keeps their times); `this run` is the latest invocation.", "", "| step | seconds |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in timings.items()]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"

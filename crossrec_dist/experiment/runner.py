@@ -1,8 +1,25 @@
 """``crossrec experiment``: fetch -> prepare -> pretrain -> per target: methods -> distil -> report.
 
 Every step runs the same CLI command a user would, in its own process (optionally under
-``accelerate launch``), and is skipped when its output is complete (its metrics.json, or stats.json
-for data), so re-running after a crash continues where it stopped; ``--force`` redoes everything.
+``accelerate launch``), writing straight into its output folder (``--resume auto`` needs that).
+Its record, ``OUT/steps/.../<step>.json``, says "started" before the command and "complete" only
+once the command succeeded (each written atomically), so a step that died never looks finished.
+A record holds the step's settings -- its arguments (paths inside OUT as ``<out>/...``), its launch
+config and the full config YAML it read, as a dict -- and a hash of them chained with the hashes of
+the steps it reads from (prepare <- fetch/synth, pretrain <- prepare, finetune <- pretrain + prepare,
+distil <- its teacher's finetune, serving benchmark <- distil), plus the run ids of those steps'
+outputs it was made from.
+
+A step is skipped only when its output marker exists (metrics.json; stats.json, fetch.json or the
+synthetic log for data; serving.json), its record is complete, its hash is the hash of the settings
+the recipe gives it now, and the upstream outputs it was made from are the ones in place. Otherwise
+it runs; a step started earlier with the same settings resumes its own output, so re-running after a
+crash continues where it stopped. An output that no longer matches the recipe -- its settings or an
+upstream step's changed, an upstream step was or is about to be re-run, or it has no record (an older
+crossrec wrote it) -- is never reused and never resumed: the run stops with exit status 2 (before
+running anything, when the steps before it are finished) naming each such step and each changed
+setting as ``key: old -> new``. ``--rerun-changed`` then deletes the output of exactly those steps and
+re-runs them and every step downstream of them; ``--force`` redoes every step.
 """
 from __future__ import annotations
 
@@ -12,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -19,6 +37,8 @@ import yaml
 
 from ..config import load_config
 from ..errors import InputError, RunStopped
+from ..paths import inside
+from . import records
 from .recipe import Recipe, check_recipe
 
 
@@ -26,10 +46,20 @@ class StepFailed(RunStopped):
     """A step's command failed (its own output says why above); re-running the experiment resumes it."""
 
 
+class _CheckEnds(Exception):
+    """Looking for changed steps without running any cannot go further (a later step needs an output
+    that only running an earlier one would make)."""
+
+
 class Runner:
-    def __init__(self, recipe: Recipe, out: Path, force: bool = False, log=print):
-        self.r, self.out, self.force, self.log = recipe, out, force, log
+    def __init__(self, recipe: Recipe, out: Path, force: bool = False, log=print, rerun_changed: bool = False):
+        self.r, self.out, self.force, self.log = recipe, Path(out), force, log
+        self.rerun_changed = rerun_changed
         self.timings: dict[str, float] = {}
+        self.hashes: dict[str, str] = {}               # step -> hash of its settings now, chained
+        self.runs: dict[str, str | None] = {}          # step -> id of the run whose output is in place
+        self.changed: list[tuple[str, list[str]]] = []  # steps whose output no longer matches the recipe
+        self.checking = False                          # True: find changed steps, run none
 
     def _cli(self, *args, train: bool = False) -> None:
         if train and self.r.launch:
@@ -42,93 +72,251 @@ class Runner:
             raise StepFailed(f"error: step failed with status {proc.returncode}: {' '.join(cmd)}\n"
                              f"run the same experiment command again to resume from there")
 
-    def _step(self, name: str, done: Path, fn) -> None:
-        if done.is_file() and not self.force:
-            self.log(f"[skip] {name}: {done} exists")
+    # -- settings and records -------------------------------------------------------------------
+
+    def _arg(self, value) -> str:
+        """A command-line value as recorded: a path inside OUT as ``<out>/...`` (so the hash does not
+        depend on where OUT is), anything else as the string the command receives."""
+        if isinstance(value, Path):
+            try:
+                return "<out>/" + value.resolve().relative_to(self.out.resolve()).as_posix()
+            except ValueError:
+                pass
+        return str(value)
+
+    def _settings(self, args, config, train: bool) -> dict:
+        """Everything the step's command depends on besides its inputs' content."""
+        words, options, items, i = [], {}, list(args), 0
+        while i < len(items):
+            a = items[i]
+            if isinstance(a, str) and a.startswith("--"):
+                key, eq, value = a.partition("=")
+                if not eq:
+                    nxt = items[i + 1] if i + 1 < len(items) else None
+                    if nxt is None or (isinstance(nxt, str) and nxt.startswith("--")):
+                        value = True
+                    else:
+                        value, i = self._arg(nxt), i + 1
+                options[key] = value
+            else:
+                words.append(self._arg(a))
+            i += 1
+        settings: dict = {"command": " ".join(words), "options": options}
+        if train:
+            settings["launch"] = self.r.launch
+        if config is not None:
+            section, _, cfg = config
+            settings[section] = yaml.safe_load(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        return records.plain(settings)
+
+    def _config(self, name: str, cfg) -> Path:
+        """The step's typed config, written in full as the YAML its command reads."""
+        path = inside(self.out / "configs", f"{name}.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        records.write_atomic(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
+        return path
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return path.relative_to(self.out).as_posix()
+        except ValueError:
+            return str(path)
+
+    def _step(self, name: str, parts: tuple[str, ...], args: list, *, done: Path, output: Path,
+              deps: tuple[str, ...] = (), config: tuple | None = None, train: bool = False) -> None:
+        """Run one step unless its ``done`` marker exists and its record matches its settings now.
+
+        ``parts`` name its record (``OUT/steps/<parts>.json``); ``output`` is what it writes (deleted
+        before a re-run of a changed step); ``config`` is ``(recipe section, file name, typed config)``,
+        passed as ``--config``.
+        """
+        settings = self._settings(args, config, train)
+        upstream = {d: self.hashes[d] for d in deps}
+        upstream_runs = {d: self.runs.get(d) for d in deps}   # None: that step runs again now
+        digest = records.digest(settings, upstream)
+        self.hashes[name], self.runs[name] = digest, None
+        path = inside(self.out / "steps", *parts[:-1], f"{parts[-1]}.json")
+        rec = records.read_json(path)
+        rec = rec if isinstance(rec, dict) else None
+        marker = done.is_file()
+        action, reasons = "run", []
+        if self.force:
+            pass
+        elif rec is None:
+            if marker:
+                action, reasons = "changed", [f"{self._rel(done)} exists but has no step record (made by an older "
+                                              "crossrec, or by a step that did not finish): its settings are unknown"]
+        elif rec.get("hash") == digest:
+            was = rec.get("upstream_runs") or {}
+            stale = [d for d in deps if was.get(d) != upstream_runs[d]]
+            if stale and (marker or output.exists()):
+                # Same settings, but an upstream output it was made from has been (or is about to be) replaced.
+                action = "changed"
+                reasons = [f"upstream step '{d}' " + ("runs again" if upstream_runs[d] is None else
+                                                      "was re-run after this step ran") for d in stale]
+            elif marker and rec.get("state") == "complete":
+                action = "skip"
+        elif marker or output.exists():
+            action, reasons = "changed", records.differences(rec, settings, upstream)
+            if rec.get("state") != "complete":
+                reasons.append("(its output is an unfinished run with the old settings)")
+
+        if action == "skip":
+            self.runs[name] = rec.get("run")
+            if not self.checking:
+                self.log(f"[skip] {name}: {self._rel(done)} exists and its settings are unchanged")
             return
+        if action == "changed":
+            if self.checking or not self.rerun_changed:
+                self.changed.append((name, reasons))
+                self.checking = True          # run nothing more; only look for further changes
+                return
+            self.log(f"[rerun] {name}: changed ({'; '.join(reasons)}); deleting {self._rel(output)}")
+            if output.is_dir():
+                shutil.rmtree(output)
+            elif output.exists():
+                output.unlink()
+        if self.checking:
+            return
+        run_id = uuid.uuid4().hex
+        doc = {"version": records.VERSION, "step": name, "hash": digest, "run": run_id, "settings": settings,
+               "upstream": upstream, "upstream_runs": upstream_runs}
+        path.unlink(missing_ok=True)
+        records.write_json(path, {**doc, "state": "started"})
         self.log(f"[run] {name}")
         t0 = time.perf_counter()
-        fn()
-        self.timings[name] = round(time.perf_counter() - t0, 2)
+        cmd = list(args) + (["--config", self._config(config[1], config[2])] if config else [])
+        self._cli(*cmd, train=train)
+        seconds = round(time.perf_counter() - t0, 2)
+        # Only now, with the command succeeded, does the output count as this step's.
+        records.write_json(path, {**doc, "state": "complete", "seconds": seconds,
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.runs[name] = run_id
+        self.timings[name] = seconds
         self._save_timings()
 
     def _save_timings(self) -> None:
         """Seconds per step as measured when the step last ran: a re-run that skips a step keeps its time."""
-        path = self.out / "timings.json"
-        path.write_text(json.dumps(self.timings, indent=2))
+        records.write_json(self.out / "timings.json", self.timings)
 
-    def _config(self, name: str, cfg) -> Path:
-        """The step's typed config, written in full as the YAML its command reads."""
-        path = self.out / "configs" / f"{name}.yaml"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        return path
+    def _stop_if_changed(self) -> None:
+        if not self.changed:
+            return
+        lines = [f"the output of these steps in {self.out} does not match what the recipe asks for now, "
+                 "so it is not reused:"]
+        for name, reasons in self.changed:
+            if len(reasons) == 1:
+                lines.append(f"  step '{name}': {reasons[0]}")
+            else:
+                lines += [f"  step '{name}':"] + [f"    {r}" for r in reasons]
+        lines += ["to proceed, add --rerun-changed (deletes the output of exactly these steps, then re-runs them "
+                  "and every step downstream of them), or --force (redoes every step); to keep these results, "
+                  "run the old recipe or give another --out"]
+        raise InputError("\n".join(lines))
+
+    # -- the pipeline ---------------------------------------------------------------------------
 
     def run(self) -> Path:
         r, out = self.r, self.out
         if self.force:
-            for sub in ("pretrain", "targets", "data"):
+            for sub in ("pretrain", "targets", "data", "steps"):
                 shutil.rmtree(out / sub, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-        if (out / "timings.json").is_file() and not self.force:
-            self.timings = json.loads((out / "timings.json").read_text())
+        if not self.force:
+            saved = records.read_json(out / "timings.json")
+            self.timings = saved if isinstance(saved, dict) else {}
         t_all = time.perf_counter()
+        if not (self.force or self.rerun_changed):
+            # First look for changed steps without running any, so the run stops before doing work.
+            self.checking = True
+            try:
+                self._steps()
+            except _CheckEnds:
+                pass
+            self._stop_if_changed()
+            self.checking = False
+        try:
+            sources = self._steps()
+        except _CheckEnds:
+            sources = None
+        self._stop_if_changed()     # a change found only once the steps before it had run
+        timings = {**self.timings, "all steps": round(sum(self.timings.values()), 2),
+                   "this run": round(time.perf_counter() - t_all, 2)}
+        from .report import write_report
+        return write_report(out, r, sources, timings)
+
+    def _steps(self) -> list[str]:
+        """Every step in order; returns the source domains. While ``self.checking`` nothing runs."""
+        r, out = self.r, self.out
         data = out / "data"
         raw = out / "raw"
         if r.data.source == "synth":
             args = [f"--{k.replace('_', '-')}={v}" for k, v in r.data.synth.items()]
-            self._step("synth", raw / "interactions.parquet", lambda: self._cli("data", "synth", "--out", raw, *args))
+            fetched = "synth"
+            self._step("synth", ("synth",), ["data", "synth", "--out", raw, *args],
+                       done=raw / "interactions.parquet", output=raw)
             prep = ["--input", raw / "interactions.parquet", "--format", "parquet"]
         else:
-            self._step("fetch", raw / "fetch.json", lambda: self._cli("data", "fetch", r.data.source, "--out", raw))
+            fetched = "fetch"
+            self._step("fetch", ("fetch",), ["data", "fetch", r.data.source, "--out", raw],
+                       done=raw / "fetch.json", output=raw)
             prep = ["--input", raw, "--format", "auto"]
         if r.data.domain_from:
             prep += ["--domain-from", r.data.domain_from]
         if r.data.domain_col:
             prep += ["--domain-col", r.data.domain_col]
         prep += ["--min-user", r.data.min_user, "--min-item", r.data.min_item]
-        self._step("prepare", data / "stats.json", lambda: self._cli("prepare", *prep, "--out", data))
+        self._step("prepare", ("prepare",), ["prepare", *prep, "--out", data], done=data / "stats.json",
+                   output=data, deps=(fetched,))
 
+        if self.checking and not (data / "stats.json").is_file():
+            raise _CheckEnds
         stats = json.loads((data / "stats.json").read_text())
         domains = list(stats["domains"])
         unknown = [d for d in r.targets + (r.sources or []) if d not in domains]
         if unknown:
+            if self.checking:
+                raise _CheckEnds
             raise InputError(f"recipe names domain(s) {unknown} the data does not have ({domains})", field="targets")
         sources = r.sources or [d for d in domains if d not in r.targets]
         base = out / "pretrain"
-        self._step("pretrain", base / "metrics.json", lambda: self._cli(
-            "pretrain", "--config", self._config("pretrain", r.pretrain), "--data", data, "--out", base,
-            "--domains", ",".join(sources), "--resume", "auto", train=True))
+        self._step("pretrain", ("pretrain",), [
+            "pretrain", "--data", data, "--out", base, "--domains", ",".join(sources), "--resume", "auto"],
+            done=base / "metrics.json", output=base, deps=("prepare",), config=("pretrain", "pretrain", r.pretrain),
+            train=True)
 
         for target in r.targets:
             for method in r.methods:
-                doc = r.finetune_config(method)
-                dest = out / "targets" / target / method
-                self._step(f"finetune {target} {method}", dest / "metrics.json", lambda: self._cli(
-                    "finetune", "--config", self._config(f"finetune_{method}", doc), "--base", base, "--data", data,
-                    "--domain", target, "--method", method, "--out", dest, "--resume", "auto", train=method != "none"))
+                dest = inside(out, "targets", target, method)
+                self._step(f"finetune {target} {method}", ("finetune", target, method), [
+                    "finetune", "--base", base, "--data", data, "--domain", target, "--method", method,
+                    "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
+                    deps=("pretrain", "prepare"), config=("finetune", f"finetune_{method}", r.finetune_config(method)),
+                    train=method != "none")
             if r.distill is not None:
                 self._distill(target, base, data)
-        timings = {**self.timings, "all steps": round(sum(self.timings.values()), 2),
-                   "this run": round(time.perf_counter() - t_all, 2)}
-        from .report import write_report
-        return write_report(out, r, sources, timings)
+        return sources
 
     def _distill(self, target: str, base: Path, data: Path) -> None:
-        teacher = self.out / "targets" / target / self.r.distill_from
+        teacher = inside(self.out, "targets", target, self.r.distill_from)
+        teacher_step = f"finetune {target} {self.r.distill_from}"
+        if self.checking and not (teacher / "metrics.json").is_file():
+            raise _CheckEnds       # whether the teacher is an adapter is known once it has run
         adapter = ["--adapter", teacher] if (teacher / "adapter_config.json").is_file() else []
         teacher_model = base if adapter else teacher
         for kind, doc in (("student_kd", self.r.distill), ("student_ce", replace(self.r.distill, alpha=1.0))):
-            dest = self.out / "targets" / target / kind
-            self._step(f"distill {target} {kind}", dest / "metrics.json", lambda: self._cli(
-                "distill", "--config", self._config(kind, doc), "--teacher", teacher_model, *adapter,
-                "--data", data, "--domain", target, "--out", dest, "--resume", "auto", train=True))
+            dest = inside(self.out, "targets", target, kind)
+            self._step(f"distill {target} {kind}", ("distill", target, kind), [
+                "distill", "--teacher", teacher_model, *adapter, "--data", data, "--domain", target,
+                "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
+                deps=(teacher_step,), config=("distill", kind, doc), train=True)
             bench = dest / "serving.json"
-            self._step(f"serving benchmark {target} {kind}", bench, lambda: self._cli(
-                "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench))
+            self._step(f"serving benchmark {target} {kind}", ("serving", target, kind), [
+                "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench],
+                done=bench, output=bench, deps=(f"distill {target} {kind}",))
 
 
-def run_experiment(config: str, out: str, force: bool = False, overrides=()) -> Path:
+def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False) -> Path:
     recipe = load_config(Recipe, config, overrides)
     check_recipe(recipe, config)
-    return Runner(recipe, Path(out), force).run()
+    return Runner(recipe, Path(out), force, rerun_changed=rerun_changed).run()

@@ -1,21 +1,65 @@
-"""Atomic, resumable checkpoints around ``accelerator.save_state``.
+"""Atomic, resumable, verified checkpoints around ``accelerator.save_state``.
 
 A checkpoint is written to ``step_N.tmp`` and renamed to ``step_N`` only when every rank finished
 writing, then ``latest`` is replaced atomically: a crash mid-save never leaves a ``latest`` that
 points at a half-written folder. ``trainer_state.json`` carries what accelerate does not: step,
 epoch, position in the epoch, best metric, patience counter.
+
+Why a manifest. Our own files are JSON and safetensors (``trainer_state.json``,
+``rng_rank*.safetensors``), but the libraries we save through write pickles:
+
+* DeepSpeed: ``pytorch_model/*_model_states.pt`` and ``*_optim_states.pt``; DeepSpeed 0.19
+  (``TorchCheckpointEngine.load``) and its ``zero_to_fp32`` (our resume on another world size) load
+  them with ``torch.load(..., weights_only=False)``, i.e. plain pickle: loading one runs whatever
+  code it names. It also leaves ``latest``, ``zero_to_fp32.py`` and ``zero_to_torch.py`` here.
+* accelerate (1.15): ``optimizer.bin`` on the plain path, and on both paths
+  ``random_states_<rank>.pkl`` (Python/numpy/torch RNG; ``save_accelerator_state`` always writes it,
+  with no option to skip it). 1.15 loads these with ``weights_only=True`` plus an allow-list, but
+  older versions did not, the RNG file is loaded inside a bare ``except`` (a damaged one is skipped
+  silently), and ``custom_checkpoint_*.pkl`` are always ``weights_only=False``. We restore RNG
+  from our own ``rng_rank*.safetensors``; the ``.pkl`` is loaded by ``load_state`` regardless, so it
+  is covered by the manifest like every other file rather than patched out of accelerate.
+
+So checkpoints are trusted input, and :func:`save` records what "the checkpoint we wrote" is: after
+every rank wrote its files, the main rank writes ``manifest.json`` (every file's relative path,
+size and sha256; streamed in 4 MiB chunks; written atomically) before the folder is renamed into
+place. :func:`verify` runs on every rank before *any* file of a checkpoint is read (by
+:func:`read_state`, :func:`load` and :func:`consolidated_weights`) and refuses, with an
+:class:`~crossrec_dist.errors.InputError` naming the file, a missing manifest, a missing file, a
+file not in the manifest (anything added to the folder after the save, e.g. the output of
+``zero_to_fp32.py``: move it out), a symbolic link, a truncated file, or a file whose size or
+sha256 changed since it was saved. A truncated shard thus fails with a clear message instead of
+an unpickling traceback, and a pickle planted in place of a shard is never unpickled.
+
+What it is not: a signature. Whoever can rewrite a checkpoint folder can rewrite its manifest
+too; the manifest catches damage and swapped or added files, it does not make an untrusted
+checkpoint safe to load. Only resume from checkpoints you (or your runs) wrote.
+
+Checkpoints written before manifests existed are refused unless ``CROSSREC_TRUST_UNVERIFIED_CHECKPOINT=1``
+is set (an explicit "I wrote this one"); a checkpoint *with* a manifest that does not match is
+refused whatever that variable says.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from . import distributed as dist_info
 
 STATE = "trainer_state.json"
+MANIFEST = "manifest.json"
 DS_TAG = "pytorch_model"   # the folder accelerate.save_state gives the DeepSpeed engine's shards
+TRUST_ENV = "CROSSREC_TRUST_UNVERIFIED_CHECKPOINT"
+CHUNK = 4 << 20            # bytes read at a time while hashing
+TRUSTED = ("Checkpoints are trusted input: DeepSpeed and accelerate load parts of them with pickle, which "
+           "can run code, so a checkpoint is loaded only if every file matches the manifest.json written "
+           "when it was saved. Delete this checkpoint folder, or point --resume at another checkpoint.")
+
+_verified: dict[str, tuple] = {}   # checkpoint folder -> stat signature it had when it last verified
 
 
 def latest(root: Path) -> Path | None:
@@ -51,6 +95,7 @@ def save(accelerator, root: Path, state: dict, keep: int, per_rank=None) -> Path
     dist_info.barrier()
     if dist_info.is_main():
         (tmp / STATE).write_text(json.dumps(state, indent=2))
+        write_manifest(tmp)            # last file written: it covers everything above
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -65,12 +110,112 @@ def save(accelerator, root: Path, state: dict, keep: int, per_rank=None) -> Path
 
 
 def load(accelerator, path: Path) -> dict:
+    verify(path)
     accelerator.load_state(str(path))
     return read_state(path)
 
 
 def read_state(path: Path) -> dict:
+    verify(path)
     return json.loads((path / STATE).read_text())
+
+
+# ---- manifest ----
+def _sha256(path: Path) -> str:
+    h, buf = hashlib.sha256(), bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def _entries(folder: Path) -> tuple[dict[str, os.stat_result], list[str]]:
+    """Every plain file under ``folder`` except the manifest ({relative posix path: stat}), and
+    the relative paths of what is neither a plain file nor a folder (links, sockets...)."""
+    files, odd = {}, []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        base = Path(dirpath)
+        for n in dirnames + filenames:
+            p = base / n
+            rel = p.relative_to(folder).as_posix()
+            st = p.lstat()
+            if p.is_symlink() or not (p.is_dir() or p.is_file()):
+                odd.append(rel)
+            elif n in filenames and rel != MANIFEST:
+                files[rel] = st
+    return files, sorted(odd)
+
+
+def write_manifest(folder: Path) -> Path:
+    """``manifest.json`` in ``folder``: relative path, size and sha256 of every file under it."""
+    files, _ = _entries(folder)
+    manifest = {"format": 1, "hash": "sha256",
+                "files": [{"path": rel, "size": st.st_size, "sha256": _sha256(folder / rel)}
+                          for rel, st in sorted(files.items())]}
+    tmp = folder / (MANIFEST + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def _signature(folder: Path, files: dict[str, os.stat_result]) -> tuple:
+    """What a folder looks like to stat: any rewrite of a file (or the manifest) changes it."""
+    stats = sorted({**files, MANIFEST: (folder / MANIFEST).stat()}.items())
+    return tuple((rel, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for rel, st in stats)
+
+
+def verify(path: Path) -> None:
+    """Refuse (InputError naming the file) a checkpoint whose files are not exactly those its
+    manifest lists, with the same sizes and sha256. Run on every rank before anything is loaded;
+    a folder already verified in this process, unchanged since (stat), is not hashed again."""
+    from ..errors import InputError
+
+    path = Path(path)
+
+    def refuse(file, what):
+        raise InputError(f"{what}. {TRUSTED}", path=str(file), field="--resume")
+
+    manifest_file = path / MANIFEST
+    if not manifest_file.is_file():
+        if os.environ.get(TRUST_ENV) == "1":
+            if dist_info.is_main():
+                print(f"crossrec: warning: {path} has no {MANIFEST}; its files are loaded unchecked because "
+                      f"{TRUST_ENV}=1", file=sys.stderr)
+            return
+        refuse(manifest_file,
+               f"this checkpoint has no {MANIFEST}, so its files cannot be checked before they are loaded (it "
+               f"was written by an older version, or by something else); if you wrote it yourself and trust "
+               f"it, set {TRUST_ENV}=1 to load it unchecked")
+    files, odd = _entries(path)
+    if odd:
+        refuse(path / odd[0], "is a symbolic link or special file; a checkpoint holds only plain files")
+    key = str(path.resolve())
+    if _verified.get(key) == _signature(path, files):
+        return
+    try:
+        listed = json.loads(manifest_file.read_text())["files"]
+        expected = {e["path"]: (int(e["size"]), str(e["sha256"])) for e in listed}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        refuse(manifest_file, f"unreadable manifest ({type(e).__name__}: {e})")
+    for rel in sorted(expected.keys() - files.keys()):
+        refuse(path / rel, "is missing: the manifest lists it but the checkpoint folder does not have it")
+    for rel in sorted(files.keys() - expected.keys()):
+        refuse(path / rel, "is not in the manifest: it was added to the checkpoint folder after the checkpoint "
+                           "was saved (move it out if you put it there)")
+    for rel in sorted(files):   # sizes first: cheap, and the common damage (a copy cut short)
+        size, want = files[rel].st_size, expected[rel][0]
+        if size < want:
+            refuse(path / rel, f"is truncated: {size:,} bytes, {want:,} when it was saved")
+        if size != want:
+            refuse(path / rel, f"changed since it was saved: {size:,} bytes, {want:,} when it was saved")
+    for rel in sorted(files):
+        if _sha256(path / rel) != expected[rel][1]:
+            refuse(path / rel, "changed since it was saved: its sha256 differs from the manifest's")
+    _verified[key] = _signature(path, files)
 
 
 def consolidated_weights(path: Path) -> dict:
@@ -82,6 +227,7 @@ def consolidated_weights(path: Path) -> dict:
     """
     from ..errors import InputError
 
+    verify(path)
     ds_dir = path / DS_TAG
     if ds_dir.is_dir():
         if any(ds_dir.glob("*optim_states.pt")):

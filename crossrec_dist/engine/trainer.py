@@ -270,9 +270,9 @@ class Engine:
         path = ckpt.resolve_resume(cfg.resume, self.out_dir / "checkpoints")
         if path is None:
             return state
-        saved = TrainerState.from_json(ckpt.read_state(path))
+        saved = TrainerState.from_json(ckpt.read_state(path))   # checks the manifest first (every rank)
         if saved.world == self.world:
-            self.accelerator.load_state(str(path))
+            ckpt.load(self.accelerator, path)     # accelerate's / DeepSpeed's files, some of them pickles
             restore_rng(path, self.rank)
             state = saved
             self.log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.batch})")
@@ -448,8 +448,7 @@ class Engine:
         stop = None
         if improved:
             state.best, state.best_step, state.bad_evals, state.best_metrics = value, state.step, 0, v.details
-            run.task.save(self, self.full_state_dict(run.model), self.out_dir / "best")
-            dist_info.barrier()
+            self._save_best(run)
         else:
             state.bad_evals += 1
             if self.cfg.patience and state.bad_evals >= self.cfg.patience:
@@ -505,14 +504,38 @@ class Engine:
         self._memory[point] = {"rss_mib": round(rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1),
                                "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
+    def _save_best(self, run: _Run) -> None:
+        """The best model to ``best.tmp``, then swapped in for ``best``: a run killed mid-save keeps
+        the previous best whole (every rank joins the gather, the main rank writes and renames)."""
+        import os
+        import shutil
+        best, tmp, old = (self.out_dir / n for n in ("best", "best.tmp", "best.old"))
+        if self.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist_info.barrier()
+        run.task.save(self, self.full_state_dict(run.model), tmp)
+        dist_info.barrier()
+        if self.is_main:
+            shutil.rmtree(old, ignore_errors=True)
+            if best.exists():
+                os.replace(best, old)
+            os.replace(tmp, best)
+            shutil.rmtree(old, ignore_errors=True)
+        dist_info.barrier()
+
     def _promote_best(self) -> None:
-        """The best model's files to the output folder (HF layout at its top level)."""
+        """The best model's files to the output folder (HF layout at its top level), each copied to a
+        temporary name and renamed, so no file there is ever half-written. The stage writes
+        ``metrics.json`` after this: a folder is complete when it has ``metrics.json``."""
+        import os
         import shutil
         best = self.out_dir / "best"
         if self.is_main and best.is_dir():
             for f in best.iterdir():
                 if f.is_file():
-                    shutil.copy2(f, self.out_dir / f.name)
+                    tmp = self.out_dir / (f.name + ".tmp")
+                    shutil.copy2(f, tmp)
+                    os.replace(tmp, self.out_dir / f.name)
         dist_info.barrier()
 
 

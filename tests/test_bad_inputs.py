@@ -158,6 +158,10 @@ CASES = [
     Case("out-is-a-file", PREP.replace("{out}", "{d}/in.csv"), ["in.csv", "--out", "not a folder"],
          {"in.csv": GOOD_CSV}),
     Case("out-under-a-file", PREP.replace("{out}", "{d}/in.csv/sub"), ["in.csv", "--out"], {"in.csv": GOOD_CSV}),
+    Case("out-read-only", PREP.replace("{out}", "/sys/kernel/crossrec_out"), ["crossrec_out", "--out", "cannot write"],
+         {"in.csv": GOOD_CSV}),
+    Case("zero-shot-other-vocabulary", FT.replace("{model}", "{d}/m") + " --method none", ["item vocabulary"],
+         {"m": lambda p: _broken_model(p, shuffle_vocab=True)}, needs=("data", "model")),
     Case("out-not-empty-not-dataset", PREP.replace("{out}", "{d}"), ["--out", "not empty"], {"in.csv": GOOD_CSV}),
     Case("format-auto-without-fetch", "prepare --format auto --input {d} --out {out}", ["--format auto"]),
     # --- training configs: caught before any work ----------------------------------------------
@@ -433,3 +437,35 @@ def test_prepare_dying_mid_write_leaves_no_dataset(tmp_path, monkeypatch):
     assert rc == 2
     assert (out / "meta.json").read_text() == before                      # the old dataset, untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]    # no temporary left behind
+
+
+def test_hostile_domain_names_never_leave_the_output_folder(tmp_path):
+    """A log whose regions are called '../escape' and '/abs/x': finetune --domains all writes one
+    folder per region inside OUT, and manifest.json maps each name to its folder."""
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.export.vocab import write_vocab
+    from crossrec_dist.models.config import CrossRecConfig
+    from crossrec_dist.models.model import CrossRecModel
+    names = ["a", "../escape", "/abs/x"]
+    rows = "".join(f"u{u},i{(u * 5 + k) % 30},{1000 + k},{names[u % 3]}\n" for u in range(60) for k in range(8))
+    (tmp_path / "in.csv").write_text("user_id,item_id,timestamp,region\n" + rows)
+    work = tmp_path / "work"
+    assert main(["prepare", "--format", "csv", "--input", str(tmp_path / "in.csv"), "--out", str(work / "data"),
+                 "--domain-col", "region"]) == 0
+    data = PreparedData(work / "data")
+    cfg = CrossRecConfig(num_items=data.num_items, num_domains=3, domain_names=data.domain_names,
+                         pretrain_domains=["a"], hidden_size=16, num_layers=1, num_heads=2, max_len=10)
+    CrossRecModel(cfg).save_pretrained(work / "base", safe_serialization=True)
+    write_vocab(data, work / "base")
+    before = {p for p in tmp_path.parent.rglob("*") if work / "out" not in p.parents}
+    out = work / "out"
+    assert main(["finetune", "--base", str(work / "base"), "--data", str(work / "data"), "--domains", "all",
+                 "--method", "none", "--out", str(out)]) == 0
+    after = {p for p in tmp_path.parent.rglob("*") if out not in p.parents and p != out}
+    assert after == before
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["domains"]) == ["../escape", "/abs/x"]
+    for name, entry in manifest["domains"].items():
+        folder = out / entry["path"]
+        assert folder.parent == out and (folder / "metrics.json").is_file()
+        assert json.loads((folder / "metrics.json").read_text())["domain"] == name

@@ -184,6 +184,7 @@ def load_finetuned(out_dir: Path, base_dir: str, method: str):
 
 def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str, out: str, log=print) -> dict:
     data = data_dir if isinstance(data_dir, PreparedData) else PreparedData(data_dir)
+    check_same_vocabulary(base_dir, data, "base model")
     if cfg.method == "none":
         return on_main(_zero_shot, cfg, base_dir, data, domain, Path(out), log)
     return run_stage(FinetuneTask(cfg, data, base_dir, domain), out, log=log)

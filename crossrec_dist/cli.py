@@ -11,6 +11,33 @@ import sys
 from .errors import InputError, RunStopped
 
 
+def at_least(low, kind=int):
+    """argparse type: a number >= ``low`` (an error names the flag and exits 2, as bad input does)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        if not value >= low:   # also refuses NaN
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
+
+
+def fraction(upper_inclusive: bool = True):
+    """argparse type: a number in [0, 1] (or [0, 1))."""
+    def parse(text: str):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (0 <= value <= 1 if upper_inclusive else 0 <= value < 1):
+            raise argparse.ArgumentTypeError(f"must be in [0, 1{']' if upper_inclusive else ')'}, got {text}")
+        return value
+    return parse
+
+
 def _cmd_fetch(a):
     from .data.fetch import fetch
     fetch(a.name, a.out, from_path=a.from_path, timeout=a.timeout)
@@ -63,17 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", choices=["movielens-100k", "movielens-1m"])
     f.add_argument("--out", required=True)
     f.add_argument("--from", dest="from_path", help="use a local zip or folder instead of downloading")
-    f.add_argument("--timeout", type=float, default=15.0, help="seconds to wait for GroupLens")
+    f.add_argument("--timeout", type=at_least(0.1, float), default=15.0, help="seconds to wait for GroupLens")
     f.set_defaults(func=_cmd_fetch)
     s = dsub.add_parser("synth", help="synthetic logs with planted cross-domain structure")
     s.add_argument("--out", required=True)
-    s.add_argument("--users", type=int, default=2000)
-    s.add_argument("--items", type=int, default=1000)
-    s.add_argument("--domains", type=int, default=3)
-    s.add_argument("--clusters", type=int, default=20)
-    s.add_argument("--mean-length", type=float, default=30.0)
-    s.add_argument("--shift", type=float, default=0.3, help="0 = domains share one behaviour, 1 = unrelated")
-    s.add_argument("--private-items", type=float, default=0.1, help="share of items private to each domain")
+    s.add_argument("--users", type=at_least(1), default=2000)
+    s.add_argument("--items", type=at_least(1), default=1000)
+    s.add_argument("--domains", type=at_least(1), default=3)
+    s.add_argument("--clusters", type=at_least(1), default=20)
+    s.add_argument("--mean-length", type=at_least(1.0, float), default=30.0)
+    s.add_argument("--shift", type=fraction(), default=0.3, help="0 = domains share one behaviour, 1 = unrelated")
+    s.add_argument("--private-items", type=fraction(False), default=0.1, help="share of items private to each domain")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_synth)
 
@@ -91,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--domains", default=None, help="keep only these domains (comma-separated)")
     pr.add_argument("--user-attrs", default=None, help="user attribute file (csv/tsv/parquet/jsonl)")
     pr.add_argument("--item-attrs", default=None, help="item attribute file")
-    pr.add_argument("--min-user", type=int, default=0, help="minimum interactions per user sequence")
-    pr.add_argument("--min-item", type=int, default=0, help="minimum interactions per item")
+    pr.add_argument("--min-user", type=at_least(0), default=0, help="minimum interactions per user sequence")
+    pr.add_argument("--min-item", type=at_least(0), default=0, help="minimum interactions per item")
     pr.add_argument("--split", default="loo", choices=["loo", "temporal"])
     pr.add_argument("--temporal-valid", type=float, default=0.8, help="quantile (<=1) or time of the valid cut")
     pr.add_argument("--temporal-test", type=float, default=0.9, help="quantile (<=1) or time of the test cut")
@@ -110,8 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", required=True)
     ev.add_argument("--domain", default=None, help="one domain, a comma list, or all (default)")
     ev.add_argument("--out", required=True, help="metrics JSON file to write")
-    ev.add_argument("--batch-size", type=int, default=1024)
-    ev.add_argument("--max-len", type=int, default=None, help="history length (default: the model's)")
+    ev.add_argument("--batch-size", type=at_least(1), default=1024)
+    ev.add_argument("--max-len", type=at_least(1), default=None, help="history length (default: the model's)")
     ev.set_defaults(func=_cmd_evaluate)
 
     from .commands import register_training_commands  # noqa: E402 (keeps this file to the data verbs)

@@ -75,6 +75,7 @@ def _add_common_train(p):
 
 
 def register_training_commands(sub) -> None:
+    from .cli import at_least
     p = sub.add_parser("pretrain", help="train the base model on the source domains")
     _add_common_train(p)
     p.add_argument("--preset", default=None, help="tiny | small | base | 1b | 3b")
@@ -124,9 +125,9 @@ def register_training_commands(sub) -> None:
     b.add_argument("--allow-unverified-adapter", action="store_true",
                    help="apply an adapter that records no base fingerprint (made outside crossrec)")
     b.add_argument("--out", required=True, help="JSON file")
-    b.add_argument("--history", type=int, default=50)
-    b.add_argument("--requests", type=int, default=200)
-    b.add_argument("--batch", type=int, default=256)
+    b.add_argument("--history", type=at_least(1), default=50)
+    b.add_argument("--requests", type=at_least(1), default=200)
+    b.add_argument("--batch", type=at_least(1), default=256)
     b.add_argument("--onnx", action="store_true", help="also compare both exported to ONNX, in ONNX Runtime")
     b.set_defaults(func=_cmd_bench_serve)
 
@@ -142,6 +143,6 @@ def register_training_commands(sub) -> None:
 
     s = sub.add_parser("presets", help="parameter counts (meta device) and memory per ZeRO stage")
     s.add_argument("name", nargs="*", help="presets to show (default all)")
-    s.add_argument("--items", type=int, default=None, help="catalogue size (default 100,000)")
-    s.add_argument("--world", type=int, nargs="*", default=[1, 2, 8], help="world sizes to show")
+    s.add_argument("--items", type=at_least(1), default=None, help="catalogue size (default 100,000)")
+    s.add_argument("--world", type=at_least(1), nargs="*", default=[1, 2, 8], help="world sizes to show")
     s.set_defaults(func=_cmd_presets)

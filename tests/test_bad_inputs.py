@@ -164,6 +164,17 @@ CASES = [
          {"m": lambda p: _broken_model(p, shuffle_vocab=True)}, needs=("data", "model")),
     Case("out-not-empty-not-dataset", PREP.replace("{out}", "{d}"), ["--out", "not empty"], {"in.csv": GOOD_CSV}),
     Case("format-auto-without-fetch", "prepare --format auto --input {d} --out {out}", ["--format auto"]),
+    # --- other commands' options ------------------------------------------------------------------
+    Case("synth-no-users", "data synth --out {out} --users 0", ["--users", ">= 1"]),
+    Case("synth-shift-range", "data synth --out {out} --shift 1.5", ["--shift", "[0, 1]"]),
+    Case("synth-too-few-items", "data synth --out {out} --items 5 --clusters 20", ["--items", "clusters"]),
+    Case("synth-out-is-file", "data synth --out {d}/f.txt", ["f.txt", "--out"], {"f.txt": "x"}),
+    Case("presets-world-zero", "presets tiny --world 0", ["--world"]),
+    Case("presets-unknown", "presets huge", ["huge"]),
+    Case("bench-batch-negative", "bench-serve --student {model} --teacher {model} --out {out}/b.json --batch -1",
+         ["--batch"], needs=("data", "model")),
+    Case("evaluate-max-len-zero", "evaluate --model {model} --data {data} --out {out}/m.json --max-len 0",
+         ["--max-len"], needs=("data", "model")),
     # --- training configs: caught before any work ----------------------------------------------
     Case("micro-batch-zero", TRAIN + " --set train.micro_batch_size=0", ["train.micro_batch_size"], needs=("data",)),
     Case("negative-batch", TRAIN + " --set train.micro_batch_size=-4", ["train.micro_batch_size"], needs=("data",)),
@@ -339,7 +350,10 @@ def test_bad_input_is_refused_by_name(case: Case, tmp_path, capsys, request):
     before = _snapshot(tmp_path, out)
     import shlex
     argv = [a.format(d=d, out=out, **fixtures) for a in shlex.split(case.argv)]
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as e:        # argparse's own usage errors (a flag's range), also exit 2
+        rc = e.code
     err = capsys.readouterr().err
     assert rc == 2, f"exit {rc}, stderr:\n{err[-3000:]}"
     assert "Traceback" not in err

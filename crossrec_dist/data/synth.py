@@ -47,7 +47,9 @@ def synthesize(opts: SynthOptions) -> pa.Table:
     n_private = int(opts.items * opts.private_items) if d > 1 else 0
     n_shared = opts.items - n_private * d
     if n_shared < c:
-        raise ValueError("too few shared items for the number of clusters")
+        from ..errors import InputError
+        raise InputError(f"{n_shared} shared items cannot fill {c} clusters; raise --items or lower --clusters "
+                         f"or --private-items", field="--items")
     # Shared items split into clusters; each domain's private items too (ids after the shared ones).
     shared_bounds = np.linspace(0, n_shared, c + 1).astype(np.int64)
     priv_bounds = np.linspace(0, n_private, c + 1).astype(np.int64)
@@ -79,8 +81,8 @@ def synthesize(opts: SynthOptions) -> pa.Table:
 
 
 def write_synth(out: str | Path, opts: SynthOptions, log=print) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    from ..paths import check_output_dir
+    out = check_output_dir(out)
     table = synthesize(opts)
     path = out / "interactions.parquet"
     pq.write_table(table, path)

@@ -19,10 +19,20 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 REPO = Path(__file__).resolve().parents[1]
 
 
+# An in-process run (tests that call crossrec_dist.cli.main) sets these for its one-process world and
+# keeps its rendezvous port open; a child must never inherit them, or it would join that world.
+_WORLD_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(extra: dict | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in _WORLD_VARS}
+    return {**env, **(extra or {})}
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600):
     """Run ``python -m crossrec_dist ...`` as a user would; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], capture_output=True,
-                          text=True, cwd=REPO, env={**os.environ, **(env or {})}, timeout=timeout)
+                          text=True, cwd=REPO, env=child_env(env), timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"crossrec {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
@@ -62,7 +72,7 @@ def accelerate_launch(config: str, *args: str, timeout: int = 900, env: dict | N
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(REPO / "launch" / config),
            "-m", "crossrec_dist", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu", **(env or {})})
+                          env=child_env({"DS_ACCELERATOR": "cpu", **(env or {})}))
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc

@@ -269,6 +269,17 @@ def _dup_parquet(path: Path):
     pq.write_table(t, path)
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Cases run the CLI in this process; a training command sets up a one-process world (RANK,
+    MASTER_PORT, ...) in os.environ. Restore it, so no later test or child inherits that world."""
+    import os
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 # --- the tiny fixtures the model cases need: a 2-domain prepared set and a model on it ---------------
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):

@@ -4,6 +4,7 @@ with pickle). One real 2-step run writes the checkpoint; each test damages a cop
 import hashlib
 import json
 import pickle
+import os
 import shutil
 import subprocess
 
@@ -44,11 +45,18 @@ def run_dir(saved, tmp_path):
 
 
 def _resume(data, run_dir, capfd, env=None):
-    """Resume in this process (a refusal then costs no interpreter start); with ``env``, in a subprocess."""
+    """Resume in this process (a refusal then costs no interpreter start); with ``env``, in a subprocess.
+    The in-process run's one-process world (RANK, MASTER_PORT, ...) is removed from this process's
+    environment afterwards, so later tests' children never try to join it."""
     if env is not None:
         return run_cli(*_args(data, run_dir, 4), check=False, env=env)
     capfd.readouterr()
-    code = main(_args(data, run_dir, 4))
+    saved = dict(os.environ)
+    try:
+        code = main(_args(data, run_dir, 4))
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
     out, err = capfd.readouterr()
     return subprocess.CompletedProcess([], code, out, err)
 

@@ -1,6 +1,5 @@
 """Preemption and crashes: a run interrupted (SIGUSR1 or SIGKILL) and resumed ends with the same
 weights as an uninterrupted one (CPU, deterministic settings; dropout on, so RNG state matters)."""
-import os
 import random
 import signal
 import subprocess
@@ -10,7 +9,7 @@ import time
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, child_env
 
 STEPS = 12
 
@@ -31,7 +30,7 @@ def uninterrupted(ml100k, tmp_path_factory):
 def _interrupt(args, sig, at_step):
     """Start the run, send ``sig`` once it logged ``at_step``; returns (returncode, output)."""
     proc = subprocess.Popen([sys.executable, "-m", "crossrec_dist", *args], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, text=True, env=child_env({"PYTHONUNBUFFERED": "1"}))
     lines = []
     for line in proc.stdout:
         lines.append(line)

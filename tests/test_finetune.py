@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TARGET_REGIONS, accelerate_launch, run_cli
+from conftest import TARGET_REGIONS, accelerate_launch, run_cli, child_env
 
 QUICK = ["--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.validate_at_start=false", "--set", "train.log_every=3",
          "--set", "train.tensorboard=false"]
@@ -135,7 +135,6 @@ def test_lora_under_zero3_saves_the_trained_adapter(tiny_base, ml100k, tmp_path)
     Launched with `--use_deepspeed --zero_stage 3`, so zero3_init is on (accelerate's default) and
     the target has new items: PEFT's trainable-token rows cannot be built on partitioned weights
     without CUDA, so the base is loaded whole and partitioned by DeepSpeed (said in the log)."""
-    import os
     import subprocess
     import sys
     from pathlib import Path
@@ -144,7 +143,7 @@ def test_lora_under_zero3_saves_the_trained_adapter(tiny_base, ml100k, tmp_path)
            "--zero_stage", "3", "-m", "crossrec_dist", "finetune", "--base", str(tiny_base), "--data", str(ml100k),
            "--domain", TARGET_REGIONS[1], "--method", "lora", "--out", str(tmp_path), *QUICK]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                          env=child_env({"DS_ACCELERATOR": "cpu"}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["new_items"] > 0 and "the base is loaded whole" in proc.stdout

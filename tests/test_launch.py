@@ -10,7 +10,6 @@ relative; fp32 sums in another order differ by ~1e-6. Clipping is set low (0.05,
 ~0.17) so that it acts on every update: equal weights then also mean clipping saw the true norm.
 """
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, TARGET_REGIONS, run_cli
+from conftest import REPO, TARGET_REGIONS, run_cli, child_env
 
 STEPS = 4
 SAME_RUN = ["--preset", "tiny", "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=1",
@@ -67,7 +66,7 @@ def launch(args: list[str], *cli: str, tmp: Path, timeout: int = 600) -> subproc
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *args, "-m", "crossrec_dist", *map(str, cli)]
     with open(tmp / "launch.log", "w+") as log:   # a file, not a pipe: 2 ranks' output could fill it and block
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+                              env=child_env({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}))
         log.seek(0)
         output = log.read()
     assert proc.returncode == 0, output[-6000:]
@@ -164,7 +163,7 @@ def test_conflicting_accumulation_values_stop_before_training(ml100k, tmp_path):
            "pretrain", "--data", str(ml100k), "--out", str(tmp_path / "out"), "--preset", "tiny",
            "--set", "train.grad_accum=4"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "DS_ACCELERATOR": "cpu"})
+                          env=child_env({"DS_ACCELERATOR": "cpu"}))
     # each rank exits 2 with our message; the launcher then reports the failed children itself
     assert proc.returncode != 0 and "exitcode: 2" in proc.stderr
     assert "crossrec: error: field 'train.grad_accum'" in proc.stderr and "gradient_accumulation_steps=2" in proc.stderr

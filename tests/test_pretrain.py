@@ -1,6 +1,5 @@
 """Pretraining through the real commands: one plain process, and 2 CPU processes under ZeRO-3."""
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -8,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, SOURCE_REGIONS, accelerate_launch, run_cli
+from conftest import REPO, SOURCE_REGIONS, accelerate_launch, run_cli, child_env
 
 NO_DROPOUT = ["--set", "model.embedding_dropout=0", "--set", "model.attention_dropout=0"]
 SHORT = ["--set", "train.epochs=2", "--set", "train.log_every=2", "--set", "train.tensorboard=false",
@@ -133,7 +132,7 @@ def test_two_machines_train_together_like_one_machine(zero3_run, ml100k, tmp_pat
                "-m", "crossrec_dist", "pretrain", "--preset", "tiny", "--data", str(ml100k), "--out", str(tmp_path),
                *SHORT, *NO_DROPOUT, *ZERO3_RUN]
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=logs[machine_rank], stderr=subprocess.STDOUT,
-                                      env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}))
+                                      env=child_env({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})))
     try:
         codes = [p.wait(timeout=600) for p in procs]
     finally:

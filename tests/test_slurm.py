@@ -17,7 +17,6 @@ shared filesystem)."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, child_env
 
 pytestmark = [
     pytest.mark.slow,
@@ -73,7 +72,7 @@ def _sh(*cmd: str, check: bool = True, timeout: int = 30) -> subprocess.Complete
 def _job_env(**params: str) -> dict:
     """The environment sbatch exports to the job (--export=ALL): the scripts' parameters. Lists go
     through the environment, not --export=VAR=a,b (which would split at the commas)."""
-    env = {k: v for k, v in os.environ.items() if k not in SCRIPT_PARAMS}
+    env = {k: v for k, v in child_env().items() if k not in SCRIPT_PARAMS}
     env.update(REPO=str(REPO), VENV=sys.prefix, **{k: str(v) for k, v in params.items()})
     return env
 

@@ -37,6 +37,8 @@ def read_vocab(model_dir: str | Path) -> list[str] | None:
 def check_same_vocabulary(model_dir: str | Path, data, what: str = "model") -> None:
     """``model_dir``'s items.json lists exactly ``data``'s items, in the same order."""
     from ..data.prepare import vocab_hash
+    from ..models.loading import check_model_dir
+    check_model_dir(model_dir)          # first: "not a model folder" says more than "no items.json"
     path = Path(model_dir) / VOCAB
     ids = read_vocab(model_dir)
     if ids is None:

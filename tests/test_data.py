@@ -79,7 +79,8 @@ def test_generic_formats_with_column_mapping(tmp_path, fmt):
             "--item-col", "i", "--time-col", "t", "--domain-col", "market")
     stats = json.loads((tmp_path / "p" / "stats.json").read_text())
     assert stats["items"] == 4 and stats["interactions"] == 6
-    assert stats["domains"] == {"de": {"users": 1, "interactions": 3}, "fr": {"users": 1, "interactions": 3}}
+    both = {"users": 1, "interactions": 3, "items": 3, "shared_items": 2, "private_items": 1}   # 10, 12 shared
+    assert stats["domains"] == {"de": both, "fr": both}
 
 
 def test_movielens_raw_format_and_min_counts(tmp_path):

@@ -20,15 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
-from .domains import assign_domains
-from .readers import DUPLICATES, Columns, read_log
+from .readers import DUPLICATES, Columns
+from .sources import item_sharing, make_sources, read_sources
 
 FORMAT_VERSION = 1
 
 
 @dataclass
 class PrepareOptions:
-    format: str = "recbole"
+    format: str | list[str] = "recbole"           # one format, or one per input
     columns: Columns = field(default_factory=Columns)
     domain_from: str | None = None
     other_domain: str = "other"
@@ -98,37 +98,30 @@ def _split_points(lengths: np.ndarray, seq_of_row: np.ndarray, ts: np.ndarray, o
     raise InputError(f"unknown split {opts.split!r}; use 'loo' or 'temporal'", field="--split")
 
 
-def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=print) -> dict:
+def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions, log=print,
+            source_names: list[str] | None = None) -> dict:
+    """``input_path``: one input, or a list of inputs (one prepared dataset from several sources;
+    ``opts.format`` then is one format for all or a list, one per input; see ``data/sources.py``)."""
     import datasets  # heavy import, only when preparing
     datasets.disable_progress_bars()
 
     from ..progress import Phases
     t0 = time.perf_counter()
+    inputs = [str(i) for i in input_path] if isinstance(input_path, (list, tuple)) else [str(input_path)]
+    formats = list(opts.format) if isinstance(opts.format, (list, tuple)) else [opts.format]
+    sources = make_sources(inputs, formats, source_names)
     check_prepare_options(opts)
     out = _check_out(Path(out))
     phases = Phases(["read", "domains", "sequences", "write"], "prepare")
-    raw = read_log(input_path, opts.format, opts.columns, on_bad_rows=opts.on_bad_rows,
-                   user_attrs=opts.user_attrs, item_attrs=opts.item_attrs, duplicates=opts.duplicates)
-    if raw.skipped:
-        log(f"skipped {raw.skipped} bad row(s) of {raw.source.path} (--on-bad-rows skip)")
-    if raw.notes.get("stripped_whitespace_ids"):
-        log(f"stripped surrounding whitespace from {raw.notes['stripped_whitespace_ids']} id value(s) "
-            f"of {raw.source.path} (' u1 ' and 'u1' are one id)")
-    if raw.notes.get("duplicate_rows"):
-        verb = "dropped" if opts.duplicates == "drop" else "kept"
-        log(f"{verb} {raw.notes['duplicate_rows']} exact duplicate row(s) of {raw.source.path} "
-            f"(--duplicates {opts.duplicates})")
+    combined = read_sources(sources, opts, log)
     phases.done("read")
-    dom_code, dom_names = assign_domains(raw, opts.domain_from, other=opts.other_domain,
-                                         user_key=opts.columns.user, item_key=opts.columns.item)
-    _check_domain_names(raw, dom_code, dom_names, opts)
     phases.done("domains")
-    t = raw.interactions
-    user_enc = pc.dictionary_encode(t["user"]).combine_chunks()
-    item_enc = pc.dictionary_encode(t["item"]).combine_chunks()
+    dom_code, dom_names = combined.dom_code, combined.dom_names
+    user_enc = pc.dictionary_encode(combined.user)
+    item_enc = pc.dictionary_encode(combined.item)
     user = user_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
     item = item_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    ts = t["timestamp"].to_numpy()
+    ts = combined.timestamp
     n_dom = len(dom_names)
 
     if opts.domains:
@@ -179,6 +172,7 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
 
     item_ids = vocab["item_id"].to_pylist()
     present = sorted(set(seq_dom.tolist()))
+    dom_shared, dom_private = item_sharing(items_sorted, dom_code[order], n_dom)
     dom_users = np.bincount(seq_dom, minlength=n_dom)
     dom_inter = np.bincount(seq_dom, weights=lengths, minlength=n_dom).astype(np.int64)
     stats = {
@@ -186,15 +180,25 @@ def prepare(input_path: str | Path, out: str | Path, opts: PrepareOptions, log=p
         "items": int(len(used_items)),
         "interactions": int(len(order)),
         "sequences": int(len(starts)),
-        "domains": {dom_names[d]: {"users": int(dom_users[d]), "interactions": int(dom_inter[d])} for d in present},
+        "domains": {dom_names[d]: {"users": int(dom_users[d]), "interactions": int(dom_inter[d]),
+                                   "items": int(dom_shared[d] + dom_private[d]), "shared_items": int(dom_shared[d]),
+                                   "private_items": int(dom_private[d])} for d in present},
         "evaluable_sequences": int((valid_end > train_end).sum()),
-        "skipped_bad_rows": int(raw.skipped),
+        "skipped_bad_rows": int(combined.skipped),
         "filtered_out_interactions": int(len(user) - keep.sum()),
-        "input_rules": {"stripped_whitespace_ids": int(raw.notes.get("stripped_whitespace_ids", 0)),
-                        "duplicate_rows": int(raw.notes.get("duplicate_rows", 0)), "duplicates": opts.duplicates},
+        "input_rules": {"stripped_whitespace_ids": combined.note("stripped_whitespace_ids"),
+                        "duplicate_rows": combined.note("duplicate_rows"), "duplicates": opts.duplicates},
     }
+    if len(sources) > 1:
+        src_of_row = combined.source_code[order]
+        src_shared, src_private = item_sharing(items_sorted, src_of_row, len(sources))
+        stats["sources"] = {s.name: {"input": s.path, "format": s.format,
+                                     "interactions": int((src_of_row == k).sum()),
+                                     "items": int(src_shared[k] + src_private[k]), "shared_items": int(src_shared[k]),
+                                     "private_items": int(src_private[k])} for k, s in enumerate(sources)}
     meta = {
-        "format_version": FORMAT_VERSION, "input": str(input_path), "options": _jsonable(asdict(opts)),
+        "format_version": FORMAT_VERSION, "input": inputs[0] if len(inputs) == 1 else inputs,
+        "sources": [asdict(s) for s in sources], "options": _jsonable(asdict(opts)),
         "domains": [dom_names[d] for d in present], "num_items": int(len(used_items)),
         "vocab_hash": vocab_hash(item_ids), **split_info,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -237,21 +241,6 @@ def check_prepare_options(opts: PrepareOptions) -> None:
     for flag, v in (("--temporal-valid", opts.temporal_valid), ("--temporal-test", opts.temporal_test)):
         if not math.isfinite(v) or v < 0:
             raise InputError(f"must be a quantile in [0, 1] or a time inside the data, got {v}", field=flag)
-
-
-def _check_domain_names(raw, codes: np.ndarray, names: list[str], opts: PrepareOptions) -> None:
-    """Domain names are data that later become list items (``--domains a,b``) and, sanitised, folder
-    names: an empty name, a comma or a control character is refused where it first occurs."""
-    flag = opts.columns.domain or "--domain-from"
-    for code, name in enumerate(names):
-        why = ("is empty" if not name.strip() else
-               "contains ',' (the separator of domain lists)" if "," in name else
-               "contains a control character" if any(ord(ch) < 32 or ord(ch) == 127 for ch in name) else None)
-        if why:
-            rows = np.flatnonzero(codes == code)
-            line = raw.line(int(rows[0])) if len(rows) else None
-            raise InputError(f"domain name {name!r} {why}; rename it in the data or derive domains with a rule",
-                             path=raw.source.path, line=line, field=flag)
 
 
 def _check_out(out: Path) -> Path:

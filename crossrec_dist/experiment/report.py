@@ -149,6 +149,11 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
              f"Data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions, "
              f"{len(stats['domains'])} domains. Sources: {', '.join(sources)}. Targets: {', '.join(targets)}.",
              "Protocol: leave-one-out by time, full ranking over all items (history excluded), test split.", ""]
+    inputs = stats.get("sources") or {}
+    if len(inputs) > 1:      # several data sources, one item vocabulary joined on the raw item id
+        lines[-1:-1] = ["Data sources (items shared with another source / private): " + "; ".join(
+            f"{name}: {s['interactions']:,} interactions, {s['items']:,} items "
+            f"({s['shared_items']:,} / {s['private_items']:,})" for name, s in inputs.items()) + "."]
     if res["pretrain"]:
         p = res["pretrain"]
         lines += ["## Pretrained base (source domains)", "",

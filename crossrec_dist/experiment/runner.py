@@ -8,7 +8,8 @@ A record holds the step's settings -- its arguments (paths inside OUT as ``<out>
 config and the full config YAML it read, as a dict -- and a hash of them chained with the hashes of
 the steps it reads from (prepare <- fetch/synth, pretrain <- prepare, finetune <- pretrain + prepare,
 distil <- its teacher's finetune, serving benchmark <- distil), plus the run ids of those steps'
-outputs it was made from.
+outputs it was made from. A recipe with several data ``sources`` has one fetch step per source
+(``fetch NAME``, into ``OUT/raw/NAME/``), and prepare reads from all of them.
 
 A step is skipped only when its output marker exists (metrics.json; stats.json, fetch.json or the
 synthetic log for data; serving.json), its record is complete, its hash is the hash of the settings
@@ -35,11 +36,10 @@ from pathlib import Path
 
 import yaml
 
-from ..config import load_config
 from ..errors import InputError, RunStopped
 from ..paths import inside
 from . import records
-from .recipe import Recipe, check_recipe
+from .recipe import Recipe, load_recipe
 
 
 class StepFailed(RunStopped):
@@ -97,7 +97,13 @@ class Runner:
                         value = True
                     else:
                         value, i = self._arg(nxt), i + 1
-                options[key] = value
+                if key in options:
+                    # A repeated option (prepare's --input/--source-name per source): every value, in
+                    # order. An option given once stays a plain value, so older records keep their hash.
+                    was = options[key]
+                    options[key] = [*(was if isinstance(was, list) else [was]), value]
+                else:
+                    options[key] = value
             else:
                 words.append(self._arg(a))
             i += 1
@@ -250,15 +256,26 @@ class Runner:
         r, out = self.r, self.out
         data = out / "data"
         raw = out / "raw"
-        if r.data.source == "synth":
+        if r.data.sources is not None:
+            # Several sources: one fetch step each, into OUT/raw/<name>/; prepare reads them all, in order.
+            fetched, inputs, names = [], [], []
+            for src in r.data.inputs():
+                dest, step = inside(raw, src.name), f"fetch {src.name}"
+                self._step(step, ("fetch", src.name), ["data", "fetch", src.fetch, "--out", dest],
+                           done=dest / "fetch.json", output=dest)
+                fetched.append(step)
+                inputs += ["--input", dest]
+                names += ["--source-name", src.name]
+            prep = [*inputs, "--format", "auto", *names]
+        elif r.data.single() == "synth":
             args = [f"--{k.replace('_', '-')}={v}" for k, v in r.data.synth.items()]
-            fetched = "synth"
+            fetched = ["synth"]
             self._step("synth", ("synth",), ["data", "synth", "--out", raw, *args],
                        done=raw / "interactions.parquet", output=raw)
             prep = ["--input", raw / "interactions.parquet", "--format", "parquet"]
         else:
-            fetched = "fetch"
-            self._step("fetch", ("fetch",), ["data", "fetch", r.data.source, "--out", raw],
+            fetched = ["fetch"]
+            self._step("fetch", ("fetch",), ["data", "fetch", r.data.single(), "--out", raw],
                        done=raw / "fetch.json", output=raw)
             prep = ["--input", raw, "--format", "auto"]
         if r.data.domain_from:
@@ -267,7 +284,7 @@ class Runner:
             prep += ["--domain-col", r.data.domain_col]
         prep += ["--min-user", r.data.min_user, "--min-item", r.data.min_item]
         self._step("prepare", ("prepare",), ["prepare", *prep, "--out", data], done=data / "stats.json",
-                   output=data, deps=(fetched,))
+                   output=data, deps=tuple(fetched))
 
         if self.checking and not (data / "stats.json").is_file():
             raise _CheckEnds
@@ -317,6 +334,5 @@ class Runner:
 
 
 def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False) -> Path:
-    recipe = load_config(Recipe, config, overrides)
-    check_recipe(recipe, config)
+    recipe = load_recipe(config, overrides)
     return Runner(recipe, Path(out), force, rerun_changed=rerun_changed).run()

@@ -32,6 +32,27 @@ def test_report_numbers_come_from_metrics_files(experiment):
         assert (experiment / png).stat().st_size > 5000 and f"]({png})" in report
 
 
+def test_report_gives_intervals_paired_differences_and_the_selected_step(experiment):
+    """Every method's test NDCG@10 comes with a bootstrap interval over the target's users, paired
+    differences vs zero-shot and full on the same users, and the step validation selected."""
+    import numpy as np
+    from crossrec_dist.evaluation.bootstrap import ndcg_at
+    res = json.loads((experiment / "results.json").read_text())["intervals"]["d3"]
+    report = (experiment / "report.md").read_text()
+    recs = {m: json.loads((experiment / "targets" / "d3" / m / "metrics.json").read_text()) for m in ("none", "full", "lora")}
+    for m, rec in recs.items():
+        ranks = rec["test_ranks"]
+        assert len(ranks["rank"]) == rec["test"]["users"] == res[m]["ndcg@10"]["n"]
+        assert np.isclose(np.mean(ndcg_at(ranks["rank"])), rec["test"]["ndcg@10"])
+        iv = res[m]["ndcg@10"]
+        assert iv["low"] <= iv["mean"] <= iv["high"] and np.isclose(iv["mean"], rec["test"]["ndcg@10"])
+    lora = res["lora"]
+    assert np.isclose(lora["vs_none"]["mean"], recs["lora"]["test"]["ndcg@10"] - recs["none"]["test"]["ndcg@10"])
+    assert "vs_none" not in res["none"] and lora["best_step"] == recs["lora"]["train"]["best_step"]
+    assert f"### Target d3: {recs['none']['test']['users']} test users" in report
+    assert f"{lora['best_step']} of {lora['steps']}" in report
+
+
 def test_rerun_skips_finished_steps(experiment):
     first = json.loads((experiment / "results.json").read_text())["timings"]
     records = {p: json.loads(p.read_text()) for p in (experiment / "steps").rglob("*.json")}

@@ -40,3 +40,27 @@ def test_ranks_from_scores_end_to_end():
     m = metrics_from_ranks(ranks, ks=(2,))
     assert math.isclose(m["hr@2"], 0.5)
     assert math.isclose(m["ndcg@2"], (1 / math.log2(3)) / 2)
+
+
+def test_bootstrap_interval_of_a_hand_computed_case():
+    """Two users scoring 0 and 1: a resampled mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so
+    the 2.5% and 97.5% percentiles are 0 and 1; constant values have a zero-width interval."""
+    import numpy as np
+    from crossrec_dist.evaluation.bootstrap import bootstrap_mean, ndcg_at, paired_difference
+    iv = bootstrap_mean([0.0, 1.0], resamples=4000)
+    assert iv.mean == 0.5 and iv.low == 0.0 and iv.high == 1.0 and iv.n == 2
+    assert not iv.excludes_zero or iv.low > 0
+    flat = bootstrap_mean([0.25] * 7)
+    assert (flat.low, flat.mean, flat.high) == (0.25, 0.25, 0.25)
+    # ranks 0, 1, 10 -> NDCG@10 1, 1/log2(3), 0
+    assert np.allclose(ndcg_at([0, 1, 10]), [1.0, 1 / np.log2(3), 0.0])
+    # Paired: b = a + 0.1 for every user -> the difference is exactly 0.1, excluding 0; a vs a is n.s.
+    a = np.linspace(0, 1, 50)
+    d = paired_difference(a + 0.1, a)
+    assert np.isclose(d.low, 0.1) and np.isclose(d.high, 0.1) and d.excludes_zero
+    same = paired_difference(a, a)
+    assert not same.excludes_zero and same.diff_text().endswith("n.s.")
+    # A noisy difference whose interval straddles 0 is reported as not significant.
+    rng = np.random.default_rng(0)
+    noisy = paired_difference(rng.normal(0, 1, 60), rng.normal(0, 1, 60))
+    assert noisy.low < 0 < noisy.high and "n.s." in noisy.diff_text()

@@ -50,7 +50,8 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
     record = metrics_record(stage="evaluate", domain=domain if domains and len(domains) == 1 else None,
                             method=method, params=params, valid=results["valid"]["overall"],
                             test=results["test"]["overall"], per_domain=results["test"]["per_domain"],
-                            eval_seconds=round(time.perf_counter() - t0, 3), model=model, adapter=adapter)
+                            eval_seconds=round(time.perf_counter() - t0, 3), model=model, adapter=adapter,
+                            test_ranks=results["test"]["examples"])
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)

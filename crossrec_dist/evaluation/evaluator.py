@@ -91,4 +91,7 @@ def summarize_ranks(data: PreparedData, ev: EvalSet, ranks: torch.Tensor, ks) ->
             m = metrics_from_ranks(ranks[sel], ks)
             m["users"] = int(sel.sum())
             per_domain[data.domain_names[code]] = m
-    return {"overall": overall, "per_domain": per_domain}
+    # Per-user ranks (by sequence index): what bootstrap intervals and paired differences between
+    # methods evaluated on the same users are computed from (evaluation/bootstrap.py).
+    examples = {"seq_index": [int(s) for s in ev.seq_index], "rank": [int(r) for r in ranks]}
+    return {"overall": overall, "per_domain": per_domain, "examples": examples}

@@ -72,6 +72,7 @@ class RecommenderTask(TrainTask):
                 test = sharded_evaluate(self.data, self.data.eval_set("test", domains), scorer,
                                         replace(opts, split="test"), engine.device)["overall"]
                 tracked = {"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]}
+        details.pop("examples", None)     # per-user ranks: only the final test record keeps them
         overall = details["overall"]
         return Validation(metrics={"ndcg@10": overall["ndcg@10"], "hr@10": overall["hr@10"]},
                           tracked=tracked, details=details)

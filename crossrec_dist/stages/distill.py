@@ -176,7 +176,7 @@ class DistillTask(RecommenderTask):
             teacher={"model": self.teacher_dir, "adapter": self.adapter, "params": self.teacher_params,
                      "valid": tev["valid"]["overall"], "test": tev["test"]["overall"]},
             kept_test_ndcg=ev["test"]["overall"]["ndcg@10"] / max(tev["test"]["overall"]["ndcg@10"], 1e-12),
-            config=asdict(self.cfg), world_size=dist_info.world_size())
+            config=asdict(self.cfg), world_size=dist_info.world_size(), test_ranks=ev["test"]["examples"])
 
 
 def run_distill(cfg: DistillConfig, teacher: str, adapter: str | None, data_dir: str, domain: str, out: str,

@@ -163,7 +163,7 @@ class FinetuneTask(RecommenderTask):
             new_items=len(self.new_items), base=str(Path(self.base_dir).resolve()), lr=engine.lr,
             base_fingerprint=self.fingerprint, config=_jsonable(asdict(self.cfg)),
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
-            grad_accum=engine.settings.grad_accum, **extra)
+            grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"], **extra)
 
 
 def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:
@@ -198,7 +198,8 @@ def _zero_shot(cfg, base_dir, data, domain, out, log):
     record = metrics_record(stage="finetune", domain=domain, method="none", params={**params, "trainable": 0},
                             valid=ev["valid"]["overall"], test=ev["test"]["overall"],
                             train={"steps": 0, "seconds": round(time.perf_counter() - t0, 3), "samples_per_second": 0.0},
-                            base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir))
+                            base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir),
+                            test_ranks=ev["test"]["examples"])
     write_metrics(out, record)
     log(f"zero-shot {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} -> {out}")
     return record

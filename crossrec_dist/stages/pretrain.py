@@ -77,7 +77,7 @@ class PretrainTask(RecommenderTask):
             config={"model": self.model_config.to_diff_dict(), "train": asdict(self.train)},
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             zero3_init=engine.settings.zero3_init, grad_accum=engine.settings.grad_accum,
-            eval_seconds=round(time.perf_counter() - t0, 3))
+            eval_seconds=round(time.perf_counter() - t0, 3), test_ranks=ev["test"]["examples"])
 
 
 def run_pretrain(cfg: PretrainConfig, data_dir: str, out: str, log=print) -> dict:

@@ -167,3 +167,27 @@ def test_popularity_baseline_cli(ml100k, tmp_path):
     assert 0.035 < m["test"]["ndcg@10"] < 0.05 and 0.07 < m["test"]["hr@10"] < 0.10
     total = sum(d["users"] for d in m["per_domain"].values())
     assert total == 943
+
+
+def test_several_validation_targets_per_user_never_overlap_training(tmp_path):
+    """valid_targets=K: the last K items before the test item are validation targets, each predicted
+    from its own prefix, and exactly those K - 1 extra items leave the training part."""
+    from crossrec_dist.cli import main
+    rows = "".join(f"u{u},i{u}_{k},{k}\n" for u in range(3) for k in range(10 + u))
+    (tmp_path / "log.csv").write_text("user_id,item_id,timestamp\n" + rows)
+    assert main(["prepare", "--input", str(tmp_path / "log.csv"), "--format", "csv", "--out", str(tmp_path / "p")]) == 0
+    data = PreparedData(tmp_path / "p")
+    one = data.eval_set("valid")
+    three = data.eval_set("valid", targets_per_user=3)
+    assert len(three.targets) == 3 * len(one.targets)
+    for s, end in zip(one.seq_index, one.hist_end):          # end = train_end: the usual validation target
+        mine = three.hist_end[three.seq_index == s]
+        assert sorted(mine.tolist()) == [end - 2, end - 1, end]
+        assert (three.targets[three.seq_index == s] == data.items[data.offsets[s] + mine]).all()
+    seq, usable = data.train_sequences(holdout=2)
+    for s, u in zip(seq, usable):
+        # training predicts positions 1..usable-1: all before the first validation target
+        assert u - 1 < three.hist_end[three.seq_index == s].min()
+    assert (data.eval_set("test").targets == data.eval_set("test").targets).all()
+    with pytest.raises(ValueError):
+        data.eval_set("test", targets_per_user=2)

@@ -96,17 +96,34 @@ class PreparedData:
     def sequence_mask(self, domains=None) -> np.ndarray:
         return np.isin(self.seq_domain, self.domain_codes(domains))
 
-    def train_sequences(self, domains=None, *, include_valid: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """(sequence indices, usable lengths) of the training part of each sequence."""
+    def train_sequences(self, domains=None, *, include_valid: bool = False,
+                        holdout: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(sequence indices, usable lengths) of the training part of each sequence; ``holdout`` more
+        items at its end are kept out of training (extra validation targets, see ``eval_set``)."""
         mask = self.sequence_mask(domains)
-        ends = self.valid_end if include_valid else self.train_end
+        ends = (self.valid_end if include_valid else self.train_end) - holdout
         idx = np.flatnonzero(mask & (ends >= 2))
         return idx, ends[idx]
 
-    def eval_set(self, split: str, domains=None) -> EvalSet:
-        """valid: predict items[train_end] from items[:train_end]; test: items[valid_end] from items[:valid_end]."""
+    def eval_set(self, split: str, domains=None, targets_per_user: int = 1) -> EvalSet:
+        """valid: predict items[train_end] from items[:train_end]; test: items[valid_end] from items[:valid_end].
+
+        ``targets_per_user`` = K > 1 (valid only): also predict each of the K - 1 items before
+        items[train_end], each from its own prefix. Those items must then be kept out of training
+        (``train_sequences(holdout=K - 1)``). On a target of ~100 users, one validation item each is
+        too noisy to select a checkpoint on; K of them shrink that noise by about sqrt(K)."""
         if split not in ("valid", "test"):
             raise ValueError(split)
+        if targets_per_user > 1:
+            if split != "valid":
+                raise ValueError("several targets per user exist for the valid split only")
+            one = self.eval_set("valid", domains)
+            ends = np.concatenate([one.hist_end - j for j in range(targets_per_user)])
+            seqs = np.concatenate([one.seq_index] * targets_per_user)
+            keep = ends >= 1
+            order = np.lexsort((ends[keep], seqs[keep]))
+            seqs, ends = seqs[keep][order], ends[keep][order]
+            return EvalSet(seqs, ends, self.items[self.offsets[seqs] + ends], self.seq_domain[seqs])
         mask = self.sequence_mask(domains)
         hist_end = self.train_end if split == "valid" else self.valid_end
         has_target = (self.valid_end > self.train_end) if split == "valid" else (self.lengths > self.valid_end)

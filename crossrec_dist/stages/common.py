@@ -37,6 +37,8 @@ class RecommenderTask(TrainTask):
     max_len: int
     hidden_size: int
 
+    valid_targets: int = 1      # validation targets per user (the last K before the test item)
+
     def train_domains(self) -> list[str] | None:
         """Domains whose sequences it trains on (None: all)."""
         raise NotImplementedError
@@ -56,7 +58,7 @@ class RecommenderTask(TrainTask):
     def batches(self) -> SequenceBatches:
         t = self.train
         return training_batches(self.data, self.train_domains(), self.max_len, t.micro_batch_size, t.seed,
-                                t.window_stride)
+                                t.window_stride, holdout=self.valid_targets - 1)
 
     def loss(self, model, inputs) -> LossTerms:
         return LossTerms(model(**inputs).loss)
@@ -66,7 +68,8 @@ class RecommenderTask(TrainTask):
         opts = EvalOptions(split="valid", domains=domains, batch_size=self.train.eval_batch_size, max_len=self.max_len)
         scorer = model_scorer(engine.model)
         with torch.no_grad():
-            details = sharded_evaluate(self.data, self.data.eval_set("valid", domains), scorer, opts, engine.device)
+            valid = self.data.eval_set("valid", domains, targets_per_user=self.valid_targets)
+            details = sharded_evaluate(self.data, valid, scorer, opts, engine.device)
             tracked = {}
             if self.train.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
                 test = sharded_evaluate(self.data, self.data.eval_set("test", domains), scorer,
@@ -104,8 +107,8 @@ def run_stage(task: RecommenderTask, out: str | Path, log=print) -> dict:
 
 
 def training_batches(data: PreparedData, domains, max_len: int, micro_batch: int, seed: int,
-                     stride: int = 0) -> SequenceBatches:
-    seq, usable = data.train_sequences(domains)
+                     stride: int = 0, holdout: int = 0) -> SequenceBatches:
+    seq, usable = data.train_sequences(domains, holdout=holdout)
     if len(seq) == 0:
         raise InputError(f"no training sequences in domain(s) {domains}", path=str(data.path), field="--domains")
     return SequenceBatches(data, make_windows(seq, usable, max_len, stride), max_len, micro_batch, seed)

@@ -45,6 +45,7 @@ class FinetuneTask(RecommenderTask):
             raise InputError(f"unknown method {cfg.method!r}; choose one of {', '.join(METHODS)}", field="--method")
         self.cfg, self.train, self.data, self.base_dir, self.domain = cfg, cfg.train, data, str(base_dir), domain
         self.name = f"finetune-{cfg.method}-{domain}"
+        self.valid_targets = cfg.valid_targets
         data.domain_codes([domain])
         self.base_config = load_model_config(base_dir)
         check_same_vocabulary(base_dir, data, "base model")

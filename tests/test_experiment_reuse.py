@@ -42,7 +42,8 @@ class FakeCli:
         config = yaml.safe_load(Path(opts["--config"]).read_text()) if "--config" in opts else None
         self.calls.append((args, config))
         out = Path(opts["--out"])
-        metrics = {"test": {"ndcg@10": 0.1, "hr@10": 0.2, "mrr@10": 0.05, "users": 7},
+        seed = ((config or {}).get("train") or {}).get("seed", 0)
+        metrics = {"test": {"ndcg@10": 0.1 + 0.01 * seed, "hr@10": 0.2, "mrr@10": 0.05, "users": 7},
                    "params": {"total": 1000, "trainable": 100}, "train": {"steps": 3, "seconds": 0.5}}
         if args[:2] == ["data", "synth"]:
             out.mkdir(parents=True, exist_ok=True)
@@ -408,3 +409,22 @@ def test_a_bad_sources_section_exits_2_from_the_command_line(fake, multi, tmp_pa
                "--set", "data.sources=[{name: a, fetch: movielens-2m}]"])
     err = capsys.readouterr().err
     assert rc == 2 and f"{multi}, field 'data.sources[0].fetch'" in err and "Traceback" not in err, err
+
+
+def test_seeds_run_each_trained_method_once_per_seed_and_report_the_median(fake, recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    ran = experiment(recipe, out, capsys, "seeds=[0,1,2]", "distill=null")
+    finetunes = [r for r in ran if r.startswith("finetune")]
+    assert finetunes == ["finetune d3 none", "finetune d3 full", "finetune d3 full seed 1", "finetune d3 full seed 2",
+                         "finetune d3 lora", "finetune d3 lora seed 1", "finetune d3 lora seed 2"]
+    seeds_seen = {c[1]["train"]["seed"] for c in fake.calls if c[0][0] == "finetune" and "--method" in c[0]
+                  and c[0][c[0].index("--method") + 1] == "lora"}
+    assert seeds_seen == {0, 1, 2}
+    assert (out / "targets" / "d3" / "lora.seed2" / "metrics.json").is_file()
+    res = json.loads((out / "results.json").read_text())["targets"]["d3"]
+    assert res["lora"]["seed_ndcg@10"] == pytest.approx([0.10, 0.11, 0.12])
+    assert res["lora"]["ndcg@10"] == pytest.approx(0.11) and res["none"]["ndcg@10"] == pytest.approx(0.10)
+    # One seed (the default) keeps the folders and step hashes of recipes written before seeds existed.
+    one = tmp_path / "one"
+    experiment(recipe, one, capsys, "distill=null")
+    assert hashes(one)["finetune d3 lora"] == hashes(out)["finetune d3 lora"]

@@ -84,6 +84,8 @@ class Recipe:
     method_overrides: dict = field(default_factory=dict)  # method -> finetune config overrides
     distill: DistillConfig | None = None  # None: no distillation
     distill_from: str = "lora"            # which fine-tuned teacher to distil per target
+    seeds: list[int] = field(default_factory=lambda: [0])   # fine-tuning seeds per target and method: the
+                                          # report gives the median and intervals over seed-averaged users
     launch: str | None = None             # accelerate config for training steps (None: one process)
 
     def finetune_config(self, method: str) -> FinetuneConfig:
@@ -154,6 +156,9 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
         twice = sorted({str(n) for n in names if list(map(str, names)).count(str(n)) > 1})
         if twice:
             raise InputError(f"domain(s) {twice} listed more than once", path=path, field=key)
+    if not recipe.seeds or len(set(recipe.seeds)) != len(recipe.seeds) or min(recipe.seeds) < 0:
+        raise InputError(f"seeds must be distinct integers >= 0, at least one; got {recipe.seeds}", path=path,
+                         field="seeds")
     unknown = [m for m in recipe.methods if m not in METHODS]
     if unknown or not recipe.methods:
         raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}", path=path, field="methods")

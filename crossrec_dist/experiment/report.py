@@ -17,7 +17,17 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def collect(out: Path, methods: list[str], targets: list[str]) -> dict:
+def _seed_records(out: Path, target: str, method: str, seeds: list[int]) -> list[dict]:
+    """The method's metrics.json of every seed that has finished (zero-shot: one, it has no seed)."""
+    from .runner import seed_folder
+    wanted = seeds[:1] if method in ("none", "student_kd", "student_ce") else seeds
+    recs = [_read(inside(out, "targets", target, seed_folder(method, seeds, s)) / "metrics.json") for s in wanted]
+    return [r for r in recs if r]
+
+
+def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] | None = None) -> dict:
+    """Per target and method, the test metrics (the median over seeds when there are several)."""
+    seeds = seeds or [0]
     res = {"pretrain": None, "targets": {}, "average": {}, "distill": {}}
     pre = _read(out / "pretrain" / "metrics.json")
     if pre:
@@ -26,9 +36,12 @@ def collect(out: Path, methods: list[str], targets: list[str]) -> dict:
     for t in targets:
         row = {}
         for m in methods + ["student_kd", "student_ce"]:
-            rec = _read(inside(out, "targets", t, m) / "metrics.json")
+            recs = _seed_records(out, t, m, seeds)
+            rec = recs[0] if recs else None
             if rec:
-                row[m] = {**{k: rec["test"][k] for k in METRICS}, "users": rec["test"].get("users"),
+                row[m] = {**{k: statistics.median(r["test"][k] for r in recs) for k in METRICS},
+                          "seed_ndcg@10": [r["test"]["ndcg@10"] for r in recs],
+                          "users": rec["test"].get("users"),
                           "trainable": rec["params"]["trainable"], "total": rec["params"]["total"],
                           "steps": rec["train"]["steps"], "seconds": rec["train"]["seconds"]}
                 serving = _read(inside(out, "targets", t, m) / "serving.json")
@@ -132,22 +145,29 @@ def _plots(out: Path, res: dict, methods: list[str], targets: list[str]) -> list
     return files
 
 
-def intervals(out: Path, target: str, methods: list[str]) -> dict:
+def intervals(out: Path, target: str, methods: list[str], seeds: list[int] | None = None) -> dict:
     """Per method on one target: test NDCG@10 with a 95% bootstrap interval over the target's test
     users, and paired bootstrap differences vs zero-shot (``none``) and vs ``full`` on the same users;
-    plus the step each run selected. Empty when the records carry no per-user ranks."""
+    plus the step each run selected. With several seeds, each user's NDCG@10 is first averaged over
+    the method's seeds (the interval is then over users of the seed-averaged method). Empty when the
+    records carry no per-user ranks."""
+    import numpy as np
+
     from ..evaluation.bootstrap import aligned, bootstrap_mean, paired_difference
-    recs = {m: _read(inside(out, "targets", target, m) / "metrics.json") for m in methods}
-    recs = {m: r for m, r in recs.items() if r}
+    seeds = seeds or [0]
+    per_method = {m: _seed_records(out, target, m, seeds) for m in methods}
+    recs = {f"{m}#{k}": r for m, rs in per_method.items() for k, r in enumerate(rs)}
     got = aligned(recs)
     if got is None:
         return {}
-    _, ndcg = got
+    _, by_run = got
+    ndcg = {m: np.mean([by_run[f"{m}#{k}"] for k in range(len(rs))], axis=0)
+            for m, rs in per_method.items() if rs}
     table = {}
     for m, values in ndcg.items():
-        train = recs[m].get("train", {})
-        row = {"ndcg@10": bootstrap_mean(values).__dict__, "best_step": train.get("best_step"),
-               "steps": train.get("steps")}
+        steps = [(r.get("train", {}).get("best_step"), r.get("train", {}).get("steps")) for r in per_method[m]]
+        row = {"ndcg@10": bootstrap_mean(values).__dict__, "best_step": steps[0][0], "steps": steps[0][1],
+               "seed_steps": steps, "seeds": len(per_method[m])}
         for ref in ("none", "full"):
             if ref in ndcg and ref != m:
                 row[f"vs_{ref}"] = paired_difference(values, ndcg[ref]).__dict__
@@ -173,7 +193,8 @@ def _interval_lines(target: str, table: dict, methods: list[str]) -> list[str]:
         cells = [Interval(**r["ndcg@10"]).text()]
         for ref in ("none", "full"):
             cells.append(Interval(**r[f"vs_{ref}"]).diff_text() if f"vs_{ref}" in r else "-")
-        step = "-" if r.get("steps") in (None, 0) else f"{r['best_step']} of {r['steps']}"
+        runs = r.get("seed_steps") or [(r.get("best_step"), r.get("steps"))]
+        step = ", ".join("-" if n in (None, 0) else f"{b} of {n}" for b, n in runs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {step} |")
     return lines + [""]
 
@@ -184,7 +205,8 @@ def _fmt(x) -> str:
 
 def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
     methods, targets = list(recipe.methods), list(recipe.targets)
-    res = collect(out, methods, targets)
+    seeds = list(getattr(recipe, "seeds", [0]))
+    res = collect(out, methods, targets, seeds)
     res.update(recipe=asdict(recipe), sources=sources, timings=timings, distill_from=recipe.distill_from,
                generated=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_atomic(out / "results.json", json.dumps(res, indent=2))
@@ -216,7 +238,10 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         lines.append(f"| {m} | {_fmt(int(statistics.mean(tr)))} | " + " | ".join(cells) + f" | {mean} |")
     users = [res["targets"][t][shown[0]].get("users") for t in targets] if shown else []
     lines += ["", f"Test users per region: {', '.join(f'{t}: {u}' for t, u in zip(targets, users))}.", ""]
-    res["intervals"] = {t: intervals(out, t, methods + ["student_kd", "student_ce"]) for t in targets}
+    res["intervals"] = {t: intervals(out, t, methods + ["student_kd", "student_ce"], seeds) for t in targets}
+    if len(seeds) > 1:
+        lines += [f"Fine-tuning seeds: {', '.join(map(str, seeds))}. Tables give the median over seeds; intervals "
+                  "are over users of each user's seed-averaged NDCG@10; selected steps are listed per seed.", ""]
     for t in targets:
         lines += _interval_lines(t, res["intervals"][t], methods + ["student_kd", "student_ce"])
     write_atomic(out / "results.json", json.dumps(res, indent=2))

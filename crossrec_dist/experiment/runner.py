@@ -304,12 +304,20 @@ class Runner:
 
         for target in r.targets:
             for method in r.methods:
-                dest = inside(out, "targets", target, method)
-                self._step(f"finetune {target} {method}", ("finetune", target, method), [
-                    "finetune", "--base", base, "--data", data, "--domain", target, "--method", method,
-                    "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
-                    deps=("pretrain", "prepare"), config=("finetune", f"finetune_{method}", r.finetune_config(method)),
-                    train=method != "none")
+                # The first seed keeps the plain names (targets/T/METHOD); others are METHOD.seedS.
+                # Zero-shot is deterministic: it runs once.
+                for k, seed in enumerate(r.seeds if method != "none" else r.seeds[:1]):
+                    cfg = r.finetune_config(method)
+                    if seed != cfg.train.seed:
+                        cfg = replace(cfg, train=replace(cfg.train, seed=seed))
+                    name = seed_folder(method, r.seeds, seed)
+                    dest = inside(out, "targets", target, name)
+                    self._step(f"finetune {target} {method}" + ("" if k == 0 else f" seed {seed}"),
+                               ("finetune", target, name), [
+                        "finetune", "--base", base, "--data", data, "--domain", target, "--method", method,
+                        "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
+                        deps=("pretrain", "prepare"), config=("finetune", f"finetune_{name}", cfg),
+                        train=method != "none")
             if r.distill is not None:
                 self._distill(target, base, data)
         return sources
@@ -331,6 +339,11 @@ class Runner:
             self._step(f"serving benchmark {target} {kind}", ("serving", target, kind), [
                 "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench],
                 done=bench, output=bench, deps=(f"distill {target} {kind}",))
+
+
+def seed_folder(method: str, seeds: list[int], seed: int) -> str:
+    """``METHOD`` for the first seed (what single-seed recipes always wrote), ``METHOD.seedS`` after."""
+    return method if seed == seeds[0] else f"{method}.seed{seed}"
 
 
 def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False) -> Path:

@@ -219,6 +219,7 @@ CASES = [
     Case("adalora-schedule-too-short", FT + " --method adalora --set train.max_steps=2 --set adalora.tinit_ratio=0.6 "
          "--set adalora.tfinal_ratio=0.5", ["adalora"], needs=("data", "model")),
     Case("valid-targets-zero", FT + " --method lora --set valid_targets=0", ["valid_targets"], needs=("data", "model")),
+    Case("train-fraction-zero", FT + " --method lora --set train_fraction=0", ["train_fraction"], needs=("data", "model")),
     Case("l2sp-negative", FT + " --method l2sp --set l2sp_weight=-1", ["l2sp_weight"], needs=("data", "model")),
     Case("finetune-unknown-domain", FT.replace("--domain a", "--domain zz") + " --method lora", ["--domain", "zz"],
          needs=("data", "model")),

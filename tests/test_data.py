@@ -191,3 +191,22 @@ def test_several_validation_targets_per_user_never_overlap_training(tmp_path):
     assert (data.eval_set("test").targets == data.eval_set("test").targets).all()
     with pytest.raises(ValueError):
         data.eval_set("test", targets_per_user=2)
+
+
+def test_train_fraction_samples_users_nested_and_seeded(synth_data):
+    """train_fraction: a seeded sample of the target's users trains and validates; a larger fraction at
+    the same seed contains the smaller one, so a data-fraction curve compares like with like."""
+    from crossrec_dist.stages.common import training_batches
+    from crossrec_dist.stages.finetune import sample_users
+    data = PreparedData(synth_data)
+    domain = data.domain_names[0]
+    everyone = np.flatnonzero(data.sequence_mask([domain]))
+    assert sample_users(data, domain, 1.0, 0) is None
+    small, large = sample_users(data, domain, 0.1, 3), sample_users(data, domain, 0.5, 3)
+    assert len(small) == round(0.1 * len(everyone)) and set(small) <= set(large) <= set(everyone)
+    assert (sample_users(data, domain, 0.1, 3) == small).all() and not (sample_users(data, domain, 0.1, 4) == small).all()
+    batches = training_batches(data, [domain], 20, 8, 0, only=small)
+    assert set(np.unique(batches.windows.seq)) == set(small)
+    valid = data.eval_set("valid", [domain]).only(small)
+    assert set(valid.seq_index) <= set(small) and len(valid.seq_index) > 0
+    assert len(data.eval_set("test", [domain]).seq_index) > len(small)      # test users: all of them

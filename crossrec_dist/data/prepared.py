@@ -22,6 +22,11 @@ class EvalSet:
     targets: np.ndarray
     domains: np.ndarray       # domain code per example
 
+    def only(self, sequences: np.ndarray) -> "EvalSet":
+        """The examples of these sequences (users) only."""
+        keep = np.isin(self.seq_index, sequences)
+        return EvalSet(self.seq_index[keep], self.hist_end[keep], self.targets[keep], self.domains[keep])
+
 
 class PreparedData:
     """A prepared dataset DIR (written by ``crossrec prepare``), read once into flat arrays.

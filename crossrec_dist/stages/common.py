@@ -38,6 +38,7 @@ class RecommenderTask(TrainTask):
     hidden_size: int
 
     valid_targets: int = 1      # validation targets per user (the last K before the test item)
+    train_users: np.ndarray | None = None   # sequences that train and validate (None: all); test: all
 
     def train_domains(self) -> list[str] | None:
         """Domains whose sequences it trains on (None: all)."""
@@ -58,7 +59,7 @@ class RecommenderTask(TrainTask):
     def batches(self) -> SequenceBatches:
         t = self.train
         return training_batches(self.data, self.train_domains(), self.max_len, t.micro_batch_size, t.seed,
-                                t.window_stride, holdout=self.valid_targets - 1)
+                                t.window_stride, holdout=self.valid_targets - 1, only=self.train_users)
 
     def loss(self, model, inputs) -> LossTerms:
         return LossTerms(model(**inputs).loss)
@@ -69,6 +70,8 @@ class RecommenderTask(TrainTask):
         scorer = model_scorer(engine.model)
         with torch.no_grad():
             valid = self.data.eval_set("valid", domains, targets_per_user=self.valid_targets)
+            if self.train_users is not None:
+                valid = valid.only(self.train_users)
             details = sharded_evaluate(self.data, valid, scorer, opts, engine.device)
             tracked = {}
             if self.train.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
@@ -107,8 +110,11 @@ def run_stage(task: RecommenderTask, out: str | Path, log=print) -> dict:
 
 
 def training_batches(data: PreparedData, domains, max_len: int, micro_batch: int, seed: int,
-                     stride: int = 0, holdout: int = 0) -> SequenceBatches:
+                     stride: int = 0, holdout: int = 0, only: np.ndarray | None = None) -> SequenceBatches:
     seq, usable = data.train_sequences(domains, holdout=holdout)
+    if only is not None:
+        keep = np.isin(seq, only)
+        seq, usable = seq[keep], usable[keep]
     if len(seq) == 0:
         raise InputError(f"no training sequences in domain(s) {domains}", path=str(data.path), field="--domains")
     return SequenceBatches(data, make_windows(seq, usable, max_len, stride), max_len, micro_batch, seed)

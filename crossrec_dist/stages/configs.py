@@ -104,6 +104,8 @@ class FinetuneConfig:
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
     l2sp_weight: float = 0.01
     train_new_items: bool = True  # PEFT methods: trainable rows for items new to the target domain
+    train_fraction: float = 1.0   # share of the target's users whose histories train and validate (a seeded
+                                  # sample, the same for every method at one seed); test users: all of them
     valid_targets: int = 1        # validation targets per target user: the last K items before the test
                                   # item (K - 1 of them leave training); K > 1 steadies checkpoint selection
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=5, micro_batch_size=32,
@@ -163,6 +165,7 @@ def check_finetune_config(cfg: FinetuneConfig, prefix: str = "") -> None:
     _need(ad.delta_t >= 1, p + "adalora.delta_t", f"must be >= 1, got {ad.delta_t}")
     _need(ad.orth_reg_weight >= 0, p + "adalora.orth_reg_weight", f"must be >= 0, got {ad.orth_reg_weight}")
     _need(cfg.valid_targets >= 1, p + "valid_targets", f"must be >= 1, got {cfg.valid_targets}")
+    _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")
     _need(math.isfinite(cfg.l2sp_weight) and cfg.l2sp_weight >= 0, p + "l2sp_weight",
           f"must be >= 0, got {cfg.l2sp_weight}")
 

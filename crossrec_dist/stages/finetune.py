@@ -39,6 +39,18 @@ def new_item_indices(data: PreparedData, source_domains, target: str) -> list[in
     return np.flatnonzero((tgt > 0) & (src == 0)).tolist()
 
 
+def sample_users(data: PreparedData, domain: str, fraction: float, seed: int) -> np.ndarray | None:
+    """A seeded sample of ``fraction`` of the domain's sequences (None: all). The same for every
+    method at one seed, so methods are compared on the same training users; a larger fraction at the
+    same seed contains the smaller one (one permutation, cut at different lengths)."""
+    if fraction >= 1:
+        return None
+    seqs = np.flatnonzero(data.sequence_mask([domain]))
+    order = np.random.default_rng(seed).permutation(len(seqs))
+    n = max(1, int(round(fraction * len(seqs))))
+    return np.sort(seqs[order[:n]])
+
+
 class FinetuneTask(RecommenderTask):
     def __init__(self, cfg: FinetuneConfig, data: PreparedData, base_dir: str, domain: str):
         if cfg.method not in METHODS:
@@ -46,6 +58,7 @@ class FinetuneTask(RecommenderTask):
         self.cfg, self.train, self.data, self.base_dir, self.domain = cfg, cfg.train, data, str(base_dir), domain
         self.name = f"finetune-{cfg.method}-{domain}"
         self.valid_targets = cfg.valid_targets
+        self.train_users = sample_users(data, domain, cfg.train_fraction, cfg.train.seed)
         data.domain_codes([domain])
         self.base_config = load_model_config(base_dir)
         check_same_vocabulary(base_dir, data, "base model")
@@ -83,8 +96,11 @@ class FinetuneTask(RecommenderTask):
         return contextlib.nullcontext()
 
     def describe(self) -> str:
+        users = "" if self.train_users is None else \
+            f"; trains and validates on {len(self.train_users)} sampled user(s) (train_fraction {self.cfg.train_fraction})"
         return (f"finetune {self.cfg.method} on {self.domain}: {self.params['trainable']:,} of "
-                f"{self.params['total']:,} parameters trainable, {len(self.new_items)} item(s) new to the target")
+                f"{self.params['total']:,} parameters trainable, {len(self.new_items)} item(s) new to the target"
+                + users)
 
     def _adapt(self, base: CrossRecModel, engine):
         m, method = self.cfg, self.cfg.method
@@ -164,7 +180,8 @@ class FinetuneTask(RecommenderTask):
             new_items=len(self.new_items), base=str(Path(self.base_dir).resolve()), lr=engine.lr,
             base_fingerprint=self.fingerprint, config=_jsonable(asdict(self.cfg)),
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
-            grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"], **extra)
+            grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
+            train_users=None if self.train_users is None else len(self.train_users), **extra)
 
 
 def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:

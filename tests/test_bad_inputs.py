@@ -260,6 +260,8 @@ CASES = [
          {"r.yaml": "targets: ['0']\nfinetune:\n  lora:\n    r: 0\n"}),
     Case("recipe-repeated-seeds", "experiment --config {d}/r.yaml --out {out}", ["r.yaml", "seeds"],
          {"r.yaml": "targets: ['0']\nseeds: [1, 1]\n"}),
+    Case("recipe-fraction-range", "experiment --config {d}/r.yaml --out {out}", ["r.yaml", "fractions"],
+         {"r.yaml": "targets: ['0']\nfractions: [0, 1]\n"}),
     Case("recipe-bad-model-option", "experiment --config {d}/r.yaml --out {out}", ["r.yaml", "pretrain.model.loss"],
          {"r.yaml": "targets: ['0']\npretrain:\n  model:\n    loss: bpr\n"}),
 ]

@@ -43,7 +43,10 @@ class FakeCli:
         self.calls.append((args, config))
         out = Path(opts["--out"])
         seed = ((config or {}).get("train") or {}).get("seed", 0)
+        fraction = (config or {}).get("train_fraction", 1.0)
         metrics = {"test": {"ndcg@10": 0.1 + 0.01 * seed, "hr@10": 0.2, "mrr@10": 0.05, "users": 7},
+                   "test_ranks": {"seq_index": list(range(7)), "rank": [int(r) for r in
+                                  [0, 1, 2, 3, 5, 8, 20]][:int(7 * fraction) or 1] + [50] * (7 - (int(7 * fraction) or 1))},
                    "params": {"total": 1000, "trainable": 100}, "train": {"steps": 3, "seconds": 0.5}}
         if args[:2] == ["data", "synth"]:
             out.mkdir(parents=True, exist_ok=True)
@@ -428,3 +431,21 @@ def test_seeds_run_each_trained_method_once_per_seed_and_report_the_median(fake,
     one = tmp_path / "one"
     experiment(recipe, one, capsys, "distill=null")
     assert hashes(one)["finetune d3 lora"] == hashes(out)["finetune d3 lora"]
+
+
+def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake, recipe, tmp_path, capsys):
+    out = tmp_path / "out"
+    ran = experiment(recipe, out, capsys, "fractions=[0.1,1.0]", "seeds=[0,1]", "fraction_methods=[full]",
+                     "distill=null")
+    assert [r for r in ran if r.startswith("finetune d3 full")] == [
+        "finetune d3 full", "finetune d3 full seed 1", "finetune d3 full fraction 0.1",
+        "finetune d3 full fraction 0.1 seed 1"]
+    assert not [r for r in ran if "lora fraction" in r]                  # lora is not a fraction method here
+    fractions = {c[1]["train_fraction"] for c in fake.calls if c[1] and "train_fraction" in c[1]}
+    assert fractions == {0.1, 1.0}
+    assert (out / "targets" / "d3" / "full.frac0.1.seed1" / "metrics.json").is_file()
+    curve = json.loads((out / "results.json").read_text())["fractions"]["d3"]
+    assert set(curve) == {"none", "full"} and set(curve["full"]) == {"0.1", "1"}
+    assert curve["full"]["1"]["interval"]["mean"] > curve["full"]["0.1"]["interval"]["mean"]
+    report_md = (out / "report.md").read_text()
+    assert "## How much target data do you need?" in report_md and "| full |" in report_md

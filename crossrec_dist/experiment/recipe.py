@@ -86,6 +86,8 @@ class Recipe:
     distill_from: str = "lora"            # which fine-tuned teacher to distil per target
     seeds: list[int] = field(default_factory=lambda: [0])   # fine-tuning seeds per target and method: the
                                           # report gives the median and intervals over seed-averaged users
+    fractions: list[float] = field(default_factory=lambda: [1.0])   # shares of the target's training users
+    fraction_methods: list[str] = field(default_factory=lambda: ["scratch", "full", "lora"])  # run below 1.0
     launch: str | None = None             # accelerate config for training steps (None: one process)
 
     def finetune_config(self, method: str) -> FinetuneConfig:
@@ -159,6 +161,15 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
     if not recipe.seeds or len(set(recipe.seeds)) != len(recipe.seeds) or min(recipe.seeds) < 0:
         raise InputError(f"seeds must be distinct integers >= 0, at least one; got {recipe.seeds}", path=path,
                          field="seeds")
+    if not recipe.fractions or any(not 0 < f <= 1 for f in recipe.fractions) or \
+            len(set(recipe.fractions)) != len(recipe.fractions):
+        raise InputError(f"fractions must be distinct numbers in (0, 1]; got {recipe.fractions}", path=path,
+                         field="fractions")
+    if any(f < 1 for f in recipe.fractions):
+        stray = [m for m in recipe.fraction_methods if m not in recipe.methods]
+        if stray:
+            raise InputError(f"fraction_methods {stray} are not among the methods {recipe.methods}", path=path,
+                             field="fraction_methods")
     unknown = [m for m in recipe.methods if m not in METHODS]
     if unknown or not recipe.methods:
         raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}", path=path, field="methods")

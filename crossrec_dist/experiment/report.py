@@ -17,12 +17,34 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _seed_records(out: Path, target: str, method: str, seeds: list[int]) -> list[dict]:
+def _seed_records(out: Path, target: str, method: str, seeds: list[int], fraction: float = 1.0) -> list[dict]:
     """The method's metrics.json of every seed that has finished (zero-shot: one, it has no seed)."""
-    from .runner import seed_folder
-    wanted = seeds[:1] if method in ("none", "student_kd", "student_ce") else seeds
-    recs = [_read(inside(out, "targets", target, seed_folder(method, seeds, s)) / "metrics.json") for s in wanted]
+    from .runner import run_folder
+    if method in ("none", "student_kd", "student_ce"):
+        seeds, fraction = seeds[:1], 1.0
+    recs = [_read(inside(out, "targets", target, run_folder(method, seeds, s, fraction)) / "metrics.json")
+            for s in seeds]
     return [r for r in recs if r]
+
+
+def fraction_curve(out: Path, recipe, target: str) -> dict:
+    """method -> fraction -> median test NDCG@10 over seeds, with the interval over users of the
+    seed-averaged per-user NDCG@10 (zero-shot is flat: it uses no target data)."""
+    import numpy as np
+
+    from ..evaluation.bootstrap import aligned, bootstrap_mean
+    curve: dict = {}
+    for m in [m for m in recipe.methods if m == "none" or m in recipe.fraction_methods]:
+        for f in sorted(recipe.fractions):
+            recs = _seed_records(out, target, m, list(recipe.seeds), f)
+            got = aligned({str(k): r for k, r in enumerate(recs)}) if recs else None
+            if not got:
+                continue
+            per_user = np.mean(list(got[1].values()), axis=0)
+            curve.setdefault(m, {})[f"{f:g}"] = {
+                "median": statistics.median(r["test"]["ndcg@10"] for r in recs), "seeds": len(recs),
+                "train_users": recs[0].get("train_users"), "interval": bootstrap_mean(per_user).__dict__}
+    return curve
 
 
 def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] | None = None) -> dict:
@@ -199,6 +221,55 @@ def _interval_lines(target: str, table: dict, methods: list[str]) -> list[str]:
     return lines + [""]
 
 
+def _fraction_section(out: Path, curves: dict, targets: list[str]) -> list[str]:
+    """How much target data is needed: a table and ``data_fraction.png`` (NDCG@10 vs share of users)."""
+    from ..evaluation.bootstrap import Interval
+    lines = ["## How much target data do you need?", "",
+             "The target's training users subsampled (a seeded sample, nested across fractions, the same for "
+             "every method); test users unchanged. Median test NDCG@10 over seeds [95% interval over users].", ""]
+    for t in targets:
+        curve = curves.get(t) or {}
+        fracs = sorted({f for c in curve.values() for f in c}, key=float)
+        if not fracs:
+            continue
+        lines += [f"Target {t}:", "", "| method | " + " | ".join(f"{float(f):.0%} users" for f in fracs) + " |",
+                  "| --- | " + " | ".join("---" for _ in fracs) + " |"]
+        for m, c in curve.items():
+            cells = [(f"{c[f]['median']:.4f} [{Interval(**c[f]['interval']).low:.4f}, "
+                      f"{Interval(**c[f]['interval']).high:.4f}]") if f in c else "-" for f in fracs]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return lines
+    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
+    for ax, t in zip(axes[0], targets):
+        for m, c in (curves.get(t) or {}).items():
+            fs = sorted(c, key=float)
+            xs = [float(f) for f in fs]
+            if m == "none":
+                v = next(iter(c.values()))
+                ax.axhline(v["median"], ls="--", c="gray", label="zero-shot")
+                continue
+            ys = [c[f]["median"] for f in fs]
+            lo = [c[f]["interval"]["low"] for f in fs]
+            hi = [c[f]["interval"]["high"] for f in fs]
+            ax.plot(xs, ys, marker="o", label=m)
+            ax.fill_between(xs, lo, hi, alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("share of the target's training users")
+        ax.set_ylabel("test NDCG@10")
+        ax.set_title(f"Target {t}: quality vs target data")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "data_fraction.png", dpi=120)
+    plt.close(fig)
+    return lines + ["![data_fraction.png](data_fraction.png)", ""]
+
+
 def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
@@ -239,6 +310,9 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
     users = [res["targets"][t][shown[0]].get("users") for t in targets] if shown else []
     lines += ["", f"Test users per region: {', '.join(f'{t}: {u}' for t, u in zip(targets, users))}.", ""]
     res["intervals"] = {t: intervals(out, t, methods + ["student_kd", "student_ce"], seeds) for t in targets}
+    if any(f < 1 for f in recipe.fractions):
+        res["fractions"] = {t: fraction_curve(out, recipe, t) for t in targets}
+        lines += _fraction_section(out, res["fractions"], targets)
     if len(seeds) > 1:
         lines += [f"Fine-tuning seeds: {', '.join(map(str, seeds))}. Tables give the median over seeds; intervals "
                   "are over users of each user's seed-averaged NDCG@10; selected steps are listed per seed.", ""]

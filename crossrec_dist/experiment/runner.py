@@ -306,14 +306,16 @@ class Runner:
             for method in r.methods:
                 # The first seed keeps the plain names (targets/T/METHOD); others are METHOD.seedS.
                 # Zero-shot is deterministic: it runs once.
-                for k, seed in enumerate(r.seeds if method != "none" else r.seeds[:1]):
+                for fraction, seed in runs_of(r, method):
                     cfg = r.finetune_config(method)
                     if seed != cfg.train.seed:
                         cfg = replace(cfg, train=replace(cfg.train, seed=seed))
-                    name = seed_folder(method, r.seeds, seed)
+                    if fraction != 1.0:
+                        cfg = replace(cfg, train_fraction=fraction)
+                    name = run_folder(method, r.seeds, seed, fraction)
                     dest = inside(out, "targets", target, name)
-                    self._step(f"finetune {target} {method}" + ("" if k == 0 else f" seed {seed}"),
-                               ("finetune", target, name), [
+                    self._step(f"finetune {target} {method}" + ("" if fraction == 1.0 else f" fraction {fraction:g}")
+                               + ("" if seed == r.seeds[0] else f" seed {seed}"), ("finetune", target, name), [
                         "finetune", "--base", base, "--data", data, "--domain", target, "--method", method,
                         "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
                         deps=("pretrain", "prepare"), config=("finetune", f"finetune_{name}", cfg),
@@ -341,9 +343,21 @@ class Runner:
                 done=bench, output=bench, deps=(f"distill {target} {kind}",))
 
 
-def seed_folder(method: str, seeds: list[int], seed: int) -> str:
-    """``METHOD`` for the first seed (what single-seed recipes always wrote), ``METHOD.seedS`` after."""
-    return method if seed == seeds[0] else f"{method}.seed{seed}"
+def run_folder(method: str, seeds: list[int], seed: int, fraction: float = 1.0) -> str:
+    """``METHOD`` for all users and the first seed (what every recipe wrote before seeds and fractions),
+    then ``.fracF`` for a share of the users and ``.seedS`` for another seed."""
+    return method + ("" if fraction == 1.0 else f".frac{fraction:g}") + ("" if seed == seeds[0] else f".seed{seed}")
+
+
+def runs_of(recipe, method: str) -> list[tuple[float, int]]:
+    """(fraction, seed) of every fine-tuning run of ``method``: zero-shot once (it neither trains nor
+    draws); other methods at every seed, and at the fractions below 1 when in ``fraction_methods``."""
+    if method == "none":
+        return [(1.0, recipe.seeds[0])]
+    fractions = [f for f in recipe.fractions if f == 1.0 or method in recipe.fraction_methods]
+    if 1.0 not in fractions:
+        fractions.append(1.0)
+    return [(f, s) for f in sorted(fractions, reverse=True) for s in recipe.seeds]
 
 
 def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False) -> Path:

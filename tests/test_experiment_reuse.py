@@ -449,3 +449,30 @@ def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake
     assert curve["full"]["1"]["interval"]["mean"] > curve["full"]["0.1"]["interval"]["mean"]
     report_md = (out / "report.md").read_text()
     assert "## How much target data do you need?" in report_md and "| full |" in report_md
+
+
+def _forget(out: Path, step_file: str, key: str, rehash: bool = True) -> None:
+    """Make a step's record look written by an older crossrec that did not have ``key`` yet."""
+    path = out / "steps" / step_file
+    rec = json.loads(path.read_text())
+    section, field = key.split(".", 1)
+    del rec["settings"][section][field]
+    rec["hash"] = "older-" + rec["hash"][:10]
+    path.write_text(json.dumps(rec))
+
+
+def test_a_setting_added_since_at_its_default_upgrades_the_record_instead_of_rerunning(fake, recipe, tmp_path,
+                                                                                        capsys):
+    out = tmp_path / "out"
+    experiment(recipe, out, capsys)
+    _forget(out, "finetune/d3/lora.json", "finetune.train_fraction")
+    _forget(out, "pretrain.json", "pretrain.domains")          # upstream of every finetune: followed through
+    ran = experiment(recipe, out, capsys)
+    assert ran == []
+    rec = json.loads((out / "steps" / "finetune" / "d3" / "lora.json").read_text())
+    assert rec["settings"]["finetune"]["train_fraction"] == 1.0 and not rec["hash"].startswith("older-")
+    assert experiment(recipe, out, capsys) == []
+    # Not at its default now: that is a real change, named.
+    _forget(out, "finetune/d3/lora.json", "finetune.valid_targets")
+    msg = changed(recipe, out, capsys, "finetune.valid_targets=3")
+    assert "finetune.valid_targets: (unset) -> 3" in msg

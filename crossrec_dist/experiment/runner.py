@@ -60,6 +60,7 @@ class Runner:
         self.runs: dict[str, str | None] = {}          # step -> id of the run whose output is in place
         self.changed: list[tuple[str, list[str]]] = []  # steps whose output no longer matches the recipe
         self.checking = False                          # True: find changed steps, run none
+        self.upgraded: dict[str, str] = {}             # step -> its hash before its record was upgraded
 
     def _cli(self, *args, train: bool = False) -> None:
         if train and self.r.launch:
@@ -152,7 +153,7 @@ class Runner:
             if marker:
                 action, reasons = "changed", [f"{self._rel(done)} exists but has no step record (made by an older "
                                               "crossrec, or by a step that did not finish): its settings are unknown"]
-        elif rec.get("hash") == digest:
+        elif rec.get("hash") == digest or (marker and self._upgrade(name, path, rec, settings, upstream, config, digest)):
             was = rec.get("upstream_runs") or {}
             stale = [d for d in deps if was.get(d) != upstream_runs[d]]
             if stale and (marker or output.exists()):
@@ -200,6 +201,24 @@ class Runner:
         self.runs[name] = run_id
         self.timings[name] = seconds
         self._save_timings()
+
+    def _upgrade(self, name, path, rec, settings, upstream, config, digest) -> bool:
+        """A finished step whose record lacks only settings added since, at their defaults, is the same
+        step: its record is rewritten with today's settings and hash (and said so), instead of
+        making every step of an older folder look changed after an upgrade."""
+        defaults = {}
+        if config is not None:
+            section, _, cfg = config
+            defaults = {section: yaml.safe_load(yaml.safe_dump(asdict(type(cfg)()), sort_keys=False))}
+        added = records.only_new_defaults(rec, settings, upstream, records.plain(defaults), self.upgraded)
+        if added is None:
+            return False
+        if not self.checking:
+            self.log(f"[upgrade] {name}: record gains {', '.join(added)} at the default"
+                     if added else f"[upgrade] {name}: record follows its upgraded upstream steps")
+            records.write_json(path, {**rec, "hash": digest, "settings": settings, "upstream": upstream})
+        self.upgraded[name] = rec.get("hash")
+        return True
 
     def _save_timings(self) -> None:
         """Seconds per step as measured when the step last ran: a re-run that skips a step keeps its time."""

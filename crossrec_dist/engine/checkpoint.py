@@ -10,7 +10,7 @@ Why a manifest. Our own files are JSON and safetensors (``trainer_state.json``,
 
 * DeepSpeed: ``pytorch_model/*_model_states.pt`` and ``*_optim_states.pt``; DeepSpeed 0.19
   (``TorchCheckpointEngine.load``) and its ``zero_to_fp32`` (our resume on another world size) load
-  them with ``torch.load(..., weights_only=False)``, i.e. plain pickle: loading one runs whatever
+  them with torch's loader and ``weights_only=False``, i.e. plain pickle: loading one runs whatever
   code it names. It also leaves ``latest``, ``zero_to_fp32.py`` and ``zero_to_torch.py`` here.
 * accelerate (1.15): ``optimizer.bin`` on the plain path, and on both paths
   ``random_states_<rank>.pkl`` (Python/numpy/torch RNG; ``save_accelerator_state`` always writes it,

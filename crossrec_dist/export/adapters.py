@@ -1,10 +1,10 @@
 """Adapters: attach a saved PEFT adapter to its base, refusing a base with another fingerprint."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..jsonfile import read_json
 from .fingerprint import FILE, base_fingerprint
 
 
@@ -13,15 +13,7 @@ def adapter_info(adapter_dir: str | Path) -> dict:
     if not (adapter_dir / "adapter_config.json").is_file():
         raise InputError("not a PEFT adapter folder (no adapter_config.json)", path=str(adapter_dir))
     info = adapter_dir / FILE
-    if not info.is_file():
-        return {}
-    try:
-        data = json.loads(info.read_text())
-    except ValueError as e:
-        raise InputError(f"not valid JSON: {e}", path=str(info)) from None
-    if not isinstance(data, dict):
-        raise InputError("expected a JSON object", path=str(info))
-    return data
+    return read_json(info) if info.is_file() else {}
 
 
 def check_base(model_dir: str | Path, adapter_dir: str | Path, allow_unverified: bool = False) -> None:

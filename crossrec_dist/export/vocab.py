@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..jsonfile import read_json
 
 VOCAB = "items.json"
 
@@ -23,15 +24,7 @@ def write_vocab(data, out_dir: str | Path) -> None:
 
 def read_vocab(model_dir: str | Path) -> list[str] | None:
     path = Path(model_dir) / VOCAB
-    if not path.is_file():
-        return None
-    try:
-        ids = json.loads(path.read_text())
-    except ValueError as e:
-        raise InputError(f"not valid JSON: {e}", path=str(path)) from None
-    if not isinstance(ids, list):
-        raise InputError("expected a JSON list of item ids", path=str(path))
-    return ids
+    return read_json(path, list, "a JSON list of item ids") if path.is_file() else None
 
 
 def check_same_vocabulary(model_dir: str | Path, data, what: str = "model") -> None:

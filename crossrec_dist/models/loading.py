@@ -1,10 +1,10 @@
 """Load a model DIR for inference or fine-tuning, with errors that name the folder and file."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import InputError
+from ..jsonfile import read_json
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -13,10 +13,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
     cfg = model_dir / "config.json"
     if not cfg.is_file():
         raise InputError("not a model folder (no config.json)", path=str(model_dir))
-    try:
-        model_type = json.loads(cfg.read_text()).get("model_type")
-    except (ValueError, AttributeError, UnicodeDecodeError) as e:
-        raise InputError(f"config.json is not valid JSON: {e}", path=str(cfg)) from None
+    model_type = read_json(cfg).get("model_type")
     if model_type != "crossrec":
         raise InputError("config.json is not a crossrec model", path=str(cfg), field="model_type")
     weights = sorted(model_dir.glob("*.safetensors"))

@@ -71,3 +71,29 @@ def test_model_options_list_matches_the_config_signature():
     params = [n for n, p in inspect.signature(CrossRecConfig.__init__).parameters.items()
               if n != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD]
     assert sorted(MODEL_OPTIONS) == sorted(params)
+
+
+def test_lora_on_the_item_table_adapts_both_sides_and_merges_exactly():
+    """LoRA on ``item_embeddings``: the low-rank delta reaches the tied output side too (scores), and
+    merging it into the table gives the same scores as the adapter."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from crossrec_dist.models.config import CrossRecConfig
+    from crossrec_dist.models.model import CrossRecModel
+    torch.manual_seed(0)
+    base = CrossRecModel(CrossRecConfig(num_items=40, hidden_size=16, num_layers=1, num_heads=2, max_len=8)).eval()
+    ids = torch.randint(1, 41, (3, 8))
+    before = base(ids, return_scores=True).detach()
+    model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "item_embeddings"])).eval()
+    emb = model.base_model.model.item_embeddings
+    with torch.no_grad():
+        emb.lora_embedding_A["default"].normal_()          # PEFT starts the table's delta at zero
+    delta = emb.get_delta_weight("default")
+    inner = model.base_model.model
+    assert torch.allclose(inner.item_weight(), emb.get_base_layer().weight + delta)
+    adapted = model(input_ids=ids, return_scores=True).detach()
+    assert not torch.allclose(adapted, before, atol=1e-4)
+    # Only the input side adapted would differ: the output side must use the delta as well.
+    merged = model.merge_and_unload().eval()
+    assert torch.allclose(merged(ids, return_scores=True), adapted, atol=1e-5)

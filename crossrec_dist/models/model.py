@@ -103,6 +103,16 @@ class CrossRecModel(PreTrainedModel):
         to a target domain) that is the base table with the adapter's rows swapped in, so input and
         output sides stay tied."""
         emb = self.item_embeddings
+        if hasattr(emb, "lora_embedding_A"):
+            # PEFT LoRA on the item table: the same low-rank delta on the output side, so scores see
+            # the adapted items too (the table is both the input and the output layer).
+            weight = emb.get_base_layer().weight
+            if emb.disable_adapters or emb.merged:
+                return weight
+            for name in emb.active_adapters:
+                if name in emb.lora_embedding_A:
+                    weight = weight + emb.get_delta_weight(name)
+            return weight
         tokens = getattr(emb, "token_adapter", None)
         if tokens is None:
             return emb.weight
@@ -114,7 +124,10 @@ class CrossRecModel(PreTrainedModel):
     def tied_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their own module's forward (the output side of tied scores).
         Under ZeRO-3 the engine registers them as external parameters of this module."""
-        tokens = getattr(self.item_embeddings, "token_adapter", None)
+        emb = self.item_embeddings
+        if hasattr(emb, "lora_embedding_A"):
+            return [emb.get_base_layer().weight, *emb.lora_embedding_A.values(), *emb.lora_embedding_B.values()]
+        tokens = getattr(emb, "token_adapter", None)
         if tokens is None:
             return [self.item_embeddings.weight]
         return [tokens.base_layer.weight, *tokens.trainable_tokens_delta.values()]

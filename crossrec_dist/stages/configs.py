@@ -77,6 +77,7 @@ METHODS = ("lora", "adalora", "full", "head", "l2sp", "scratch", "none")
 PEFT_METHODS = ("lora", "adalora")
 DEFAULT_LR = {"lora": 5e-3, "adalora": 5e-3, "head": 2e-3, "full": 5e-4, "l2sp": 5e-4, "scratch": 1e-3}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ITEM_TABLE = "item_embeddings"   # LoRA on the item table (input and, tied, output side); not for AdaLoRA
 
 
 @dataclass
@@ -151,9 +152,11 @@ def check_finetune_config(cfg: FinetuneConfig, prefix: str = "") -> None:
     _need(lo.alpha > 0, p + "lora.alpha", f"must be > 0, got {lo.alpha}")
     _need(0 <= lo.dropout < 1, p + "lora.dropout", f"must be in [0, 1), got {lo.dropout}")
     _need(bool(lo.target_modules), p + "lora.target_modules", "needs at least one module")
-    unknown = [m for m in lo.target_modules if m not in ALL_LINEAR]
+    unknown = [m for m in lo.target_modules if m not in ALL_LINEAR + [ITEM_TABLE]]
     _need(not unknown, p + "lora.target_modules", f"unknown module(s) {unknown}; the model's linear layers are "
-          f"{', '.join(ALL_LINEAR)}")
+          f"{', '.join(ALL_LINEAR)}, and its item table is {ITEM_TABLE}")
+    _need(not (cfg.method == "adalora" and ITEM_TABLE in lo.target_modules), p + "lora.target_modules",
+          f"AdaLoRA adapts linear layers only; drop {ITEM_TABLE} for adalora")
     _need(ad.target_r >= 1, p + "adalora.target_r", f"must be >= 1, got {ad.target_r}")
     _need(ad.init_r >= ad.target_r, p + "adalora.target_r",
           f"the final rank {ad.target_r} exceeds the initial rank init_r={ad.init_r}")

@@ -30,7 +30,7 @@ from ..models.loading import load_model_config
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import RecommenderTask, evaluate_model, on_main, run_stage, seed_everything
-from .configs import DEFAULT_LR, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config
+from .configs import DEFAULT_LR, ITEM_TABLE, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config
 
 def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
     """Items in the target's training part that no source domain's training part contains."""
@@ -111,7 +111,10 @@ class FinetuneTask(RecommenderTask):
                 p.requires_grad = name.startswith("item_embeddings")
             return base
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
-        tokens = {"item_embeddings": self.new_items} if (m.train_new_items and self.new_items) else None
+        # LoRA on the item table already gives every item (new ones included) its own trainable column;
+        # PEFT cannot also wrap that table in trainable-token rows.
+        table_lora = method == "lora" and ITEM_TABLE in m.lora.target_modules
+        tokens = {ITEM_TABLE: self.new_items} if (m.train_new_items and self.new_items and not table_lora) else None
         if method == "lora":
             pc = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                             target_modules=m.lora.target_modules, trainable_token_indices=tokens)

@@ -29,6 +29,16 @@ def child_env(extra: dict | None = None) -> dict:
     return {**env, **(extra or {})}
 
 
+@pytest.fixture
+def own_environment():
+    """For tests that run the CLI in this process: a training command sets up a one-process world
+    (RANK, MASTER_PORT, ...) in os.environ; restore it, so no later test or child inherits that world."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: int = 600):
     """Run ``python -m crossrec_dist ...`` as a user would; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], capture_output=True,

@@ -275,15 +275,7 @@ def _dup_parquet(path: Path):
     pq.write_table(t, path)
 
 
-@pytest.fixture(autouse=True)
-def _own_environment():
-    """Cases run the CLI in this process; a training command sets up a one-process world (RANK,
-    MASTER_PORT, ...) in os.environ. Restore it, so no later test or child inherits that world."""
-    import os
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("own_environment")   # conftest: restores os.environ
 
 
 # --- the tiny fixtures the model cases need: a 2-domain prepared set and a model on it ---------------

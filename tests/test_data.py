@@ -188,7 +188,9 @@ def test_several_validation_targets_per_user_never_overlap_training(tmp_path):
     for s, u in zip(seq, usable):
         # training predicts positions 1..usable-1: all before the first validation target
         assert u - 1 < three.hist_end[three.seq_index == s].min()
-    assert (data.eval_set("test").targets == data.eval_set("test").targets).all()
+    test = data.eval_set("test")          # the test split is untouched by extra validation targets
+    assert (test.targets == data.items[data.offsets[test.seq_index] + data.valid_end[test.seq_index]]).all()
+    assert (test.hist_end == data.valid_end[test.seq_index]).all()
     with pytest.raises(ValueError):
         data.eval_set("test", targets_per_user=2)
 

@@ -12,13 +12,7 @@ from crossrec_dist.cli import main
 from crossrec_dist.data.prepared import PreparedData
 
 
-@pytest.fixture(autouse=True)
-def _own_environment():
-    import os
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+pytestmark = pytest.mark.usefixtures("own_environment")   # conftest: restores os.environ
 
 
 def _write(tmp_path):

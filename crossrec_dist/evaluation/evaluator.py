@@ -93,5 +93,6 @@ def summarize_ranks(data: PreparedData, ev: EvalSet, ranks: torch.Tensor, ks) ->
             per_domain[data.domain_names[code]] = m
     # Per-user ranks (by sequence index): what bootstrap intervals and paired differences between
     # methods evaluated on the same users are computed from (evaluation/bootstrap.py).
-    examples = {"seq_index": [int(s) for s in ev.seq_index], "rank": [int(r) for r in ranks]}
+    # Arrays here (validation runs this every evaluation); metrics_record turns them into JSON lists once.
+    examples = {"seq_index": np.asarray(ev.seq_index), "rank": ranks.numpy()}
     return {"overall": overall, "per_domain": per_domain, "examples": examples}

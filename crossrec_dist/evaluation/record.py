@@ -23,6 +23,8 @@ def metrics_record(*, stage: str, domain: str | None, method: str, params: dict,
     }
     if per_domain:
         record["per_domain"] = {k: _headline(v) for k, v in per_domain.items()}
+    if extra.get("test_ranks") is not None:     # per-user ranks: arrays from the evaluator, JSON lists here
+        extra["test_ranks"] = {k: [int(x) for x in v] for k, v in extra["test_ranks"].items()}
     record.update(extra)
     return record
 

@@ -78,7 +78,8 @@ def _auto_format(path):
 def _cmd_evaluate(a):
     from .evaluation.command import run_evaluate
     run_evaluate(model=a.model, adapter=a.adapter, data=a.data, domain=a.domain, out=a.out,
-                 batch_size=a.batch_size, max_len=a.max_len, allow_unverified_adapter=a.allow_unverified_adapter)
+                 batch_size=a.batch_size, max_len=a.max_len, allow_unverified_adapter=a.allow_unverified_adapter,
+                 catalogue=a.catalogue)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", required=True, help="metrics JSON file to write")
     ev.add_argument("--batch-size", type=at_least(1), default=1024)
     ev.add_argument("--max-len", type=at_least(1), default=None, help="history length (default: the model's)")
+    ev.add_argument("--catalogue", choices=("all", "domain"), default="all",
+                    help="items ranked: all (default) or only those of the evaluated domains' logs")
     ev.set_defaults(func=_cmd_evaluate)
 
     from .commands import register_training_commands  # noqa: E402 (keeps this file to the data verbs)

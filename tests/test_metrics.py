@@ -64,3 +64,35 @@ def test_bootstrap_interval_of_a_hand_computed_case():
     rng = np.random.default_rng(0)
     noisy = paired_difference(rng.normal(0, 1, 60), rng.normal(0, 1, 60))
     assert noisy.low < 0 < noisy.high and "n.s." in noisy.diff_text()
+
+
+def test_target_catalogue_ranks_only_the_domains_items(tmp_path):
+    """Domain a uses items i0-i5, domain b items i4-i9. Ranked over b's catalogue, a scorer that
+    prefers a's private items loses them as competitors: each b user's rank drops by exactly the
+    number of a-only items it scored above its target, and no target is ever hidden."""
+    import numpy as np
+    from crossrec_dist.cli import main
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.evaluation.evaluator import EvalOptions, rank_eval_set
+
+    rows = []
+    for u in range(6):
+        dom, lo = ("a", 0) if u < 3 else ("b", 4)
+        rows += [f"u{u},i{lo + (u + k) % 6},{100 + k},{dom}" for k in range(5)]
+    (tmp_path / "in.csv").write_text("user_id,item_id,timestamp,region\n" + "\n".join(rows) + "\n")
+    assert main(["prepare", "--format", "csv", "--input", str(tmp_path / "in.csv"), "--out", str(tmp_path / "d"),
+                 "--domain-col", "region", "--split", "loo"]) == 0
+    data = PreparedData(tmp_path / "d")
+    cat = data.catalogue(["b"])
+    assert not cat[0] and cat.sum() == 6                 # i4..i9: six items, padding never
+    a_only = data.catalogue(["a"]) & ~cat
+    assert a_only.sum() == 4                             # i0..i3
+
+    scores = torch.arange(data.num_items + 1, dtype=torch.float32)
+    scores[torch.from_numpy(a_only)] += 100.0            # a's private items on top
+    scorer = lambda hist, doms: scores.expand(len(hist), -1).clone()   # noqa: E731
+    ev = data.eval_set("test", ["b"])
+    plain = rank_eval_set(data, ev, scorer, EvalOptions(domains=["b"]), show_progress=False)
+    within = rank_eval_set(data, ev, scorer, EvalOptions(domains=["b"], catalogue=cat), show_progress=False)
+    assert cat[ev.targets].all()
+    assert (plain - within).tolist() == [4] * len(ev.targets)

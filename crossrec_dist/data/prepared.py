@@ -146,6 +146,17 @@ class PreparedData:
         seq = np.repeat(np.arange(self.num_sequences), lengths)
         return seq, np.arange(len(self.items)) - self.offsets[:-1][seq]
 
+    def catalogue(self, domains=None) -> np.ndarray:
+        """Items (bool mask over indices, 0 = padding = False) with any interaction in ``domains``:
+        the platform's catalogue when each platform is a domain. Every validation or test target of
+        those domains is in it, so ranking only these items never hides a right answer; it drops
+        items the target platform does not have (a cross-platform base knows thousands)."""
+        seq, _ = self.row_positions()
+        mask = np.zeros(self.num_items + 1, dtype=bool)
+        mask[self.items[self.sequence_mask(domains)[seq]]] = True
+        mask[0] = False
+        return mask
+
     def item_counts(self, domains=None) -> np.ndarray:
         """Interaction counts per item index over the training parts (index 0 = padding = 0)."""
         seq, pos = self.row_positions()

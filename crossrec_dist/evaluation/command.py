@@ -14,7 +14,7 @@ from .record import metrics_record
 
 def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | None, out: str,
                  batch_size: int = 1024, max_len: int | None = None, allow_unverified_adapter: bool = False,
-                 log=print) -> dict:
+                 catalogue: str = "all", log=print) -> dict:
     if batch_size < 1:
         raise InputError(f"must be >= 1, got {batch_size}", field="--batch-size")
     if max_len is not None and max_len < 1:
@@ -29,6 +29,9 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
     prepared = PreparedData(data)
     domains = None if domain in (None, "all") else [d for d in domain.split(",") if d]
     prepared.domain_codes(domains)  # validate names early
+    if catalogue not in ("all", "domain"):
+        raise InputError(f"unknown catalogue {catalogue!r}; choose all or domain", field="--catalogue")
+    items = prepared.catalogue(domains) if catalogue == "domain" else None
     t0 = time.perf_counter()
     if model == "popularity":
         if adapter:
@@ -46,12 +49,13 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
     results = {}
     for split in ("valid", "test"):
         results[split] = evaluate(prepared, scorer, EvalOptions(split=split, domains=domains,
-                                                                batch_size=batch_size, max_len=L))
+                                                                batch_size=batch_size, max_len=L, catalogue=items))
     record = metrics_record(stage="evaluate", domain=domain if domains and len(domains) == 1 else None,
                             method=method, params=params, valid=results["valid"]["overall"],
                             test=results["test"]["overall"], per_domain=results["test"]["per_domain"],
                             eval_seconds=round(time.perf_counter() - t0, 3), model=model, adapter=adapter,
-                            test_ranks=results["test"]["examples"])
+                            test_ranks=results["test"]["examples"],
+                            catalogue={"kind": catalogue, "items": prepared.num_items if items is None else int(items.sum())})
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)

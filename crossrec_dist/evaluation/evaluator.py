@@ -3,7 +3,9 @@
 A *scorer* maps a batch of left-padded histories to scores over the whole vocabulary:
 ``scorer(histories: LongTensor[B, L], domains: LongTensor[B]) -> Tensor[B, num_items + 1]``
 (column 0 is padding and never ranked). Items already in the user's history are excluded by
-default, as RecBole does for full ranking, so figures are comparable with its protocol.
+default, as RecBole does for full ranking, so figures are comparable with its protocol. With a
+``catalogue`` only the items of the evaluated domains are ranked (cross-platform targets: the
+target platform's catalogue, as cross-domain benchmarks rank the target domain's items).
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ class EvalOptions:
     batch_size: int = 1024
     max_len: int = 50
     exclude_history: bool = True
+    # Bool mask over item indices (PreparedData.catalogue): rank only these items (None: every item).
+    catalogue: np.ndarray | None = None
 
 
 def left_padded(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
@@ -66,6 +70,8 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
         with torch.no_grad():
             scores = scorer(hist, doms).float()
         scores[:, 0] = -math.inf
+        if opts.catalogue is not None:
+            scores[:, torch.from_numpy(~opts.catalogue).to(device)] = -math.inf
         if opts.exclude_history:
             r, c = history_mask_index(data, seq, end)
             scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -math.inf

@@ -25,7 +25,7 @@ from ..evaluation.sharded import sharded_evaluate
 from ..models.sizing import param_counts
 
 __all__ = ["RecommenderTask", "run_stage", "evaluate_model", "param_counts", "model_scorer", "on_main",
-           "resolve_domains", "seed_everything", "training_batches"]
+           "resolve_domains", "seed_everything", "training_batches", "target_catalogue", "catalogue_record"]
 
 
 class RecommenderTask(TrainTask):
@@ -39,6 +39,7 @@ class RecommenderTask(TrainTask):
 
     valid_targets: int = 1      # validation targets per user (the last K before the test item)
     train_users: np.ndarray | None = None   # sequences that train and validate (None: all); test: all
+    catalogue: np.ndarray | None = None     # items ranked in validation and test (None: all)
 
     def train_domains(self) -> list[str] | None:
         """Domains whose sequences it trains on (None: all)."""
@@ -66,7 +67,8 @@ class RecommenderTask(TrainTask):
 
     def validate(self, engine: Engine) -> Validation:
         domains = self.validation_domains()
-        opts = EvalOptions(split="valid", domains=domains, batch_size=self.train.eval_batch_size, max_len=self.max_len)
+        opts = EvalOptions(split="valid", domains=domains, batch_size=self.train.eval_batch_size, max_len=self.max_len,
+                           catalogue=self.catalogue)
         scorer = model_scorer(engine.model)
         with torch.no_grad():
             valid = self.data.eval_set("valid", domains, targets_per_user=self.valid_targets)
@@ -121,13 +123,24 @@ def training_batches(data: PreparedData, domains, max_len: int, micro_batch: int
 
 
 def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size: int = 1024,
-                   device="cpu") -> dict:
-    """valid and test metrics of a plain (one-process) model."""
+                   device="cpu", catalogue: np.ndarray | None = None) -> dict:
+    """valid and test metrics of a plain (one-process) model (ranking ``catalogue``'s items only, if given)."""
     model.eval()
     scorer = model_scorer(model)
     return {split: evaluate(data, scorer, EvalOptions(split=split, domains=domains, batch_size=batch_size,
-                                                      max_len=max_len), device)
+                                                      max_len=max_len, catalogue=catalogue), device)
             for split in ("valid", "test")}
+
+
+def target_catalogue(cfg, data: PreparedData, domain: str) -> np.ndarray | None:
+    """Items ranked when evaluating on ``domain``: every item (``catalogue: all``), or only those of
+    the domain's own log (``target``; a cross-platform base also knows items the target never offers)."""
+    return data.catalogue([domain]) if cfg.catalogue == "target" else None
+
+
+def catalogue_record(catalogue: np.ndarray | None, data: PreparedData) -> dict:
+    n = data.num_items if catalogue is None else int(catalogue.sum())
+    return {"catalogue": {"kind": "all" if catalogue is None else "target", "items": n}}
 
 
 def on_main(fn, *args, **kwargs):

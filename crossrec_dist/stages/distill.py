@@ -27,7 +27,8 @@ from ..models.config import CrossRecConfig
 from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
-from .common import RecommenderTask, evaluate_model, seed_everything, run_stage
+from .common import (RecommenderTask, catalogue_record, evaluate_model, run_stage, seed_everything,
+                     target_catalogue)
 from .configs import DistillConfig, check_distill_config
 from .pretrain import model_config
 
@@ -85,9 +86,14 @@ class DistillTask(RecommenderTask):
         self.student_config = model_config(cfg.preset, cfg.model, num_items=tcfg.num_items,
                                            num_domains=tcfg.num_domains, domain_names=tcfg.domain_names,
                                            pretrain_domains=tcfg.pretrain_domains,
-                                           use_domain_embedding=tcfg.use_domain_embedding, max_len=tcfg.max_len)
+                                           use_domain_embedding=tcfg.use_domain_embedding, max_len=tcfg.max_len,
+                                           **({} if "item_bias" in cfg.model
+                                              else {"item_bias": getattr(tcfg, "item_bias", False)}))
         self.max_len, self.hidden_size = self.student_config.max_len, self.student_config.hidden_size
         self.default_lr = 2e-3
+        target = cfg.catalogue == "target"
+        self.catalogue = data.catalogue(self.validation_domains()) if target else None   # selects the checkpoint
+        self.target_catalogue = target_catalogue(cfg, data, domain)            # the reported metrics
 
     def build_model(self, engine):
         model = engine.construct(lambda: StudentWithProjection(CrossRecModel(self.student_config),
@@ -97,6 +103,11 @@ class DistillTask(RecommenderTask):
             with engine.gathered([table], modifier_rank=0), torch.no_grad():
                 if table.numel():
                     table.copy_(pca_projection(self.teacher.item_weight(), self.hidden_size))
+            bias, teacher_bias = model.student.item_bias, self.teacher.output_bias()
+            if bias is not None and teacher_bias is not None:
+                with engine.gathered([bias.weight], modifier_rank=0), torch.no_grad():
+                    if bias.weight.numel():
+                        bias.weight.copy_(teacher_bias)
         self.params = param_counts(model.student)
         self.teacher_params = param_counts(self.teacher)
         return model
@@ -126,27 +137,29 @@ class DistillTask(RecommenderTask):
         core = model.module if hasattr(model, "module") else model
         if cfg.alpha >= 1.0 and cfg.feature_weight <= 0:
             # no teacher term: the student's own next-item loss, without the teacher's forward pass
-            return LossTerms(full_softmax(h_s, core.student.item_weight(), labels[mask]))
+            return LossTerms(full_softmax(h_s, core.student.item_weight(), labels[mask],
+                                          bias=core.student.output_bias()))
         with torch.no_grad():
             self.teacher.to(h_s.device)
             h_t = self.teacher.encode(inputs["input_ids"], inputs["domain_ids"])[mask]
-        w_s = core.student.item_weight()
-        w_t = self.teacher.item_weight()
+        w_s, b_s = core.student.item_weight(), core.student.output_bias()
         y = labels[mask]
         if cfg.top_k:
             with torch.no_grad():
-                t_full = h_t @ w_t.t()
+                t_full = self.teacher.item_scores(h_t)
                 t_full[:, 0] = -math.inf
                 top = t_full.topk(cfg.top_k, dim=-1).indices
                 rand = torch.randint(1, w_t.shape[0], (cfg.num_sampled,), device=y.device)
                 cand = torch.cat([y[:, None], top, rand.expand(len(y), -1)], 1)   # label is column 0
             s_logits = (h_s[:, None, :] * w_s[cand]).sum(-1)
+            if b_s is not None:
+                s_logits = s_logits + b_s[cand]
             t_logits = t_full.gather(1, cand)
             target = torch.zeros_like(y)
         else:
-            s_logits = h_s @ w_s.t()
+            s_logits = h_s @ w_s.t() if b_s is None else h_s @ w_s.t() + b_s
             with torch.no_grad():
-                t_logits = h_t @ w_t.t()
+                t_logits = self.teacher.item_scores(h_t)
             s_logits[:, 0] = -math.inf
             t_logits[:, 0] = -math.inf
             target = y
@@ -167,8 +180,10 @@ class DistillTask(RecommenderTask):
 
     def final_record(self, engine, result) -> dict:
         student = CrossRecModel.from_pretrained(engine.out_dir, use_safetensors=True)
-        ev = evaluate_model(student, self.data, [self.domain], self.max_len, self.train.eval_batch_size)
-        tev = evaluate_model(self.teacher, self.data, [self.domain], self.max_len, self.train.eval_batch_size)
+        ev = evaluate_model(student, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
+                            catalogue=self.target_catalogue)
+        tev = evaluate_model(self.teacher, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
+                             catalogue=self.target_catalogue)
         return metrics_record(
             stage="distill", domain=self.domain, method="kd" if self.cfg.alpha < 1 else "ce", params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
@@ -176,7 +191,8 @@ class DistillTask(RecommenderTask):
             teacher={"model": self.teacher_dir, "adapter": self.adapter, "params": self.teacher_params,
                      "valid": tev["valid"]["overall"], "test": tev["test"]["overall"]},
             kept_test_ndcg=ev["test"]["overall"]["ndcg@10"] / max(tev["test"]["overall"]["ndcg@10"], 1e-12),
-            config=asdict(self.cfg), world_size=dist_info.world_size(), test_ranks=ev["test"]["examples"])
+            config=asdict(self.cfg), world_size=dist_info.world_size(), test_ranks=ev["test"]["examples"],
+            **catalogue_record(self.target_catalogue, self.data))
 
 
 def run_distill(cfg: DistillConfig, teacher: str, adapter: str | None, data_dir: str, domain: str, out: str,

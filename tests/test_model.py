@@ -97,3 +97,52 @@ def test_lora_on_the_item_table_adapts_both_sides_and_merges_exactly():
     # Only the input side adapted would differ: the output side must use the delta as well.
     merged = model.merge_and_unload().eval()
     assert torch.allclose(merged(ids, return_scores=True), adapted, atol=1e-5)
+
+
+def test_item_bias_starts_at_zero_enters_scores_and_losses_and_travels_in_a_plain_peft_adapter(tmp_path):
+    """``item_bias``: one learned offset per item, zero at start (a base built with it scores like one
+    without), added to scores and to both losses; an adapter retrains it through PEFT's
+    ``modules_to_save``, plain ``PeftModel.from_pretrained`` reproduces the adapted scores, merging keeps
+    them, and the base on disk is untouched."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    torch.manual_seed(0)
+    kw = dict(num_items=40, hidden_size=16, num_layers=1, num_heads=2, max_len=8)
+    plain = CrossRecModel(CrossRecConfig(**kw)).eval()
+    torch.manual_seed(0)
+    biased = CrossRecModel(CrossRecConfig(**kw, item_bias=True)).eval()
+    ids = torch.randint(1, 41, (3, 8))
+    assert biased.item_bias.weight.abs().sum() == 0
+    assert torch.allclose(plain(ids, return_scores=True), biased(ids, return_scores=True))
+    with torch.no_grad():
+        biased.item_bias.weight[5] = 3.0
+    h = biased(ids).hidden_states[:, -1]
+    scores = biased(ids, return_scores=True)
+    assert torch.allclose(scores, h @ biased.item_weight().t() + biased.item_bias.weight)
+    y = torch.tensor([5, 6, 7])
+    by_hand = torch.nn.functional.cross_entropy(
+        torch.cat([torch.full((3, 1), -float("inf")), scores[:, 1:]], 1), y)
+    assert torch.isclose(full_softmax(h, biased.item_weight(), y, bias=biased.item_bias.weight), by_hand)
+    with torch.no_grad():
+        biased.item_bias.weight.zero_()
+    biased.save_pretrained(tmp_path / "base")
+
+    base = CrossRecModel.from_pretrained(tmp_path / "base")
+    assert base.config.item_bias and base.item_bias is not None
+    model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["item_bias"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("item_bias" in n for n in trainable)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    adapted = model(input_ids=ids, return_scores=True).detach()
+    model.save_pretrained(tmp_path / "adapter")
+    fresh = CrossRecModel.from_pretrained(tmp_path / "base")
+    assert fresh.item_bias.weight.abs().sum() == 0                       # the base never changed
+    loaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    assert torch.allclose(loaded(input_ids=ids, return_scores=True), adapted, atol=1e-5)
+    merged = loaded.merge_and_unload().eval()
+    assert merged.item_bias.weight.abs().sum() > 0
+    assert torch.allclose(merged(ids, return_scores=True), adapted, atol=1e-5)

@@ -18,7 +18,7 @@ class CrossRecConfig(PretrainedConfig):
                  attention_dropout: float = 0.2, rms_norm_eps: float = 1e-6, rope_theta: float = 10000.0,
                  initializer_range: float = 0.02, loss: str = "full", num_negatives: int = 1024,
                  domain_names: list[str] | None = None, pretrain_domains: list[str] | None = None,
-                 **kwargs):
+                 item_bias: bool = False, **kwargs):
         self.num_items = num_items
         self.num_domains = num_domains
         self.use_domain_embedding = use_domain_embedding
@@ -39,6 +39,10 @@ class CrossRecConfig(PretrainedConfig):
         self.num_negatives = num_negatives
         self.domain_names = list(domain_names or [])
         self.pretrain_domains = list(pretrain_domains) if pretrain_domains else list(self.domain_names)
+        # One learned score offset per item (zero at start): how often an item is chosen regardless of
+        # the history. Popularity is what shifts most between platforms and eras, and an adapter can
+        # retrain this vector (N + 1 numbers) without touching the item table.
+        self.item_bias = bool(item_bias)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 

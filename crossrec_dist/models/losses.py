@@ -15,26 +15,30 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
     logits = h @ weight.t()
+    if bias is not None:
+        logits = logits + bias
     logits[:, 0] = -math.inf  # padding is never a valid next item
     return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def full_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                 chunk_tokens: int = 4096) -> torch.Tensor:
-    """Mean CE of ``targets`` (T,) given ``hidden`` (T, H) and item table ``weight`` (N+1, H)."""
+                 chunk_tokens: int = 4096, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean CE of ``targets`` (T,) given ``hidden`` (T, H), item table ``weight`` (N+1, H) and an
+    optional per-item score offset ``bias`` (N+1,)."""
     if hidden.shape[0] <= chunk_tokens:
-        return _chunk_ce(hidden, weight, targets) / max(hidden.shape[0], 1)
+        return _chunk_ce(hidden, weight, targets, bias) / max(hidden.shape[0], 1)
     total = hidden.new_zeros((), dtype=torch.float32)
     for lo in range(0, hidden.shape[0], chunk_tokens):
         sl = slice(lo, lo + chunk_tokens)
-        total = total + checkpoint(_chunk_ce, hidden[sl], weight, targets[sl], use_reentrant=False)
+        total = total + checkpoint(_chunk_ce, hidden[sl], weight, targets[sl], bias, use_reentrant=False)
     return total / hidden.shape[0]
 
 
 def sampled_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_negatives: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Sampled softmax with in-batch + uniform negatives and logQ correction."""
     n_items = weight.shape[0] - 1
     rand = torch.randint(1, n_items + 1, (num_negatives,), device=targets.device, generator=generator)
@@ -43,6 +47,8 @@ def sampled_softmax(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     in_batch = torch.bincount(label, minlength=cand.shape[0]).float()
     expected = in_batch + num_negatives / n_items        # expected occurrences among the candidates
     logits = hidden @ weight[cand].t() - torch.log(expected)[None, :]
+    if bias is not None:
+        logits = logits + bias[cand][None, :]
     return F.cross_entropy(logits.float(), label)
 
 

@@ -2,7 +2,8 @@
 
 Input: left-padded item-ID histories (0 = padding). Every position predicts the next item (causal
 loss at every position, SASRec/HSTU style); scores are dot products with the item embedding table,
-so the output layer is the input table (tied) and new items need one row, not two.
+so the output layer is the input table (tied) and new items need one row, not two; with
+``item_bias`` each item's score also gets a learned offset (its popularity, in effect).
 """
 from __future__ import annotations
 
@@ -25,6 +26,18 @@ class CrossRecOutput(ModelOutput):
     num_tokens: int | None = None
 
 
+class ItemBias(nn.Module):
+    """One score offset per item (index 0 = padding), zero at start. A module of its own so a PEFT
+    adapter can retrain it (``modules_to_save``) and ZeRO-3 gathers it in its own forward."""
+
+    def __init__(self, num_rows: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_rows))
+
+    def forward(self) -> torch.Tensor:
+        return self.weight
+
+
 class CrossRecModel(PreTrainedModel):
     """Decoder-only next-item model: item (+ domain) embeddings -> Llama decoder -> scores over items.
 
@@ -45,6 +58,7 @@ class CrossRecModel(PreTrainedModel):
         self.item_embeddings = nn.Embedding(config.num_items + 1, config.hidden_size, padding_idx=0)
         self.domain_embeddings = (nn.Embedding(max(config.num_domains, 1), config.hidden_size)
                                   if config.use_domain_embedding else None)
+        self.item_bias = ItemBias(config.num_items + 1) if getattr(config, "item_bias", False) else None
         self.embedding_dropout = nn.Dropout(config.embedding_dropout)
         self.backbone = LlamaModel(config.backbone_config())
         del self.backbone.embed_tokens  # inputs come in as embeddings; an unused table would be dead weight
@@ -80,6 +94,8 @@ class CrossRecModel(PreTrainedModel):
                     module.weight[module.padding_idx].zero_()
             elif weight is not None and module.__class__.__name__.endswith("RMSNorm"):
                 module.weight.fill_(1.0)
+            elif isinstance(module, ItemBias):
+                module.weight.zero_()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.item_embeddings
@@ -121,6 +137,17 @@ class CrossRecModel(PreTrainedModel):
             return tokens.base_layer.weight
         return tokens.get_merged_weights(active)
 
+    def output_bias(self) -> torch.Tensor | None:
+        """The per-item score offsets (N+1,), or None for a model without them (``item_bias``)."""
+        return None if self.item_bias is None else self.item_bias()
+
+    def item_scores(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Scores over every item for hidden states (..., H): dot products with the item table, plus
+        each item's offset when the model has one."""
+        scores = hidden @ self.item_weight().t()
+        bias = self.output_bias()
+        return scores if bias is None else scores + bias
+
     def tied_parameters(self) -> list[nn.Parameter]:
         """Parameters used outside their own module's forward (the output side of tied scores).
         Under ZeRO-3 the engine registers them as external parameters of this module."""
@@ -139,15 +166,15 @@ class CrossRecModel(PreTrainedModel):
         after each history (a forward pass, so ZeRO-3 gathers parameters as usual)."""
         hidden = self.encode(input_ids, domain_ids, attention_mask)
         if return_scores:
-            return hidden[:, -1] @ self.item_weight().t()
+            return self.item_scores(hidden[:, -1])
         if labels is None:
             return CrossRecOutput(hidden_states=hidden)
         mask = labels > 0
         h, y = hidden[mask], labels[mask]
         if self.config.loss == "sampled":
-            loss = sampled_softmax(h, self.item_weight(), y, self.config.num_negatives)
+            loss = sampled_softmax(h, self.item_weight(), y, self.config.num_negatives, bias=self.output_bias())
         else:
-            loss = full_softmax(h, self.item_weight(), y)
+            loss = full_softmax(h, self.item_weight(), y, bias=self.output_bias())
         return CrossRecOutput(loss=loss, hidden_states=hidden, num_tokens=int(mask.sum()))
 
     @torch.no_grad()

@@ -34,4 +34,4 @@ def preset_config(name: str, **overrides):
 MODEL_OPTIONS = ("num_items", "num_domains", "use_domain_embedding", "hidden_size", "num_layers", "num_heads",
                  "num_kv_heads", "intermediate_size", "max_len", "embedding_dropout", "attention_dropout",
                  "rms_norm_eps", "rope_theta", "initializer_range", "loss", "num_negatives", "domain_names",
-                 "pretrain_domains")
+                 "pretrain_domains", "item_bias")

@@ -221,6 +221,16 @@ CASES = [
     Case("valid-targets-zero", FT + " --method lora --set valid_targets=0", ["valid_targets"], needs=("data", "model")),
     Case("train-fraction-zero", FT + " --method lora --set train_fraction=0", ["train_fraction"], needs=("data", "model")),
     Case("l2sp-negative", FT + " --method l2sp --set l2sp_weight=-1", ["l2sp_weight"], needs=("data", "model")),
+    Case("unknown-catalogue", FT + " --method none --set catalogue=platform", ["catalogue", "platform"],
+         needs=("data", "model")),
+    Case("top-items-negative", FT + " --method lora --set train_top_items=-1", ["train_top_items"],
+         needs=("data", "model")),
+    Case("top-items-with-table-lora", FT + " --method lora --set train_top_items=5 "
+         "--set lora.target_modules=[q_proj,item_embeddings]", ["train_top_items", "item_embeddings"],
+         needs=("data", "model")),
+    Case("unknown-model-option-type", TRAIN + " --set model.item_bias=maybe", ["model.item_bias"], needs=("data",)),
+    Case("evaluate-unknown-catalogue", "evaluate --model popularity --data {data} --out {out}/m.json "
+         "--catalogue platform", ["--catalogue", "platform"], needs=("data",)),
     Case("finetune-unknown-domain", FT.replace("--domain a", "--domain zz") + " --method lora", ["--domain", "zz"],
          needs=("data", "model")),
     Case("finetune-base-not-model", FT.replace("{model}", "{d}") + " --method lora", ["not a model folder"],

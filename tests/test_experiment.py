@@ -49,6 +49,10 @@ def test_report_gives_intervals_paired_differences_and_the_selected_step(experim
     lora = res["lora"]
     assert np.isclose(lora["vs_none"]["mean"], recs["lora"]["test"]["ndcg@10"] - recs["none"]["test"]["ndcg@10"])
     assert "vs_none" not in res["none"] and lora["best_step"] == recs["lora"]["train"]["best_step"]
+    assert np.isclose(lora["of_full"], recs["lora"]["test"]["ndcg@10"] / recs["full"]["test"]["ndcg@10"])
+    assert lora["trainable"] == recs["lora"]["params"]["trainable"] and "of_full" not in res["full"]
+    row = next(line for line in report.splitlines() if line.startswith("| lora |") and "[" in line)
+    assert f"| {lora['trainable']:,} |" in row and f"{lora['of_full']:.1%}" in row
     assert f"### Target d3: {recs['none']['test']['users']} test users" in report
     assert f"{lora['best_step']} of {lora['steps']}" in report
 

@@ -192,3 +192,69 @@ def test_lora_on_a_shifted_target_selects_a_trained_step_and_beats_zero_shot(tmp
     _, ndcg = aligned(records)
     diff = paired_difference(ndcg["lora"], ndcg["none"])
     assert diff.excludes_zero and diff.mean > 0, (diff, lora["test"], records["none"]["test"])
+
+
+def test_target_catalogue_never_ranks_a_user_lower(tiny_base, ml100k, tmp_path):
+    """``catalogue: target`` ranks only the items of the target's log: the same model's rank for each
+    test user can only improve (fewer competitors, the target always among them), and the record
+    says which catalogue was ranked."""
+    ranks = {}
+    for kind in ("all", "target"):
+        out = tmp_path / kind
+        run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method",
+                "none", "--out", out, "--set", f"catalogue={kind}")
+        m = json.loads((out / "metrics.json").read_text())
+        ranks[kind] = m["test_ranks"]
+        assert m["catalogue"]["kind"] == kind
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    assert json.loads((tmp_path / "target" / "metrics.json").read_text())["catalogue"]["items"] < cfg["num_items"]
+    assert ranks["all"]["seq_index"] == ranks["target"]["seq_index"]
+    pairs = list(zip(ranks["all"]["rank"], ranks["target"]["rank"]))
+    assert all(t <= a for a, t in pairs) and any(t < a for a, t in pairs)
+
+
+def test_top_items_get_whole_trainable_rows_counted_on_the_training_users(lora_run, tiny_base, ml100k, tmp_path):
+    """``train_top_items=K``: the target's K most frequent training items get whole trainable rows
+    (PEFT trainable tokens) next to the new items; the parameter count grows by exactly their rows,
+    and with ``train_fraction`` the items are counted on the sampled users only."""
+    import numpy as np
+
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.stages.configs import FinetuneConfig
+    from crossrec_dist.stages.finetune import sample_users, trainable_rows
+    run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method", "lora",
+            "--out", tmp_path, "--set", "train_top_items=20", *QUICK)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    plain = json.loads((lora_run / "metrics.json").read_text())
+    h = json.loads((tiny_base / "config.json").read_text())["hidden_size"]
+    assert m["new_items"] == plain["new_items"] and m["trainable_rows"] >= 20
+    assert m["params"]["trainable"] - plain["params"]["trainable"] == (m["trainable_rows"] - m["new_items"]) * h
+
+    data = PreparedData(ml100k)
+    cfg = FinetuneConfig(method="lora", train_top_items=5, train_new_items=False)
+    top = trainable_rows(cfg, data, TARGET_REGIONS[0], [])
+    counts = data.item_counts([TARGET_REGIONS[0]])
+    assert len(top) == 5 and min(counts[top]) >= np.sort(counts)[-5]
+    users = sample_users(data, TARGET_REGIONS[0], 0.1, seed=0)
+    few = trainable_rows(cfg, data, TARGET_REGIONS[0], [], users)
+    seq, pos = data.row_positions()
+    seen = set(data.items[np.isin(seq, users) & (pos < data.train_end[seq])].tolist())
+    assert set(few) <= seen
+    assert trainable_rows(FinetuneConfig(method="full", train_top_items=5), data, TARGET_REGIONS[0], [1]) == []
+
+
+def test_early_stopping_waits_for_min_steps(tiny_base, ml100k, tmp_path):
+    """Patience counts validations; ``train.min_steps`` keeps early stopping off until that many updates
+    (on a few dozen users an epoch is 3 updates, and 5 validations without a gain would end a run that
+    has barely moved). A learning rate too small to change validation makes every validation a miss."""
+    steps = {}
+    for min_steps in (0, 12):
+        out = tmp_path / str(min_steps)
+        run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method",
+                "full", "--out", out, "--set", "train.lr=1e-12", "--set", "train.patience=1", "--set",
+                "train.eval_every=1", "--set", "train.max_steps=30", "--set", f"train.min_steps={min_steps}",
+                "--set", "train.tensorboard=false")
+        m = json.loads((out / "metrics.json").read_text())
+        steps[min_steps] = m["train"]["steps"]
+        assert m["train"]["stopped"] == "early_stop" and m["train"]["best_step"] == 0
+    assert steps == {0: 1, 12: 12}

@@ -43,6 +43,8 @@ class TrainConfig:
     track_test: bool = False            # also record test NDCG/HR at each validation (benchmarks' time-to-
                                         # quality curves); selection and early stopping still use valid only
     patience: int = 10                  # validations without improvement before stopping; 0 = never
+    min_steps: int = 0                  # early stopping waits for this many updates: patience counts
+                                        # validations, and on a few dozen users an epoch is 3 updates apart
     checkpoint_every: int = 0           # steps between accelerator.save_state checkpoints; 0 = off
     keep_checkpoints: int = 2
     resume: str | None = None           # auto | PATH
@@ -59,7 +61,7 @@ def validate_train_config(cfg: TrainConfig, prefix: str = "") -> None:
     for name in positive:
         if getattr(cfg, name) < 1:
             raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field=f"{prefix}train.{name}")
-    for name in ("epochs", "max_steps", "warmup_steps", "patience", "checkpoint_every", "eval_every"):
+    for name in ("epochs", "max_steps", "warmup_steps", "patience", "min_steps", "checkpoint_every", "eval_every"):
         if getattr(cfg, name) < 0:
             raise InputError(f"must be >= 0, got {getattr(cfg, name)}", field=f"{prefix}train.{name}")
     if cfg.epochs == 0 and cfg.max_steps == 0:

@@ -451,8 +451,8 @@ class Engine:
             self._save_best(run)
         else:
             state.bad_evals += 1
-            if self.cfg.patience and state.bad_evals >= self.cfg.patience:
-                self.log(f"early stop: no improvement in {self.cfg.patience} validations (best step {state.best_step})")
+            if self.cfg.patience and state.bad_evals >= self.cfg.patience and state.step >= self.cfg.min_steps:
+                self.log(f"early stop: no improvement in {state.bad_evals} validations (best step {state.best_step})")
                 stop = "early_stop"
         state.eval_seconds += time.perf_counter() - t0
         return stop

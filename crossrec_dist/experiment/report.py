@@ -65,7 +65,8 @@ def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] 
                           "seed_ndcg@10": [r["test"]["ndcg@10"] for r in recs],
                           "users": rec["test"].get("users"),
                           "trainable": rec["params"]["trainable"], "total": rec["params"]["total"],
-                          "steps": rec["train"]["steps"], "seconds": rec["train"]["seconds"]}
+                          "steps": rec["train"]["steps"], "seconds": rec["train"]["seconds"],
+                          **({"catalogue": rec["catalogue"]} if rec.get("catalogue") else {})}
                 serving = _read(inside(out, "targets", t, m) / "serving.json")
                 if serving:
                     row[m]["serving"] = serving
@@ -169,7 +170,8 @@ def _plots(out: Path, res: dict, methods: list[str], targets: list[str]) -> list
 
 def intervals(out: Path, target: str, methods: list[str], seeds: list[int] | None = None) -> dict:
     """Per method on one target: test NDCG@10 with a 95% bootstrap interval over the target's test
-    users, and paired bootstrap differences vs zero-shot (``none``) and vs ``full`` on the same users;
+    users, paired bootstrap differences vs zero-shot (``none``), ``scratch`` and ``full`` on the same users,
+    and the mean as a share of full's;
     plus the step each run selected. With several seeds, each user's NDCG@10 is first averaged over
     the method's seeds (the interval is then over users of the seed-averaged method). Empty when the
     records carry no per-user ranks."""
@@ -189,10 +191,13 @@ def intervals(out: Path, target: str, methods: list[str], seeds: list[int] | Non
     for m, values in ndcg.items():
         steps = [(r.get("train", {}).get("best_step"), r.get("train", {}).get("steps")) for r in per_method[m]]
         row = {"ndcg@10": bootstrap_mean(values).__dict__, "best_step": steps[0][0], "steps": steps[0][1],
-               "seed_steps": steps, "seeds": len(per_method[m])}
-        for ref in ("none", "full"):
+               "seed_steps": steps, "seeds": len(per_method[m]),
+               "trainable": per_method[m][0].get("params", {}).get("trainable")}
+        for ref in ("none", "scratch", "full"):
             if ref in ndcg and ref != m:
                 row[f"vs_{ref}"] = paired_difference(values, ndcg[ref]).__dict__
+        if "full" in ndcg and m != "full" and ndcg["full"].mean() > 0:
+            row["of_full"] = float(values.mean() / ndcg["full"].mean())
         table[m] = row
     return table
 
@@ -206,15 +211,17 @@ def _interval_lines(target: str, table: dict, methods: list[str]) -> list[str]:
              "Test NDCG@10 with a 95% bootstrap interval over users; differences are paired (same users), "
              "`n.s.` = the interval holds 0 (no significant difference). Selected step: the checkpoint that "
              "validation chose, of the steps run (0 = the starting weights).", "",
-             "| method | test NDCG@10 [95% CI] | vs zero-shot | vs full | selected step |",
-             "| --- | --- | --- | --- | --- |"]
+             "| method | trainable params | test NDCG@10 [95% CI] | vs zero-shot | vs scratch | vs full | of full "
+             "| selected step |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m in methods:
         if m not in table:
             continue
         r = table[m]
-        cells = [Interval(**r["ndcg@10"]).text()]
-        for ref in ("none", "full"):
+        cells = [f"{r['trainable']:,}" if r.get("trainable") is not None else "-", Interval(**r["ndcg@10"]).text()]
+        for ref in ("none", "scratch", "full"):
             cells.append(Interval(**r[f"vs_{ref}"]).diff_text() if f"vs_{ref}" in r else "-")
+        cells.append(f"{r['of_full']:.1%}" if "of_full" in r else "-")
         runs = r.get("seed_steps") or [(r.get("best_step"), r.get("steps"))]
         step = ", ".join("-" if n in (None, 0) else f"{b} of {n}" for b, n in runs)
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {step} |")
@@ -270,6 +277,17 @@ def _fraction_section(out: Path, curves: dict, targets: list[str]) -> list[str]:
     return lines + ["![data_fraction.png](data_fraction.png)", ""]
 
 
+def _ranked_items(res: dict, targets: list[str]) -> str:
+    """Which items were ranked, from the records' ``catalogue`` (finetune.catalogue: all | target)."""
+    kinds = {(t, c["kind"], c["items"]) for t in targets for row in res["targets"][t].values()
+             if (c := row.get("catalogue"))}
+    if not kinds or all(kind == "all" for _, kind, _ in kinds):
+        return "full ranking over all items"
+    sizes = sorted({(t, n) for t, kind, n in kinds if kind == "target"})
+    return ("full ranking over each target's own catalogue (the items of its log: "
+            + ", ".join(f"{t} {n:,}" for t, n in sizes) + ")")
+
+
 def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, float) else f"{x:,}" if isinstance(x, int) else str(x)
 
@@ -287,7 +305,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
              f"Generated {res['generated']} from the metrics.json files under this folder.", "",
              f"Data: {stats['users']:,} users, {stats['items']:,} items, {stats['interactions']:,} interactions, "
              f"{len(stats['domains'])} domains. Sources: {', '.join(sources)}. Targets: {', '.join(targets)}.",
-             "Protocol: leave-one-out by time, full ranking over all items (history excluded), test split.", ""]
+             "Protocol: leave-one-out by time, " + _ranked_items(res, targets) + " (history excluded), test split.", ""]
     inputs = stats.get("sources") or {}
     if len(inputs) > 1:      # several data sources, one item vocabulary joined on the raw item id
         lines[-1:-1] = ["Data sources (items shared with another source / private): " + "; ".join(
@@ -299,8 +317,8 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
                   f"{p['params']['total']:,} parameters; test NDCG@10 {_fmt(p['test']['ndcg@10'])}, "
                   f"HR@10 {_fmt(p['test']['hr@10'])}; {p['train']['steps']} steps in {p['train']['seconds']:.0f} s.", ""]
     shown = [m for m in methods + ["student_kd", "student_ce"] if any(m in res["targets"][t] for t in targets)]
-    lines += ["## Test NDCG@10 per target region", "",
-              "| method | trainable params | " + " | ".join(f"region {t}" for t in targets) + " | mean |",
+    lines += ["## Test NDCG@10 per target", "",
+              "| method | trainable params | " + " | ".join(f"{t}" for t in targets) + " | mean |",
               "| --- | --- | " + " | ".join("---" for _ in targets) + " | --- |"]
     for m in shown:
         cells = [_fmt(res["targets"][t][m]["ndcg@10"]) if m in res["targets"][t] else "-" for t in targets]
@@ -308,7 +326,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         mean = _fmt(res["average"][m]["ndcg@10"]) if m in res["average"] else "-"
         lines.append(f"| {m} | {_fmt(int(statistics.mean(tr)))} | " + " | ".join(cells) + f" | {mean} |")
     users = [res["targets"][t][shown[0]].get("users") for t in targets] if shown else []
-    lines += ["", f"Test users per region: {', '.join(f'{t}: {u}' for t, u in zip(targets, users))}.", ""]
+    lines += ["", f"Test users per target: {', '.join(f'{t}: {u}' for t, u in zip(targets, users))}.", ""]
     res["intervals"] = {t: intervals(out, t, methods + ["student_kd", "student_ce"], seeds) for t in targets}
     if any(f < 1 for f in recipe.fractions):
         res["fractions"] = {t: fraction_curve(out, recipe, t) for t in targets}

@@ -59,9 +59,9 @@ def check_model_options(options: dict, prefix: str = "model.") -> None:
                 raise InputError(f"must be {rng}, got {value!r}", field=prefix + name)
     if "loss" in options and options["loss"] not in ("full", "sampled"):
         raise InputError(f"unknown loss {options['loss']!r}; use full or sampled", field=prefix + "loss")
-    if "use_domain_embedding" in options and not isinstance(options["use_domain_embedding"], bool):
-        raise InputError(f"expected true/false, got {options['use_domain_embedding']!r}",
-                         field=prefix + "use_domain_embedding")
+    for name in ("use_domain_embedding", "item_bias"):
+        if name in options and not isinstance(options[name], bool):
+            raise InputError(f"expected true/false, got {options[name]!r}", field=prefix + name)
     for name in ("domain_names", "pretrain_domains"):
         if name in options and not isinstance(options[name], (list, tuple)):
             raise InputError(f"expected a list, got {options[name]!r}", field=prefix + name)
@@ -77,6 +77,7 @@ METHODS = ("lora", "adalora", "full", "head", "l2sp", "scratch", "none")
 PEFT_METHODS = ("lora", "adalora")
 DEFAULT_LR = {"lora": 5e-3, "adalora": 5e-3, "head": 2e-3, "full": 5e-4, "l2sp": 5e-4, "scratch": 1e-3}
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CATALOGUES = ("all", "target")   # FinetuneConfig.catalogue / DistillConfig.catalogue
 ITEM_TABLE = "item_embeddings"   # LoRA on the item table (input and, tied, output side); not for AdaLoRA
 
 
@@ -105,10 +106,16 @@ class FinetuneConfig:
     adalora: AdaLoraOptions = field(default_factory=AdaLoraOptions)
     l2sp_weight: float = 0.01
     train_new_items: bool = True  # PEFT methods: trainable rows for items new to the target domain
+    train_top_items: int = 0      # PEFT methods: also train whole rows of the target's K most frequent items
+                                  # (PEFT trainable tokens; not with LoRA on the item table)
+    train_item_bias: bool = True  # PEFT methods: retrain the base's per-item score offsets (model.item_bias)
+                                  # as part of the adapter (N + 1 numbers), when the base has them
     train_fraction: float = 1.0   # share of the target's users whose histories train and validate (a seeded
                                   # sample, the same for every method at one seed); test users: all of them
     valid_targets: int = 1        # validation targets per target user: the last K items before the test
                                   # item (K - 1 of them leave training); K > 1 steadies checkpoint selection
+    catalogue: str = "all"        # items ranked in validation and test: all (the base's whole vocabulary) |
+                                  # target (items of the target domain's log: its platform's catalogue)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=5, micro_batch_size=32,
                                                                     validate_at_start=True))
 
@@ -126,6 +133,8 @@ class DistillConfig:
     transfer: str = "all"                         # sequences the student learns from: all | target
     select_on: str = "target"                     # validation users that pick the checkpoint and stop early:
                                                   # target (the region's) | transfer (the transfer set's)
+    catalogue: str = "all"                        # items ranked: all | target (the validation domains' items
+                                                  # while training; the target's in the final record)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, patience=8))
 
 
@@ -168,6 +177,12 @@ def check_finetune_config(cfg: FinetuneConfig, prefix: str = "") -> None:
     _need(ad.delta_t >= 1, p + "adalora.delta_t", f"must be >= 1, got {ad.delta_t}")
     _need(ad.orth_reg_weight >= 0, p + "adalora.orth_reg_weight", f"must be >= 0, got {ad.orth_reg_weight}")
     _need(cfg.valid_targets >= 1, p + "valid_targets", f"must be >= 1, got {cfg.valid_targets}")
+    _need(cfg.train_top_items >= 0, p + "train_top_items", f"must be >= 0, got {cfg.train_top_items}")
+    _need(not (cfg.train_top_items and cfg.method == "lora" and ITEM_TABLE in lo.target_modules),
+          p + "train_top_items", f"LoRA on {ITEM_TABLE} already adapts every row; PEFT cannot also train whole "
+          "rows of that table (use one or the other)")
+    _need(cfg.catalogue in CATALOGUES, p + "catalogue",
+          f"unknown catalogue {cfg.catalogue!r}; choose one of {', '.join(CATALOGUES)}")
     _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")
     _need(math.isfinite(cfg.l2sp_weight) and cfg.l2sp_weight >= 0, p + "l2sp_weight",
           f"must be >= 0, got {cfg.l2sp_weight}")
@@ -184,5 +199,6 @@ def check_distill_config(cfg: DistillConfig, prefix: str = "") -> None:
     _need(cfg.feature_weight >= 0, p + "feature_weight", f"must be >= 0, got {cfg.feature_weight}")
     _need(cfg.top_k >= 0, p + "top_k", f"must be >= 0 (0 = all items), got {cfg.top_k}")
     _need(cfg.num_sampled >= 1, p + "num_sampled", f"must be >= 1, got {cfg.num_sampled}")
-    for name, allowed in (("transfer", ("all", "target")), ("select_on", ("transfer", "target"))):
+    for name, allowed in (("transfer", ("all", "target")), ("select_on", ("transfer", "target")),
+                          ("catalogue", CATALOGUES)):
         _need(getattr(cfg, name) in allowed, p + name, f"must be one of {', '.join(allowed)}, got {getattr(cfg, name)!r}")

@@ -1,8 +1,9 @@
 """Adapt a pretrained base to one target domain.
 
 Methods: ``lora`` / ``adalora`` (PEFT adapters; rows for items the source domains never saw stay
-trainable through PEFT's trainable-token indices), ``full`` (every weight), ``head`` (only the item
-embedding table, which is also the output side), ``l2sp`` (full, plus lambda * ||theta - theta_source||^2),
+trainable through PEFT's trainable-token indices; the per-item offsets, if the base has them, through
+``modules_to_save``), ``full`` (every weight), ``head`` (only the item embedding table, which is also
+the output side, and the offsets), ``l2sp`` (full, plus lambda * ||theta - theta_source||^2),
 ``scratch`` (same architecture, random init, target data only) and ``none`` (zero-shot evaluation).
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ from ..export.vocab import check_same_vocabulary, write_vocab
 from ..models.loading import load_model_config
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
-from .common import RecommenderTask, evaluate_model, on_main, run_stage, seed_everything
+from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
+                     target_catalogue)
 from .configs import DEFAULT_LR, ITEM_TABLE, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config
 
 def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
@@ -37,6 +39,29 @@ def new_item_indices(data: PreparedData, source_domains, target: str) -> list[in
     src = data.item_counts(source_domains)
     tgt = data.item_counts([target])
     return np.flatnonzero((tgt > 0) & (src == 0)).tolist()
+
+
+def trainable_rows(cfg, data: PreparedData, domain: str, new_items: list[int],
+                   users: np.ndarray | None = None) -> list[int]:
+    """Item-table rows a PEFT adapter trains whole (PEFT trainable tokens): the items new to the target
+    (``train_new_items``) and its ``train_top_items`` most frequent training items. A low-rank update
+    of the table spreads its few directions over every item; these rows give the items that most of
+    the target's interactions fall on a full-rank update, at 64 numbers each (hidden 64). Counted on
+    the training part of ``users``' sequences (all of the domain's when None): a subsampled run
+    learns nothing from users it does not train on."""
+    if cfg.method not in PEFT_METHODS:
+        return []
+    rows = set(new_items) if cfg.train_new_items else set()
+    if cfg.train_top_items > 0:
+        seq, pos = data.row_positions()
+        keep = data.sequence_mask([domain])[seq] & (pos < data.train_end[seq])
+        if users is not None:
+            keep &= np.isin(seq, users)
+        counts = np.bincount(data.items[keep], minlength=data.num_items + 1)
+        counts[0] = 0
+        order = np.argsort(-counts, kind="stable")
+        rows.update(int(i) for i in order[:cfg.train_top_items] if counts[i] > 0)
+    return sorted(rows)
 
 
 def sample_users(data: PreparedData, domain: str, fraction: float, seed: int) -> np.ndarray | None:
@@ -65,7 +90,9 @@ class FinetuneTask(RecommenderTask):
         self.max_len, self.hidden_size = self.base_config.max_len, self.base_config.hidden_size
         self.default_lr = DEFAULT_LR.get(cfg.method, 1e-3)
         self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain)
+        self.token_rows = trainable_rows(cfg, data, domain, self.new_items, self.train_users)
         self.fingerprint = base_fingerprint(base_dir)
+        self.catalogue = target_catalogue(cfg, data, domain)
         self.anchor = None
 
     def train_domains(self):
@@ -88,7 +115,7 @@ class FinetuneTask(RecommenderTask):
         """PEFT copies new-item rows out of a ZeRO-3 partitioned table with a CUDA-only gather (peft
         0.21: "right now, only CUDA is implemented"); without CUDA the base is loaded whole and
         DeepSpeed partitions it when the engine is prepared."""
-        rows = self.cfg.method in PEFT_METHODS and self.cfg.train_new_items and self.new_items
+        rows = self.cfg.method in PEFT_METHODS and self.token_rows
         if rows and engine.settings.zero3_init and not torch.cuda.is_available():
             engine.log("zero3_init: the base is loaded whole (PEFT's trainable-token rows need CUDA to be "
                        "built on partitioned weights); DeepSpeed partitions it when training starts")
@@ -108,16 +135,20 @@ class FinetuneTask(RecommenderTask):
             return base
         if method == "head":
             for name, p in base.named_parameters():
-                p.requires_grad = name.startswith("item_embeddings")
+                p.requires_grad = name.startswith(("item_embeddings", "item_bias"))
             return base
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
         # LoRA on the item table already gives every item (new ones included) its own trainable column;
         # PEFT cannot also wrap that table in trainable-token rows.
         table_lora = method == "lora" and ITEM_TABLE in m.lora.target_modules
-        tokens = {ITEM_TABLE: self.new_items} if (m.train_new_items and self.new_items and not table_lora) else None
+        tokens = {ITEM_TABLE: self.token_rows} if (self.token_rows and not table_lora) else None
+        # The per-item offsets are what shifts most between platforms (popularity): the adapter carries
+        # its own copy of them (PEFT modules_to_save), N + 1 numbers.
+        save = ["item_bias"] if (m.train_item_bias and base.item_bias is not None) else None
         if method == "lora":
             pc = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
-                            target_modules=m.lora.target_modules, trainable_token_indices=tokens)
+                            target_modules=m.lora.target_modules, trainable_token_indices=tokens,
+                            modules_to_save=save)
         else:
             total = engine.plan(self.batches()).total_updates   # the engine's own arithmetic
             a = m.adalora
@@ -128,7 +159,7 @@ class FinetuneTask(RecommenderTask):
             pc = AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.delta_t,
                                total_step=total, orth_reg_weight=a.orth_reg_weight, lora_alpha=m.lora.alpha,
                                lora_dropout=m.lora.dropout, target_modules=m.lora.target_modules,
-                               trainable_token_indices=tokens)
+                               trainable_token_indices=tokens, modules_to_save=save)
         return get_peft_model(base, pc)
 
     def loss(self, model, inputs) -> LossTerms:
@@ -174,13 +205,16 @@ class FinetuneTask(RecommenderTask):
 
     def final_record(self, engine, result) -> dict:
         model = load_finetuned(engine.out_dir, self.base_dir, self.cfg.method)
-        ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size)
+        ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
+                            catalogue=self.catalogue)
         extra = {"rank_pattern": _rank_summary(model)} if self.cfg.method == "adalora" else {}
+        extra.update(catalogue_record(self.catalogue, self.data))
         return metrics_record(
             stage="finetune", domain=self.domain, method=self.cfg.method, params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
             in_training_valid=result.best_valid.get("overall", {}), history=result.history,
-            new_items=len(self.new_items), base=str(Path(self.base_dir).resolve()), lr=engine.lr,
+            new_items=len(self.new_items), trainable_rows=len(self.token_rows),
+            base=str(Path(self.base_dir).resolve()), lr=engine.lr,
             base_fingerprint=self.fingerprint, config=_jsonable(asdict(self.cfg)),
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
@@ -214,13 +248,14 @@ def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str,
 def _zero_shot(cfg, base_dir, data, domain, out, log):
     model = CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
     t0 = time.perf_counter()
-    ev = evaluate_model(model, data, [domain], model.config.max_len, cfg.train.eval_batch_size)
+    catalogue = target_catalogue(cfg, data, domain)
+    ev = evaluate_model(model, data, [domain], model.config.max_len, cfg.train.eval_batch_size, catalogue=catalogue)
     params = param_counts(model)
     record = metrics_record(stage="finetune", domain=domain, method="none", params={**params, "trainable": 0},
                             valid=ev["valid"]["overall"], test=ev["test"]["overall"],
                             train={"steps": 0, "seconds": round(time.perf_counter() - t0, 3), "samples_per_second": 0.0},
                             base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir),
-                            test_ranks=ev["test"]["examples"])
+                            test_ranks=ev["test"]["examples"], **catalogue_record(catalogue, data))
     write_metrics(out, record)
     log(f"zero-shot {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} -> {out}")
     return record

@@ -474,5 +474,10 @@ def test_a_setting_added_since_at_its_default_upgrades_the_record_instead_of_rer
     assert experiment(recipe, out, capsys) == []
     # Not at its default now: that is a real change, named.
     _forget(out, "finetune/d3/lora.json", "finetune.valid_targets")
+    _forget(out, "pretrain.json", "pretrain.domains")     # only upgraded upstream: not reported as a change
+    older = json.loads((out / "steps" / "pretrain.json").read_text())["hash"]
+    lora = json.loads((out / "steps" / "finetune" / "d3" / "lora.json").read_text())
+    lora["upstream"]["pretrain"] = older                    # as written when pretrain's record was older
+    (out / "steps" / "finetune" / "d3" / "lora.json").write_text(json.dumps(lora))
     msg = changed(recipe, out, capsys, "finetune.valid_targets=3")
-    assert "finetune.valid_targets: (unset) -> 3" in msg
+    assert "finetune.valid_targets: (unset) -> 3" in msg and "upstream step 'pretrain'" not in msg

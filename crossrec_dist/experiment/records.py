@@ -99,14 +99,18 @@ def only_new_defaults(record: dict, settings: dict, upstream: dict[str, str], de
     return added
 
 
-def differences(record: dict, settings: dict, upstream: dict[str, str]) -> list[str]:
-    """What differs between a step's record and its settings now, one ``key: old -> new`` per line."""
+def differences(record: dict, settings: dict, upstream: dict[str, str],
+                upgraded: dict[str, str] | None = None) -> list[str]:
+    """What differs between a step's record and its settings now, one ``key: old -> new`` per line.
+    An upstream step whose record was only upgraded (``upgraded``: its old hash) is not a change."""
     if record.get("version") != VERSION:
         return [f"its record has format version {record.get('version')!r}, this crossrec writes {VERSION}"]
     old, new = flatten(record.get("settings") or {}), flatten(settings)
     lines = [f"{k}: {_show(old.get(k, _UNSET))} -> {_show(new.get(k, _UNSET))}"
              for k in [*new, *(k for k in old if k not in new)] if old.get(k, _UNSET) != new.get(k, _UNSET)]
     was = record.get("upstream") or {}
-    lines += [f"upstream step '{dep}' changed" for dep, h in upstream.items() if was.get(dep) != h]
+    upgraded = upgraded or {}
+    lines += [f"upstream step '{dep}' changed" for dep, h in upstream.items()
+              if was.get(dep) not in (h, upgraded.get(dep))]
     lines += [f"no longer reads from step '{dep}'" for dep in was if dep not in upstream]
     return lines or ["its recorded hash differs from its settings' hash"]

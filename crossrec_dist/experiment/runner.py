@@ -164,7 +164,7 @@ class Runner:
             elif marker and rec.get("state") == "complete":
                 action = "skip"
         elif marker or output.exists():
-            action, reasons = "changed", records.differences(rec, settings, upstream)
+            action, reasons = "changed", records.differences(rec, settings, upstream, self.upgraded)
             if rec.get("state") != "complete":
                 reasons.append("(its output is an unfinished run with the old settings)")
 

@@ -53,6 +53,24 @@ def test_alpha_one_task_loss_is_the_students_own_loss_and_never_runs_the_teacher
     assert task.loss(model, batch).mean.item() == pytest.approx(want.item(), rel=1e-5)
 
 
+def test_top_k_kd_loss_runs_with_student_offsets_and_reaches_them(tiny_base, ml100k):
+    """``top_k``: KL over the teacher's top-k plus sampled items; a student with per-item offsets
+    (``model.item_bias``) gets gradients on them from the candidates' logits."""
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.models.model import CrossRecModel
+    from crossrec_dist.stages.distill import DistillConfig, DistillTask, StudentWithProjection
+    cfg = DistillConfig(alpha=0.5, top_k=5, num_sampled=8,
+                        model={"hidden_size": 16, "intermediate_size": 32, "item_bias": True})
+    task = DistillTask(cfg, PreparedData(ml100k), str(tiny_base), None, TARGET_REGIONS[0])
+    model = StudentWithProjection(CrossRecModel(task.student_config), task.teacher.config.hidden_size)
+    assert model.student.item_bias is not None
+    batch = next(task.batches().epoch(0, rank=0, world=1)).inputs
+    loss = task.loss(model, batch).mean
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.student.item_bias.weight.grad is not None and model.student.item_bias.weight.grad.abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
 def student(tiny_base, ml100k, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")

@@ -149,7 +149,7 @@ class DistillTask(RecommenderTask):
                 t_full = self.teacher.item_scores(h_t)
                 t_full[:, 0] = -math.inf
                 top = t_full.topk(cfg.top_k, dim=-1).indices
-                rand = torch.randint(1, w_t.shape[0], (cfg.num_sampled,), device=y.device)
+                rand = torch.randint(1, w_s.shape[0], (cfg.num_sampled,), device=y.device)
                 cand = torch.cat([y[:, None], top, rand.expand(len(y), -1)], 1)   # label is column 0
             s_logits = (h_s[:, None, :] * w_s[cand]).sum(-1)
             if b_s is not None:

@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   # the main job: the pipeline on MovieLens-100K, CPU
+#   make demo   # the main job: cross-platform transfer ML-1M -> ML-100K, the whole pipeline, CPU
 #   make test   # the test suite (what CI runs)
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # Elsewhere, e.g.: make setup TORCH_CPU_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_CPU_SPEC ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-RUN_DIR ?= runs/ml100k_regions
+RUN_DIR ?= runs/ml_cross_platform
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
@@ -25,7 +25,7 @@ endif
 	touch $@
 
 demo: setup
-	$(VENV)/bin/crossrec experiment --config launch/recipes/ml100k_regions.yaml --out $(RUN_DIR)
+	$(VENV)/bin/crossrec experiment --config launch/recipes/ml_cross_platform.yaml --out $(RUN_DIR)
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider tests

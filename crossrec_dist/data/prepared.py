@@ -157,8 +157,11 @@ class PreparedData:
         mask[0] = False
         return mask
 
-    def item_counts(self, domains=None) -> np.ndarray:
-        """Interaction counts per item index over the training parts (index 0 = padding = 0)."""
+    def item_counts(self, domains=None, only: np.ndarray | None = None) -> np.ndarray:
+        """Interaction counts per item index over the training parts (index 0 = padding = 0), of the
+        sequences in ``only`` alone when given."""
         seq, pos = self.row_positions()
         keep = self.sequence_mask(domains)[seq] & (pos < self.train_end[seq])
+        if only is not None:
+            keep &= np.isin(seq, only)
         return np.bincount(self.items[keep], minlength=self.num_items + 1)

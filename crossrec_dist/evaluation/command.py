@@ -29,6 +29,7 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
     prepared = PreparedData(data)
     domains = None if domain in (None, "all") else [d for d in domain.split(",") if d]
     prepared.domain_codes(domains)  # validate names early
+    from ..stages.common import catalogue_record
     if catalogue not in ("all", "domain"):
         raise InputError(f"unknown catalogue {catalogue!r}; choose all or domain", field="--catalogue")
     items = prepared.catalogue(domains) if catalogue == "domain" else None
@@ -55,7 +56,7 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
                             test=results["test"]["overall"], per_domain=results["test"]["per_domain"],
                             eval_seconds=round(time.perf_counter() - t0, 3), model=model, adapter=adapter,
                             test_ranks=results["test"]["examples"],
-                            catalogue={"kind": catalogue, "items": prepared.num_items if items is None else int(items.sum())})
+                            **catalogue_record(items, prepared))
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)

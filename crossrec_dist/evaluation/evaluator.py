@@ -61,6 +61,7 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
     """0-based target ranks for every example of ``ev``, in order."""
     from ..progress import track
     ranks = []
+    hidden = None if opts.catalogue is None else torch.from_numpy(~opts.catalogue).to(device)  # items never ranked
     starts = range(0, len(ev.targets), opts.batch_size)
     for lo in track(starts, len(starts), f"evaluate {opts.split}", enabled=show_progress):
         sl = slice(lo, lo + opts.batch_size)
@@ -70,8 +71,8 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
         with torch.no_grad():
             scores = scorer(hist, doms).float()
         scores[:, 0] = -math.inf
-        if opts.catalogue is not None:
-            scores[:, torch.from_numpy(~opts.catalogue).to(device)] = -math.inf
+        if hidden is not None:
+            scores[:, hidden] = -math.inf
         if opts.exclude_history:
             r, c = history_mask_index(data, seq, end)
             scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -math.inf

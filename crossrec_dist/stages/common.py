@@ -139,6 +139,8 @@ def target_catalogue(cfg, data: PreparedData, domain: str) -> np.ndarray | None:
 
 
 def catalogue_record(catalogue: np.ndarray | None, data: PreparedData) -> dict:
+    """``{"catalogue": {"kind": "all" | "target", "items": N}}`` for metrics.json (``target``: only the
+    evaluated domains' own items were ranked, whichever command asked for it)."""
     n = data.num_items if catalogue is None else int(catalogue.sum())
     return {"catalogue": {"kind": "all" if catalogue is None else "target", "items": n}}
 

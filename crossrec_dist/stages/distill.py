@@ -157,7 +157,7 @@ class DistillTask(RecommenderTask):
             t_logits = t_full.gather(1, cand)
             target = torch.zeros_like(y)
         else:
-            s_logits = h_s @ w_s.t() if b_s is None else h_s @ w_s.t() + b_s
+            s_logits = core.student.item_scores(h_s)
             with torch.no_grad():
                 t_logits = self.teacher.item_scores(h_t)
             s_logits[:, 0] = -math.inf

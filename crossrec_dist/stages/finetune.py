@@ -53,11 +53,7 @@ def trainable_rows(cfg, data: PreparedData, domain: str, new_items: list[int],
         return []
     rows = set(new_items) if cfg.train_new_items else set()
     if cfg.train_top_items > 0:
-        seq, pos = data.row_positions()
-        keep = data.sequence_mask([domain])[seq] & (pos < data.train_end[seq])
-        if users is not None:
-            keep &= np.isin(seq, users)
-        counts = np.bincount(data.items[keep], minlength=data.num_items + 1)
+        counts = data.item_counts([domain], only=users)
         counts[0] = 0
         order = np.argsort(-counts, kind="stable")
         rows.update(int(i) for i in order[:cfg.train_top_items] if counts[i] > 0)

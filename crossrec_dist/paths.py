@@ -8,7 +8,9 @@ result is checked with :func:`inside` (resolved, it must stay under the output f
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import socket
 from pathlib import Path
 
 from .errors import InputError
@@ -53,7 +55,9 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
             break
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".crossrec_write_probe"
+        # One probe per process: every rank of every node checks the same shared folder at once, and
+        # with one name a rank unlinked the probe another had just written (ENOENT on two nodes).
+        probe = path / f".crossrec_write_probe.{socket.gethostname()}.{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:

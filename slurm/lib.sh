@@ -69,6 +69,19 @@ run_step() {
     done
     say "step exited with status $rc"
 
+    if [ "$preempted" = 0 ] && [ "$rc" -ne 0 ]; then
+        # A task died (a node lost, a rank killed, an error): srun --kill-on-bad-exit=1 has stopped the
+        # tasks on the other nodes, so the job ends now instead of waiting in a collective for a peer
+        # that is gone. Say where it can go on from.
+        say "step failed with status $rc: a task ended abnormally (srun's error above names its node) and srun stopped the other nodes' tasks"
+        local latest=""
+        [ -n "${OUT:-}" ] && latest=$(cat "$OUT/checkpoints/latest" 2>/dev/null)
+        if [ -n "$latest" ] && [ -d "$OUT/checkpoints/$latest" ]; then
+            say "last checkpoint: $OUT/checkpoints/$latest; resubmit this job (same OUT) to resume from it"
+        elif [ -n "${OUT:-}" ]; then
+            say "no checkpoint in $OUT/checkpoints: a resubmission starts from the beginning (set train.checkpoint_every)"
+        fi
+    fi
     if [ "$preempted" = 1 ] && [ "$rc" -ne 0 ]; then
         say "preempted: requeueing job $SLURM_JOB_ID${REQUEUE_NOTE:+ ($REQUEUE_NOTE)}; the rerun resumes from $OUT/checkpoints/latest"
         if scontrol requeue "$SLURM_JOB_ID"; then

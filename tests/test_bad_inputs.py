@@ -502,3 +502,24 @@ def test_hostile_domain_names_never_leave_the_output_folder(tmp_path):
         folder = out / entry["path"]
         assert folder.parent == out and (folder / "metrics.json").is_file()
         assert json.loads((folder / "metrics.json").read_text())["domain"] == name
+
+
+def _check_output_dir_many_times(folder: str, times: int) -> None:
+    from crossrec_dist.paths import check_output_dir
+    for _ in range(times):
+        check_output_dir(folder)
+
+
+def test_every_rank_checks_the_shared_output_folder_at_once(tmp_path):
+    """Every rank of every node checks ``--out`` at the same moment on a shared filesystem. With one
+    probe file name a rank unlinked the probe another rank had just written: the first two-node Slurm
+    job failed with "cannot write here: No such file or directory". Four processes, 300 checks each."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_check_output_dir_many_times, args=(str(tmp_path / "out"), 300)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    assert list((tmp_path / "out").iterdir()) == [], "probe files left behind"

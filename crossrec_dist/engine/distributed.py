@@ -30,6 +30,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def placement() -> dict:
+    """Where this rank runs and whom it met: its host and address, the rendezvous it was given
+    (MASTER_ADDR/PORT from the launcher), its node (GROUP_RANK = machine rank under torchrun) and the
+    process group's backend. Multi-node tests assert on these; a user reads them when a rank hangs."""
+    host = socket.gethostname()
+    try:
+        address = socket.gethostbyname(host)
+    except OSError:
+        address = None
+    return {"host": host, "address": address,
+            "rendezvous": {"addr": os.environ.get("MASTER_ADDR"), "port": os.environ.get("MASTER_PORT")},
+            "node_rank": int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", 0))),
+            "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -387,7 +387,7 @@ class Engine:
                             f"run the same command with --resume auto to continue")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self._check_finite(window)
-            self._checkpoint(state)
+            self.log(f"checkpoint at step {step} saved to {self._checkpoint(state)}")
         if cfg.max_steps and step >= cfg.max_steps:
             stop = stop or "max_steps"
         return stop or ("time_budget" if over_budget else None)
@@ -482,6 +482,7 @@ class Engine:
     def _write_rank_report(self, model) -> None:
         """What this rank held and saw: evidence that ZeRO-3 partitions and data sharding are real."""
         report = {"rank": self.rank, "world": self.world, "zero_stage": self.zero_stage,
+                  **dist_info.placement(),
                   "zero3_init": self.settings.zero3_init,
                   "accelerate_num_processes": self.accelerator.num_processes,
                   "accelerate_process_index": self.accelerator.process_index,

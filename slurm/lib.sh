@@ -15,6 +15,15 @@ say() { echo "[crossrec-slurm $(date +%H:%M:%S)] $*"; }
 NODE_WRAPPER='
 say() { echo "[crossrec-slurm $(date +%H:%M:%S) $(hostname -s)] $*"; }
 say "node SLURM_NODEID=${SLURM_NODEID:-0} task SLURM_PROCID=$SLURM_PROCID: $CROSSREC_CMD"
+# Across nodes, gloo (CPU) and NCCL (GPU) listen on the address this node'"'"'s hostname resolves to.
+# Debian maps the hostname to 127.0.1.1: the other nodes would then be told to connect to loopback.
+if [ "${SLURM_JOB_NUM_NODES:-1}" -gt 1 ] && [ -z "${GLOO_SOCKET_IFNAME:-}${NCCL_SOCKET_IFNAME:-}" ]; then
+    addr=$(getent hosts "$(hostname)" | awk "{print \$1; exit}")
+    case "$addr" in
+        127.*|::1|"") say "warning: hostname $(hostname) resolves to ${addr:-nothing}, a loopback address: the other nodes cannot reach this one there. Set GLOO_SOCKET_IFNAME (CPU) or NCCL_SOCKET_IFNAME (GPU) to the interface the nodes share (ip -br addr), or fix /etc/hosts" ;;
+        *) say "hostname $(hostname) resolves to $addr (gloo/NCCL listen there)" ;;
+    esac
+fi
 forward() {
     say "$1: forwarding to the training processes"
     kill -"$1" "$launcher" 2>/dev/null

@@ -404,6 +404,8 @@ def node_failure(two_nodes, ml100k, tmp_path_factory):
             pass
     recs = wait_for(job, logdir, timeout=FAILURE_BOUND, what=f"end within {FAILURE_BOUND}s of its node's death")
     seconds = time.monotonic() - t_kill
+    print(f"\nnode failure: killed {len(killed)} processes on {victim}; job {job} "
+          f"{recs[0].get('JobState')} {seconds:.1f} s later")
     failed_text = logs(logdir)
     latest = (out / "checkpoints" / "latest").read_text().strip()
     rerun_logs = root / "rerun_logs"

@@ -106,10 +106,18 @@ def test_accelerate_config_yaml_zero3_with_zero_init(reference, ml100k, tmp_path
     m = json.loads((out / "metrics.json").read_text())
     assert (m["world_size"], m["zero_stage"], m["zero3_init"], m["grad_accum"]) == (2, 3, True, 2)
     assert_same_run(out, reference)
-    # Built partitioned: right after construction no rank holds any parameter in full, only its half.
+    # Built partitioned: right after construction no rank holds any parameter in full, only its half;
+    # and never afterwards outside a gather: after DeepSpeed took the model and after every update,
+    # no partitioned parameter is materialised (DeepSpeed's persistent small ones aside).
     for rank in (0, 1):
-        built = json.loads((out / "ranks" / f"rank{rank}.json").read_text())["built"]
+        report = json.loads((out / "ranks" / f"rank{rank}.json").read_text())
+        built = report["built"]
         assert built and all(p["materialized"] == 0 and p["local"] == -(-p["full"] // 2) for p in built.values())
+        held = report["held_outside_gather"]
+        assert set(held) == {"engine_prepared", *(f"step_{s}" for s in range(1, STEPS + 1))}, sorted(held)
+        assert all(h["partitioned"] == 0 for h in held.values()), held
+        full = sum(p["full"] for p in built.values())
+        assert all(h["persistent"] < 0.05 * full for h in held.values()), (held, full)
 
 
 def test_accelerate_config_yaml_zero2_with_cpu_offload_distills(tiny_base, ml100k, tmp_path):

@@ -125,6 +125,7 @@ class Engine:
         self._progress: Progress | None = None
         self._seen: dict[int, list[int]] = {}    # sample ids per epoch (train.rank_report)
         self._memory: dict[str, dict] = {}       # this process's RSS at named points (train.rank_report)
+        self._held: dict[str, dict] = {}         # ZeRO-3: partitioned elements held outside a gather, by point
         self._note_memory("engine_created")
 
     # ---- small services for tasks ----
@@ -248,6 +249,8 @@ class Engine:
             optimizer, lr_lambda(plan.total_updates, plan.warmup, cfg.schedule, cfg.min_lr_ratio))
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self._note_memory("engine_prepared")
+        if cfg.rank_report and self.zero_stage == 3:
+            self._note_held("engine_prepared", model)
         self.model = model
         if self.zero_stage == 3:
             register_tied_parameters(self.unwrapped(model))
@@ -371,6 +374,8 @@ class Engine:
         """Logging, validation/selection, checkpoints and stop conditions after one update."""
         cfg, step = self.cfg, state.step
         self._progress.advance()
+        if cfg.rank_report and self.zero_stage == 3:
+            self._note_held(f"step_{step}", run.model)
         if step % cfg.log_every == 0:
             self._log_window(run, state, window)
         end_of_epoch = state.batch >= run.plan.updates_per_epoch * self.settings.grad_accum
@@ -487,11 +492,24 @@ class Engine:
                   "accelerate_num_processes": self.accelerator.num_processes,
                   "accelerate_process_index": self.accelerator.process_index,
                   "params": partition_report(self.unwrapped(model)), "built": self._built_report,
-                  "memory": self._memory,
+                  "memory": self._memory, "held_outside_gather": self._held,
                   "samples_by_epoch": {str(k): v for k, v in self._seen.items()}}
         path = self.out_dir / "ranks" / f"rank{self.rank}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report))
+
+    def _note_held(self, point: str, model) -> None:
+        """ZeRO-3 evidence, between gathers: elements of partitioned parameters this rank holds
+        materialised at ``point`` (0 unless a gather leaked), besides DeepSpeed's persistent ones
+        (parameters below stage3_param_persistence_threshold stay whole by design)."""
+        held = persistent = 0
+        for p in self.unwrapped(model).parameters():
+            if hasattr(p, "ds_tensor"):
+                if getattr(p, "ds_persist", False):
+                    persistent += int(p.data.numel())
+                else:
+                    held += int(p.data.numel())
+        self._held[point] = {"partitioned": held, "persistent": persistent}
 
     def _note_memory(self, point: str) -> None:
         """Resident and peak resident memory of this process (MiB) when it reached ``point``."""

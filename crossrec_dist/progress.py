@@ -69,6 +69,17 @@ def track(iterable, total: int, desc: str, enabled: bool = True, every_seconds: 
             last = now
 
 
+def _peak_rss() -> str:
+    """", peak RSS N MiB" of this process so far (Linux/macOS), for long jobs' phase lines."""
+    try:
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return f", peak RSS {peak / (2**20 if sys.platform == 'darwin' else 1024):,.0f} MiB"
+    except (ImportError, OSError):
+        return ""
+
+
 class Phases:
     """Named phases of one job (e.g. prepare: read, domains, sequences, write): a bar of phases on a
     terminal; elsewhere one line per phase that took ``min_seconds`` or more (small jobs stay quiet)."""
@@ -84,7 +95,7 @@ class Phases:
         self.progress.show(phase=name)
         self.progress.advance()
         if self.enabled and not self.progress.interactive and now - self.t_phase >= self.min_seconds:
-            print(f"{self.desc}: {name} done in {now - self.t_phase:.1f}s", flush=True)
+            print(f"{self.desc}: {name} done in {now - self.t_phase:.1f}s{_peak_rss()}", flush=True)
         self.t_phase = now
 
     def close(self) -> None:

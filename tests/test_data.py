@@ -212,3 +212,120 @@ def test_train_fraction_samples_users_nested_and_seeded(synth_data):
     valid = data.eval_set("valid", [domain]).only(small)
     assert set(valid.seq_index) <= set(small) and len(valid.seq_index) > 0
     assert len(data.eval_set("test", [domain]).seq_index) > len(small)      # test users: all of them
+
+
+# ---------------------------------------------------------------------------------------------------
+# memory-mapped arrays (prepare writes arrays/; PreparedData maps them) vs the Arrow loader
+def test_memory_mapped_dataset_is_shared_and_32_bit(synth_data):
+    data = PreparedData(synth_data)
+    assert data.memory_mapped
+    assert isinstance(data.items, np.memmap) and data.items.dtype == np.int32, type(data.items)
+    assert isinstance(data.offsets, np.memmap) and data.offsets.dtype == np.int64
+    assert not data.items.flags.writeable, "the shared pages must be read-only"
+    assert (synth_data / "arrays" / "items.npy").stat().st_size < 4 * len(data.items) + 200
+
+
+def test_memory_mapped_dataset_gives_the_arrow_loaders_batches(synth_data):
+    """The same windows, micro-batches (every rank of 2), evaluation sets, counts and catalogue as
+    the loader that reads every column into memory from Arrow (folders prepared before arrays/)."""
+    import torch
+
+    from crossrec_dist.data.batches import SequenceBatches, make_windows
+    from crossrec_dist.evaluation.evaluator import history_mask_index, left_padded
+    mapped, arrow = PreparedData(synth_data), PreparedData(synth_data, memory_map=False)
+    assert mapped.memory_mapped and not arrow.memory_mapped
+    assert arrow.items.dtype == np.int64 and (np.asarray(mapped.items) == arrow.items).all()
+    for name in ("offsets", "train_end", "valid_end", "seq_domain"):
+        assert (np.asarray(getattr(mapped, name)) == getattr(arrow, name)).all(), name
+    assert mapped.user_ids.to_pylist() == arrow.user_ids.to_pylist()
+    for domains in (None, ["d1", "d2"]):
+        wins = [make_windows(*d.train_sequences(domains, holdout=1), max_len=20) for d in (mapped, arrow)]
+        assert (wins[0].seq == wins[1].seq).all() and (wins[0].end == wins[1].end).all()
+        for rank in (0, 1):
+            a = list(SequenceBatches(mapped, wins[0], 20, 16, seed=3).epoch(1, rank, 2))
+            b = list(SequenceBatches(arrow, wins[1], 20, 16, seed=3).epoch(1, rank, 2))
+            assert len(a) == len(b) > 0
+            for x, y in zip(a, b):
+                assert x.weight == y.weight and x.samples == y.samples
+                for key in y.inputs:
+                    assert x.inputs[key].dtype == y.inputs[key].dtype == torch.int64, key
+                    assert torch.equal(x.inputs[key], y.inputs[key]), key
+        for split, k in (("valid", 3), ("test", 1)):
+            ea, eb = mapped.eval_set(split, domains, k), arrow.eval_set(split, domains, k)
+            for field in ("seq_index", "hist_end", "targets", "domains"):
+                assert getattr(ea, field).dtype == getattr(eb, field).dtype, field
+                assert (getattr(ea, field) == getattr(eb, field)).all(), field
+            assert (left_padded(mapped, ea.seq_index, ea.hist_end, 20) == left_padded(arrow, eb.seq_index, eb.hist_end, 20)).all()
+            ra, rb = history_mask_index(mapped, ea.seq_index, ea.hist_end), history_mask_index(arrow, eb.seq_index, eb.hist_end)
+            assert all((u == v).all() and u.dtype == v.dtype for u, v in zip(ra, rb))
+        assert (mapped.catalogue(domains) == arrow.catalogue(domains)).all()
+        only = np.arange(0, arrow.num_sequences, 3)
+        assert (mapped.item_counts(domains) == arrow.item_counts(domains)).all()
+        assert (mapped.item_counts(domains, only=only) == arrow.item_counts(domains, only=only)).all()
+
+
+def test_item_counts_and_catalogue_match_their_definition(synth_data):
+    """The one-byte-per-interaction masks against the per-interaction positions they replace."""
+    data = PreparedData(synth_data)
+    seq, pos = data.row_positions()
+    items = np.asarray(data.items)
+    keep = data.sequence_mask(["d0"])[seq] & (pos < np.asarray(data.train_end)[seq])
+    assert (data.item_counts(["d0"]) == np.bincount(items[keep], minlength=data.num_items + 1)).all()
+    expected = np.zeros(data.num_items + 1, dtype=bool)
+    expected[items[data.sequence_mask(["d1"])[seq]]] = True
+    expected[0] = False
+    assert (data.catalogue(["d1"]) == expected).all()
+
+
+class _ReadRecorder:
+    """Stands in for ``PreparedData.items``: records which stored interactions are read."""
+
+    def __init__(self, items):
+        self.items, self.read = items, np.zeros(len(items), dtype=bool)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        self.read[index] = True
+        return self.items[index]
+
+
+def test_a_rank_reads_only_the_rows_of_its_own_windows(synth_data):
+    """Sharding by rank touches only that rank's rows: over an epoch, rank 0 of 2 reads exactly the
+    interactions inside the windows it was given (and rank 1 those of its own)."""
+    from crossrec_dist.data.batches import SequenceBatches, make_windows
+    data = PreparedData(synth_data)
+    wins = make_windows(*data.train_sequences(), max_len=10)
+    mine = {}
+    for rank in (0, 1):
+        data.items = recorder = _ReadRecorder(np.asarray(PreparedData(synth_data).items))
+        taken = np.concatenate([mb.sample_ids.numpy() for mb in SequenceBatches(data, wins, 10, 8, seed=0).epoch(0, rank, 2)])
+        expected = np.zeros(len(recorder), dtype=bool)
+        for w in taken:
+            start = data.offsets[wins.seq[w]]
+            expected[max(start, start + wins.end[w] - 11):start + wins.end[w]] = True
+        assert (recorder.read == expected).all(), (rank, int(recorder.read.sum()), int(expected.sum()))
+        mine[rank] = recorder.read
+    # Windows of one sequence share their boundary item (a window's first input is the previous
+    # one's last label), so two ranks may both read that one row, and no other.
+    assert (mine[0] & mine[1]).sum() < 0.15 * mine[0].sum()
+    assert 0.3 < mine[0].sum() / len(mine[0]) < 0.7
+
+
+def test_synth_streams_chunks_that_are_reproducible(tmp_path, monkeypatch):
+    """A log larger than one chunk is written one row group per chunk of users; the file equals the
+    concatenated chunks, users are numbered across chunks, and the same seed gives the same log."""
+    from crossrec_dist.data import synth
+    opts = synth.SynthOptions(users=250, items=200, domains=2, mean_length=8, seed=4)
+    monkeypatch.setattr(synth, "CHUNK_USERS", 100)
+    whole = pa.concat_tables(list(synth.synthesize_chunks(opts, chunk_users=100)))
+    path = synth.write_synth(tmp_path / "s", opts, log=lambda *_: None)
+    written = pq.read_table(path)
+    assert pq.ParquetFile(path).num_row_groups == 3
+    assert written.equals(whole) and written.equals(pa.concat_tables(synth.synthesize_chunks(opts, 100)))
+    assert np.unique(written["user_id"].to_numpy()).tolist() == list(range(250))
+    assert not list((tmp_path / "s").glob("*.tmp"))
+    first = pa.concat_tables(synth.synthesize_chunks(synth.SynthOptions(users=100, items=200, domains=2,
+                                                                       mean_length=8, seed=4), 100))
+    assert whole.slice(0, first.num_rows).equals(first), "chunk 0 is what a one-chunk log always was"

@@ -39,7 +39,8 @@ def window_tensors(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len
     start = data.offsets[seq]
     pos = start[:, None] + end[:, None] - (max_len + 1) + np.arange(max_len + 1)[None, :]
     valid = pos >= start[:, None]
-    items = np.where(valid, data.items[np.clip(pos, 0, len(data.items) - 1)], 0)
+    items = np.zeros(pos.shape, dtype=np.int64)
+    items[valid] = data.items[pos[valid]]     # only this window's rows: no read of a neighbour's pages
     doms = (domain_of_seq if domain_of_seq is not None else data.seq_domain)[seq]
     return {"input_ids": torch.from_numpy(items[:, :-1].copy()),
             "labels": torch.from_numpy(items[:, 1:].copy()),

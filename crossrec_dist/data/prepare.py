@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from .prepared import ARRAYS, write_arrays
 from .readers import DUPLICATES, Columns
 from .sources import item_sharing, make_sources, read_sources
 
@@ -117,10 +118,16 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     phases.done("read")
     phases.done("domains")
     dom_code, dom_names = combined.dom_code, combined.dom_names
+    # Memory at 1e8 rows: every per-row array is 0.4-0.8 GB, so the text ids are dropped once encoded,
+    # codes stay 32-bit, and intermediates are deleted as soon as they are used (peak RSS per phase is
+    # in the progress lines).
     user_enc = pc.dictionary_encode(combined.user)
     item_enc = pc.dictionary_encode(combined.item)
-    user = user_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
-    item = item_enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    combined.user = combined.item = None
+    user_dict, item_dict = user_enc.dictionary, item_enc.dictionary
+    user = user_enc.indices.to_numpy(zero_copy_only=False)
+    item = item_enc.indices.to_numpy(zero_copy_only=False)
+    del user_enc, item_enc
     ts = combined.timestamp
     n_dom = len(dom_names)
 
@@ -132,47 +139,76 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     else:
         wanted = np.ones(len(user), dtype=bool)
 
-    seq_key = user * n_dom + dom_code
-    _, seq_id = np.unique(seq_key, return_inverse=True)
-    keep = wanted & _kcore(seq_id, item, seq_id.max() + 1, len(item_enc.dictionary),
-                           opts.min_user_interactions, opts.min_item_interactions)
+    seq_key = user.astype(np.int64) * n_dom + dom_code
+    if opts.min_user_interactions > 1 or opts.min_item_interactions > 1:
+        _, seq_id = np.unique(seq_key, return_inverse=True)
+        keep = wanted & _kcore(seq_id, item, seq_id.max() + 1, len(item_dict),
+                               opts.min_user_interactions, opts.min_item_interactions)
+        del seq_id
+    else:
+        keep = wanted
     if not keep.any():
         raise InputError("no interactions left after filtering (check --min-user/--min-item and --domains)",
                          field="--min-user" if opts.min_user_interactions > 1 else "--min-item")
-    rows = np.flatnonzero(keep)
-    # Chronological order per sequence; equal timestamps keep file order (rows are in file order).
-    order = rows[np.lexsort((rows, ts[rows], seq_key[rows]))]
-    key_sorted = seq_key[order]
+    n_read = len(user)
+    # Chronological order per sequence; equal timestamps keep file order (rows are in file order):
+    # a stable sort by time, then a stable sort by sequence (one key array alive at a time).
+    rows = np.flatnonzero(keep) if not keep.all() else None
+    del keep, wanted
+    by_time = np.argsort(ts if rows is None else ts[rows], kind="stable")
+    if rows is not None:
+        by_time = rows[by_time]
+    del rows
+    key_sorted = seq_key[by_time]
+    del seq_key
+    by_seq = np.argsort(key_sorted, kind="stable")
+    order = by_time[by_seq]
+    key_sorted = key_sorted[by_seq]
+    del by_time, by_seq
     starts = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    del key_sorted
     lengths = np.diff(np.r_[starts, len(order)])
-    seq_of_row = np.repeat(np.arange(len(starts)), lengths)
+    seq_of_row = np.repeat(np.arange(len(starts)), lengths) if opts.split == "temporal" else None
 
     # One item vocabulary for all domains; 0 is padding, items are 1..N in first-seen file order.
-    used_items = np.unique(item[order])
-    remap = np.zeros(len(item_enc.dictionary), dtype=np.int32)
+    item_of_row = item[order]
+    del item
+    used = np.zeros(len(item_dict), dtype=bool)
+    used[item_of_row] = True
+    used_items = np.flatnonzero(used)
+    del used
+    remap = np.zeros(len(item_dict), dtype=np.int32)
     remap[used_items] = np.arange(1, len(used_items) + 1, dtype=np.int32)
-    items_sorted = remap[item[order]]
+    items_sorted = remap[item_of_row]
+    del item_of_row, remap
     seq_user = user[order[starts]]
+    del user
     seq_dom = dom_code[order[starts]]
+    ts_sorted = ts[order]
+    del ts
 
-    train_end, valid_end, split_info = _split_points(lengths, seq_of_row, ts[order], opts)
+    train_end, valid_end, split_info = _split_points(lengths, seq_of_row, ts_sorted, opts)
+    del seq_of_row
     offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
-    user_ids = pc.cast(user_enc.dictionary, pa.string()).take(pa.array(seq_user))
+    user_ids = pc.cast(user_dict, pa.string()).take(pa.array(seq_user))
     dom_arr = pa.array(dom_names, pa.string()).take(pa.array(seq_dom))
     table = pa.table({
         "user_id": user_ids,
         "domain": dom_arr,
         "item_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(items_sorted, pa.int32())),
-        "timestamps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ts[order], pa.float64())),
+        "timestamps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ts_sorted, pa.float64())),
         "train_end": pa.array(train_end, pa.int32()),
         "valid_end": pa.array(valid_end, pa.int32()),
     })
-    vocab = pa.table({"item_id": pc.cast(item_enc.dictionary, pa.string()).take(pa.array(used_items))})
+    del ts_sorted
+    vocab = pa.table({"item_id": pc.cast(item_dict, pa.string()).take(pa.array(used_items))})
     phases.done("sequences")
 
     item_ids = vocab["item_id"].to_pylist()
     present = sorted(set(seq_dom.tolist()))
-    dom_shared, dom_private = item_sharing(items_sorted, dom_code[order], n_dom)
+    dom_of_row = dom_code[order]
+    dom_shared, dom_private = item_sharing(items_sorted, dom_of_row, n_dom)
+    del dom_of_row
     dom_users = np.bincount(seq_dom, minlength=n_dom)
     dom_inter = np.bincount(seq_dom, weights=lengths, minlength=n_dom).astype(np.int64)
     stats = {
@@ -185,7 +221,7 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
                                    "private_items": int(dom_private[d])} for d in present},
         "evaluable_sequences": int((valid_end > train_end).sum()),
         "skipped_bad_rows": int(combined.skipped),
-        "filtered_out_interactions": int(len(user) - keep.sum()),
+        "filtered_out_interactions": int(n_read - len(order)),
         "input_rules": {"stripped_whitespace_ids": combined.note("stripped_whitespace_ids"),
                         "duplicate_rows": combined.note("duplicate_rows"), "duplicates": opts.duplicates},
     }
@@ -207,6 +243,11 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     def write(folder: Path) -> None:
         datasets.Dataset(table).save_to_disk(str(folder / "sequences"))
         datasets.Dataset(vocab).save_to_disk(str(folder / "items"))
+        # Domain codes as PreparedData numbers them: positions in meta["domains"] (present domains only).
+        code = np.full(n_dom, -1, dtype=np.int64)
+        code[present] = np.arange(len(present))
+        write_arrays(folder / ARRAYS, np.r_[0, np.cumsum(lengths)], items_sorted, train_end, valid_end,
+                     code[seq_dom], len(used_items))
         (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
     write_atomically(out, write)

@@ -1,7 +1,16 @@
-"""Read a prepared dataset DIR back as flat numpy arrays (zero-copy from Arrow).
+"""Read a prepared dataset DIR back as flat numpy arrays, memory-mapped.
 
 Sequences stay in CSR form (``offsets`` + ``items``): slicing a user's history is two integer reads,
 and no stage ever holds one Python list per user.
+
+Why memory-mapped. ``prepare`` writes the columns every stage reads (item ids in time order, the
+sequence offsets, split points, domain codes) a second time as plain ``.npy`` files in ``arrays/``,
+item ids as 32-bit integers while the vocabulary fits. They are opened with ``mmap_mode="r"``: the
+ranks of a node share one copy in the page cache, a rank reads only the pages of the windows it
+trains on, and loading a dataset of a billion interactions costs no resident memory up front. (The
+HF ``datasets`` Arrow files stay the record of the data; they are also memory-mapped, but written in
+chunks of a thousand rows, so one contiguous array of them is always a copy.) Folders prepared before
+``arrays/`` existed are read the old way, into memory from Arrow.
 """
 from __future__ import annotations
 
@@ -12,6 +21,25 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+
+ARRAYS = "arrays"
+ARRAY_NAMES = ("offsets", "items", "train_end", "valid_end", "seq_domain")
+
+
+def item_dtype(num_items: int):
+    """32-bit item ids while the vocabulary fits (half the bytes of int64 in memory and on disk)."""
+    return np.int32 if num_items < 2**31 - 1 else np.int64
+
+
+def write_arrays(folder: Path, offsets: np.ndarray, items: np.ndarray, train_end: np.ndarray,
+                 valid_end: np.ndarray, seq_domain: np.ndarray, num_items: int) -> None:
+    """The ``arrays/`` of a prepared dataset (see the module docstring): plain ``.npy``, no pickles."""
+    folder.mkdir(parents=True, exist_ok=True)
+    small = np.int32 if len(items) < 2**31 else np.int64      # split points are positions in a sequence
+    for name, values, dtype in (("offsets", offsets, np.int64), ("items", items, item_dtype(num_items)),
+                                ("train_end", train_end, small), ("valid_end", valid_end, small),
+                                ("seq_domain", seq_domain, np.int32)):
+        np.save(folder / f"{name}.npy", np.ascontiguousarray(values, dtype=dtype), allow_pickle=False)
 
 
 @dataclass
@@ -42,9 +70,7 @@ class PreparedData:
     its test target, the one before its validation target, the rest training).
     """
 
-    def __init__(self, path: str | Path):
-        import datasets
-
+    def __init__(self, path: str | Path, memory_map: bool = True):
         self.path = Path(path)
         for need in ("sequences", "items", "stats.json", "meta.json"):
             if not (self.path / need).exists():
@@ -56,18 +82,56 @@ class PreparedData:
         except ValueError as e:
             raise InputError(f"meta.json / stats.json is not valid JSON ({e}); prepare it again",
                              path=str(self.path)) from None
+        self.domain_names: list[str] = list(self.meta["domains"])
+        self.num_items = int(self.meta["num_items"])
+        self._user_ids = None
+        self.memory_mapped = memory_map and (self.path / ARRAYS).is_dir()
+        if self.memory_mapped:
+            self._map_arrays()
+        else:
+            self._read_arrow()
+
+    def _map_arrays(self) -> None:
+        folder = self.path / ARRAYS
+        arrays = {}
+        for name in ARRAY_NAMES:
+            file = folder / f"{name}.npy"
+            try:
+                arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read {name}.npy ({e}); prepare the dataset again", path=str(file)) from None
+        self.offsets, self.items = arrays["offsets"], arrays["items"]
+        self.train_end, self.valid_end, self.seq_domain = arrays["train_end"], arrays["valid_end"], arrays["seq_domain"]
+        n = len(self.train_end)
+        shapes_ok = (len(self.offsets) == n + 1 and len(self.valid_end) == n and len(self.seq_domain) == n
+                     and int(self.offsets[-1]) == len(self.items) == int(self.stats.get("interactions", len(self.items))))
+        if not shapes_ok or self.items.dtype.kind != "i" or self.offsets.dtype != np.int64:
+            raise InputError(f"{ARRAYS}/ does not match this dataset ({n} sequences, offsets {len(self.offsets)}, "
+                             f"{len(self.items)} items, stats say {self.stats.get('interactions')}); prepare it again",
+                             path=str(folder))
+
+    def _read_arrow(self) -> None:
+        """The loader of folders without ``arrays/``: every column copied into memory from Arrow."""
+        import datasets
+
         table = datasets.load_from_disk(str(self.path / "sequences")).with_format("arrow")[:]
         col = table["item_ids"].combine_chunks()
         self.offsets = col.offsets.to_numpy().astype(np.int64)
         self.items = col.values.to_numpy().astype(np.int64)
         self.train_end = table["train_end"].to_numpy().astype(np.int64)
         self.valid_end = table["valid_end"].to_numpy().astype(np.int64)
-        self.domain_names: list[str] = list(self.meta["domains"])
         dom = table["domain"].to_pylist()  # one short string per sequence, not per interaction
         index = {d: i for i, d in enumerate(self.domain_names)}
         self.seq_domain = np.fromiter((index[d] for d in dom), dtype=np.int64, count=len(dom))
-        self.user_ids = table["user_id"]
-        self.num_items = int(self.meta["num_items"])
+        self._user_ids = table["user_id"]
+
+    @property
+    def user_ids(self):
+        """Raw user id of each sequence (an Arrow column, memory-mapped), read on first use."""
+        if self._user_ids is None:
+            import datasets
+            self._user_ids = datasets.load_from_disk(str(self.path / "sequences")).with_format("arrow")[:]["user_id"]
+        return self._user_ids
 
     @property
     def vocab_hash(self) -> str:
@@ -128,40 +192,51 @@ class PreparedData:
             keep = ends >= 1
             order = np.lexsort((ends[keep], seqs[keep]))
             seqs, ends = seqs[keep][order], ends[keep][order]
-            return EvalSet(seqs, ends, self.items[self.offsets[seqs] + ends], self.seq_domain[seqs])
+            return EvalSet(seqs, ends, self.items[self.offsets[seqs] + ends].astype(np.int64),
+                           self.seq_domain[seqs].astype(np.int64))
         mask = self.sequence_mask(domains)
         hist_end = self.train_end if split == "valid" else self.valid_end
         has_target = (self.valid_end > self.train_end) if split == "valid" else (self.lengths > self.valid_end)
         idx = np.flatnonzero(mask & has_target & (hist_end >= 1))
-        targets = self.items[self.offsets[idx] + hist_end[idx]]
-        return EvalSet(idx, hist_end[idx], targets, self.seq_domain[idx])
+        targets = self.items[self.offsets[idx] + hist_end[idx]].astype(np.int64)
+        return EvalSet(idx, hist_end[idx].astype(np.int64), targets, self.seq_domain[idx].astype(np.int64))
 
     def history(self, seq: int, end: int) -> np.ndarray:
         start = self.offsets[seq]
         return self.items[start:start + end]
 
     def row_positions(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sequence index, position within its sequence) of every stored interaction."""
+        """(sequence index, position within its sequence) of every stored interaction (16 bytes per
+        interaction: for tests and small data; the methods below avoid it)."""
         lengths = self.lengths
         seq = np.repeat(np.arange(self.num_sequences), lengths)
         return seq, np.arange(len(self.items)) - self.offsets[:-1][seq]
+
+    def _rows_of(self, sequences: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+        """Bool mask over stored interactions: the first ``ends[k]`` items (all, when None) of each
+        selected sequence. One byte per interaction, built from the offsets by a running sum."""
+        starts = self.offsets[:-1][sequences]
+        stops = self.offsets[1:][sequences] if ends is None else starts + ends[sequences]
+        marks = np.zeros(len(self.items) + 1, dtype=np.int8)
+        np.add.at(marks, starts, 1)
+        np.add.at(marks, stops, -1)
+        return np.cumsum(marks[:-1], dtype=np.int8) > 0
 
     def catalogue(self, domains=None) -> np.ndarray:
         """Items (bool mask over indices, 0 = padding = False) with any interaction in ``domains``:
         the platform's catalogue when each platform is a domain. Every validation or test target of
         those domains is in it, so ranking only these items never hides a right answer; it drops
         items the target platform does not have (a cross-platform base knows thousands)."""
-        seq, _ = self.row_positions()
         mask = np.zeros(self.num_items + 1, dtype=bool)
-        mask[self.items[self.sequence_mask(domains)[seq]]] = True
+        mask[self.items[self._rows_of(np.flatnonzero(self.sequence_mask(domains)))]] = True
         mask[0] = False
         return mask
 
     def item_counts(self, domains=None, only: np.ndarray | None = None) -> np.ndarray:
         """Interaction counts per item index over the training parts (index 0 = padding = 0), of the
         sequences in ``only`` alone when given."""
-        seq, pos = self.row_positions()
-        keep = self.sequence_mask(domains)[seq] & (pos < self.train_end[seq])
+        selected = self.sequence_mask(domains)
         if only is not None:
-            keep &= np.isin(seq, only)
-        return np.bincount(self.items[keep], minlength=self.num_items + 1)
+            selected &= np.isin(np.arange(self.num_sequences), only)
+        rows = self._rows_of(np.flatnonzero(selected), np.asarray(self.train_end))
+        return np.bincount(self.items[rows], minlength=self.num_items + 1)

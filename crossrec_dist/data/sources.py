@@ -113,6 +113,8 @@ def read_sources(sources: list[Source], opts, log=print) -> CombinedLog:
         codes.append(code)
         names_per.append(names)
         source_codes.append(np.full(t.num_rows, k, dtype=np.int32))
+        # Keep what stats.json needs (counts, notes), not the tables: at 1e8 rows they are gigabytes.
+        raw.interactions, raw.user_attrs, raw.item_attrs, raw.kept_rows = None, None, None, None
         raws.append(raw)
     all_names = sorted({n for names in names_per for n in names})
     index = {n: i for i, n in enumerate(all_names)}
@@ -153,9 +155,17 @@ def check_domain_names(raw: RawLog, codes: np.ndarray, names: list[str], opts) -
 def item_sharing(item: np.ndarray, group: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     """Per group (domain or source): how many of its distinct items also occur in another group
     (shared), and how many only in it (private)."""
-    pairs = np.unique(np.stack([item, group]), axis=1)
-    groups_per_item = np.bincount(pairs[0])
-    shared_pair = groups_per_item[pairs[0]] > 1
-    shared = np.bincount(pairs[1], weights=shared_pair, minlength=n_groups).astype(np.int64)
-    total = np.bincount(pairs[1], minlength=n_groups).astype(np.int64)
+    n_items = int(item.max()) + 1 if len(item) else 0
+    if n_items * n_groups <= 100_000_000:
+        # An (item, group) presence table: one pass, no sort (a sort of 1e8 pairs took gigabytes).
+        present = np.zeros((n_items, n_groups), dtype=bool)
+        present[item, group] = True
+        item_of, group_of = np.nonzero(present)
+    else:
+        pairs = np.unique(item.astype(np.int64) * n_groups + group)
+        item_of, group_of = pairs // n_groups, pairs % n_groups
+    groups_per_item = np.bincount(item_of)
+    shared_pair = groups_per_item[item_of] > 1
+    shared = np.bincount(group_of, weights=shared_pair, minlength=n_groups).astype(np.int64)
+    total = np.bincount(group_of, minlength=n_groups).astype(np.int64)
     return shared, total - shared

@@ -37,7 +37,16 @@ def _chain(rng, c: int, stickiness: float) -> np.ndarray:
     return t / t.sum(1, keepdims=True)
 
 
-def synthesize(opts: SynthOptions) -> pa.Table:
+# Users per generated chunk: a log of any size is written in pieces of at most this many users, so
+# memory stays bounded (1e8 interactions from 2e6 users would otherwise need a ~3 GB dense walk).
+CHUNK_USERS = 200_000
+
+
+def synthesize_chunks(opts: SynthOptions, chunk_users: int | None = None):
+    """The log as Arrow tables of at most ``chunk_users`` users each, in user order. Chunk 0 draws
+    from the seed's generator right after the chains (a log of one chunk is what it always was);
+    chunk k > 0 from its own generator ``(seed, k)``, so every chunk is reproducible on its own."""
+    chunk_users = chunk_users or CHUNK_USERS
     rng = np.random.default_rng(opts.seed)
     c, d = opts.clusters, opts.domains
     shared = _chain(rng, c, opts.stickiness)
@@ -53,39 +62,63 @@ def synthesize(opts: SynthOptions) -> pa.Table:
     # Shared items split into clusters; each domain's private items too (ids after the shared ones).
     shared_bounds = np.linspace(0, n_shared, c + 1).astype(np.int64)
     priv_bounds = np.linspace(0, n_private, c + 1).astype(np.int64)
+    names = pa.array([f"d{i}" for i in range(d)])
+    for k, first in enumerate(range(0, opts.users, chunk_users)):
+        users = min(chunk_users, opts.users - first)
+        r = rng if k == 0 else np.random.default_rng([opts.seed, k])
+        lengths = np.clip(r.geometric(1.0 / opts.mean_length, users), opts.min_length, int(8 * opts.mean_length))
+        user_dom = r.integers(0, d, users)
+        state = r.integers(0, c, users)
+        max_len = int(lengths.max())
+        items = np.zeros((users, max_len), dtype=np.int32)
+        for step in range(max_len):
+            u = r.random(users)
+            state = np.minimum((cum[user_dom, state] < u[:, None]).sum(1), c - 1)
+            private = r.random(users) < (opts.private_items * d if n_private else 0)
+            lo = np.where(private, n_shared + user_dom * n_private + priv_bounds[state], shared_bounds[state])
+            hi = np.where(private, n_shared + user_dom * n_private + priv_bounds[state + 1], shared_bounds[state + 1])
+            size = np.maximum(hi - lo, 1)
+            rank = np.floor(size * r.random(users) ** opts.popularity_skew).astype(np.int64)
+            items[:, step] = lo + np.minimum(rank, size - 1)
+        mask = np.arange(max_len)[None, :] < lengths[:, None]
+        local = np.repeat(np.arange(users), lengths)
+        base_time = 1_600_000_000 + r.integers(0, 10_000_000, users)
+        ts = base_time[local] + np.arange(mask.sum()) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
+        yield pa.table({
+            "user_id": pa.array(first + local, pa.int64()),
+            "item_id": pa.array(items[mask], pa.int64()),
+            "timestamp": pa.array(ts * 60, pa.int64()),
+            "domain": names.take(pa.array(user_dom[local])),
+        })
 
-    lengths = np.clip(rng.geometric(1.0 / opts.mean_length, opts.users), opts.min_length, int(8 * opts.mean_length))
-    user_dom = rng.integers(0, d, opts.users)
-    state = rng.integers(0, c, opts.users)
-    max_len = int(lengths.max())
-    items = np.zeros((opts.users, max_len), dtype=np.int32)
-    for step in range(max_len):
-        u = rng.random(opts.users)
-        state = np.minimum((cum[user_dom, state] < u[:, None]).sum(1), c - 1)
-        private = rng.random(opts.users) < (opts.private_items * d if n_private else 0)
-        lo = np.where(private, n_shared + user_dom * n_private + priv_bounds[state], shared_bounds[state])
-        hi = np.where(private, n_shared + user_dom * n_private + priv_bounds[state + 1], shared_bounds[state + 1])
-        size = np.maximum(hi - lo, 1)
-        rank = np.floor(size * rng.random(opts.users) ** opts.popularity_skew).astype(np.int64)
-        items[:, step] = lo + np.minimum(rank, size - 1)
-    mask = np.arange(max_len)[None, :] < lengths[:, None]
-    user_col = np.repeat(np.arange(opts.users), lengths)
-    base_time = 1_600_000_000 + rng.integers(0, 10_000_000, opts.users)
-    ts = base_time[user_col] + np.arange(mask.sum()) - np.repeat(np.r_[0, np.cumsum(lengths)[:-1]], lengths)
-    return pa.table({
-        "user_id": pa.array(user_col, pa.int64()),
-        "item_id": pa.array(items[mask], pa.int64()),
-        "timestamp": pa.array(ts * 60, pa.int64()),
-        "domain": pa.array(np.array([f"d{i}" for i in range(d)])[user_dom[user_col]]),
-    })
+
+def synthesize(opts: SynthOptions) -> pa.Table:
+    """The whole log as one table (small logs: tests, the recipes)."""
+    return pa.concat_tables(list(synthesize_chunks(opts)))
 
 
 def write_synth(out: str | Path, opts: SynthOptions, log=print) -> Path:
+    """Streams the log to ``interactions.parquet`` one chunk of users at a time (one row group each),
+    through a temporary name: a run stopped midway leaves no half-written file behind."""
     from ..paths import check_output_dir
     out = check_output_dir(out)
-    table = synthesize(opts)
     path = out / "interactions.parquet"
-    pq.write_table(table, path)
-    log(f"wrote {table.num_rows:,} interactions of {opts.users:,} users, {opts.items:,} items, "
+    tmp = out / "interactions.parquet.tmp"
+    rows = 0
+    writer = None
+    try:
+        for table in synthesize_chunks(opts):
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+        writer.close()
+        writer = None
+        tmp.replace(path)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    log(f"wrote {rows:,} interactions of {opts.users:,} users, {opts.items:,} items, "
         f"{opts.domains} domain(s) -> {path}")
     return path

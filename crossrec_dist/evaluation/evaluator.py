@@ -39,14 +39,16 @@ def left_padded(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len: i
     start = data.offsets[seq]
     pos = start[:, None] + end[:, None] - max_len + np.arange(max_len)[None, :]
     valid = pos >= start[:, None]
-    return np.where(valid, data.items[np.clip(pos, 0, len(data.items) - 1)], 0)
+    out = np.zeros(pos.shape, dtype=np.int64)
+    out[valid] = data.items[pos[valid]]       # only these histories' rows are read
+    return out
 
 
 def history_mask_index(data: PreparedData, seq: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, item) pairs of every item in each full history (not only the last ``max_len``)."""
     rows = np.repeat(np.arange(len(seq)), end)
     within = np.arange(end.sum()) - np.repeat(np.r_[0, np.cumsum(end)[:-1]], end)
-    return rows, data.items[data.offsets[seq][rows] + within]
+    return rows, data.items[data.offsets[seq][rows] + within].astype(np.int64)
 
 
 def model_scorer(model) -> Scorer:

@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 DOMAIN = "other"
 
 
-def estimates(preset: str, num_items: int, max_len: int) -> dict:
+def estimates(preset: str, num_items: int, max_len: int, layers: int = 0) -> dict:
     """DeepSpeed's estimate for this model (meta device: nothing is allocated)."""
     import torch
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
@@ -48,7 +48,8 @@ def estimates(preset: str, num_items: int, max_len: int) -> dict:
     from crossrec_dist.models.model import CrossRecModel
     from crossrec_dist.models.presets import preset_config
     with torch.device("meta"):
-        model = CrossRecModel(preset_config(preset, num_items=num_items, max_len=max_len))
+        model = CrossRecModel(preset_config(preset, num_items=num_items, max_len=max_len,
+                                            **({"num_layers": layers} if layers else {})))
     total = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     out = {"parameters": total, "largest_layer_parameters": largest}
@@ -118,7 +119,8 @@ def launch_cmd(a, data: Path, out: Path) -> list[str]:
             "--set", "train.gradient_checkpointing=true", "--set", f"train.max_steps={a.steps}",
             "--set", f"train.checkpoint_every={a.checkpoint_every}", "--set", "train.log_every=1",
             "--set", f"train.eval_batch_size={a.eval_batch}", "--set", "train.rank_report=true",
-            "--set", "train.tensorboard=false", "--set", f"train.lr={a.lr}", "--set", "train.warmup_steps=2"]
+            "--set", "train.tensorboard=false", "--set", f"train.lr={a.lr}", "--set", "train.warmup_steps=2",
+            *(["--set", f"model.num_layers={a.layers}"] if a.layers else [])]
 
 
 def run(cmd: list[str], env: dict, log: Path, preempt_after: int = 0) -> tuple[int, float, RssSampler, str]:
@@ -145,6 +147,7 @@ def run(cmd: list[str], env: dict, log: Path, preempt_after: int = 0) -> tuple[i
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="1b")
+    ap.add_argument("--layers", type=int, default=0, help="override the preset's number of layers (size probes)")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--preempt-after", type=int, default=8)
     ap.add_argument("--checkpoint-every", type=int, default=4)
@@ -162,7 +165,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     num_items = json.loads((data / "meta.json").read_text())["num_items"]
-    est = estimates(a.preset, num_items, a.max_len)
+    est = estimates(a.preset, num_items, a.max_len, a.layers)
     print(json.dumps(est, indent=2), flush=True)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576",
            "PYTHONUNBUFFERED": "1"}
@@ -172,20 +175,20 @@ def main() -> None:
     rc1, s1, samp1, log1 = run(cmd, env, out / "run1.log", preempt_after=a.preempt_after)
     stopped = re.search(r"preempted by signal at step (\d+): checkpoint saved to (\S+?);", log1)
     result["run1"] = {"rc": rc1, "seconds": round(s1, 1), "rank_peak_rss_mib": samp1.ranks(),
-                      "node_peak_rss_mib": round(samp1.node_peak, 1),
                       "stopped_at": int(stopped.group(1)) if stopped else None}
     print(json.dumps(result["run1"]), flush=True)
-    if not stopped:
+    if a.preempt_after and not stopped:
         print(log1[-4000:])
         record(a.name, result)
         sys.exit("the first run was not preempted as planned")
-    ckpt = Path(stopped.group(2))
-    result["checkpoint_gib"] = round(sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**30, 2)
-
-    rc2, s2, samp2, log2 = run(cmd, env, out / "run2.log")
+    if stopped:
+        ckpt = Path(stopped.group(2))
+        result["checkpoint_gib"] = round(sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) / 2**30, 2)
+        rc2, s2, samp2, log2 = run(cmd, env, out / "run2.log")
+    else:                      # --preempt-after 0: one run start to end (size probes)
+        rc2, s2, samp2, log2 = rc1, s1, samp1, log1
     resumed = re.search(r"resumed from (\S+) at step (\d+)", log2)
     result["run2"] = {"rc": rc2, "seconds": round(s2, 1), "rank_peak_rss_mib": samp2.ranks(),
-                      "node_peak_rss_mib": round(samp2.node_peak, 1),
                       "resumed_at": int(resumed.group(2)) if resumed else None}
     print(json.dumps(result["run2"]), flush=True)
     if rc2 != 0:

@@ -69,15 +69,21 @@ def track(iterable, total: int, desc: str, enabled: bool = True, every_seconds: 
             last = now
 
 
-def _peak_rss() -> str:
-    """", peak RSS N MiB" of this process so far (Linux/macOS), for long jobs' phase lines."""
+def peak_rss_mib() -> float | None:
+    """Peak resident memory of this process so far, MiB (None where getrusage is missing)."""
     try:
         import resource
         import sys
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return f", peak RSS {peak / (2**20 if sys.platform == 'darwin' else 1024):,.0f} MiB"
+        return peak / (2**20 if sys.platform == "darwin" else 1024)      # bytes on macOS, KiB on Linux
     except (ImportError, OSError):
-        return ""
+        return None
+
+
+def _peak_rss() -> str:
+    """", peak RSS N MiB" for long jobs' phase lines."""
+    peak = peak_rss_mib()
+    return "" if peak is None else f", peak RSS {peak:,.0f} MiB"
 
 
 class Phases:

@@ -36,11 +36,7 @@ def make_windows(seq_idx: np.ndarray, usable_len: np.ndarray, max_len: int, stri
 def window_tensors(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len: int,
                    domain_of_seq: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """Left-padded inputs/labels for windows; label 0 = no loss."""
-    start = data.offsets[seq]
-    pos = start[:, None] + end[:, None] - (max_len + 1) + np.arange(max_len + 1)[None, :]
-    valid = pos >= start[:, None]
-    items = np.zeros(pos.shape, dtype=np.int64)
-    items[valid] = data.items[pos[valid]]     # only this window's rows: no read of a neighbour's pages
+    items = data.left_padded(seq, end, max_len + 1)
     doms = (domain_of_seq if domain_of_seq is not None else data.seq_domain)[seq]
     return {"input_ids": torch.from_numpy(items[:, :-1].copy()),
             "labels": torch.from_numpy(items[:, 1:].copy()),

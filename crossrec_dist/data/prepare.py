@@ -189,14 +189,14 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
 
     train_end, valid_end, split_info = _split_points(lengths, seq_of_row, ts_sorted, opts)
     del seq_of_row
-    offsets = np.r_[0, np.cumsum(lengths)].astype(np.int32)
+    offsets = np.r_[0, np.cumsum(lengths)]                 # int64: arrays/; the Arrow list column takes int32
     user_ids = pc.cast(user_dict, pa.string()).take(pa.array(seq_user))
     dom_arr = pa.array(dom_names, pa.string()).take(pa.array(seq_dom))
     table = pa.table({
         "user_id": user_ids,
         "domain": dom_arr,
-        "item_ids": pa.ListArray.from_arrays(pa.array(offsets), pa.array(items_sorted, pa.int32())),
-        "timestamps": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ts_sorted, pa.float64())),
+        "item_ids": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(items_sorted, pa.int32())),
+        "timestamps": pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.array(ts_sorted, pa.float64())),
         "train_end": pa.array(train_end, pa.int32()),
         "valid_end": pa.array(valid_end, pa.int32()),
     })
@@ -246,7 +246,7 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
         # Domain codes as PreparedData numbers them: positions in meta["domains"] (present domains only).
         code = np.full(n_dom, -1, dtype=np.int64)
         code[present] = np.arange(len(present))
-        write_arrays(folder / ARRAYS, np.r_[0, np.cumsum(lengths)], items_sorted, train_end, valid_end,
+        write_arrays(folder / ARRAYS, offsets, items_sorted, train_end, valid_end,
                      code[seq_dom], len(used_items))
         (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))

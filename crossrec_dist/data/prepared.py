@@ -201,6 +201,18 @@ class PreparedData:
         targets = self.items[self.offsets[idx] + hist_end[idx]].astype(np.int64)
         return EvalSet(idx, hist_end[idx].astype(np.int64), targets, self.seq_domain[idx].astype(np.int64))
 
+    def left_padded(self, seq: np.ndarray, end: np.ndarray, length: int) -> np.ndarray:
+        """The last ``length`` items before ``end`` of each sequence ``seq``, right-aligned, 0-padded,
+        as int64 (the stored ids may be int32). Only those rows are read: on a memory-mapped dataset a
+        rank touches the pages of its own windows and no neighbour's. Training windows and evaluation
+        histories are both cut here."""
+        start = self.offsets[seq]
+        pos = start[:, None] + end[:, None] - length + np.arange(length)[None, :]
+        valid = pos >= start[:, None]
+        out = np.zeros(pos.shape, dtype=np.int64)
+        out[valid] = self.items[pos[valid]]
+        return out
+
     def history(self, seq: int, end: int) -> np.ndarray:
         start = self.offsets[seq]
         return self.items[start:start + end]
@@ -237,6 +249,8 @@ class PreparedData:
         sequences in ``only`` alone when given."""
         selected = self.sequence_mask(domains)
         if only is not None:
-            selected &= np.isin(np.arange(self.num_sequences), only)
+            chosen = np.zeros(self.num_sequences, dtype=bool)
+            chosen[only] = True
+            selected &= chosen
         rows = self._rows_of(np.flatnonzero(selected), np.asarray(self.train_end))
         return np.bincount(self.items[rows], minlength=self.num_items + 1)

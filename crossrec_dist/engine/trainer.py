@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from ..errors import InputError, RunStopped
-from ..progress import Progress, format_seconds
+from ..progress import Progress, format_seconds, peak_rss_mib
 from . import checkpoint as ckpt
 from . import deepspeed_config as dscfg
 from . import distributed as dist_info
@@ -37,7 +37,7 @@ from .rng import restore_rng, save_rng
 from .schedule import lr_lambda
 from .state import TrainerState
 from .task import MicroBatch, TrainTask
-from .zero3 import (gathered, initialize_partitioned, load_full_weights, partition_report,
+from .zero3 import (gathered, held_outside_gather, initialize_partitioned, load_full_weights, partition_report,
                     register_tied_parameters)
 
 
@@ -250,7 +250,7 @@ class Engine:
         model, optimizer = self.accelerator.prepare(model, optimizer)
         self._note_memory("engine_prepared")
         if cfg.rank_report and self.zero_stage == 3:
-            self._note_held("engine_prepared", model)
+            self._held["engine_prepared"] = held_outside_gather(self.unwrapped(model))
         self.model = model
         if self.zero_stage == 3:
             register_tied_parameters(self.unwrapped(model))
@@ -375,7 +375,7 @@ class Engine:
         cfg, step = self.cfg, state.step
         self._progress.advance()
         if cfg.rank_report and self.zero_stage == 3:
-            self._note_held(f"step_{step}", run.model)
+            self._held[f"step_{step}"] = held_outside_gather(self.unwrapped(run.model))
         if step % cfg.log_every == 0:
             self._log_window(run, state, window)
         end_of_epoch = state.batch >= run.plan.updates_per_epoch * self.settings.grad_accum
@@ -498,30 +498,16 @@ class Engine:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report))
 
-    def _note_held(self, point: str, model) -> None:
-        """ZeRO-3 evidence, between gathers: elements of partitioned parameters this rank holds
-        materialised at ``point`` (0 unless a gather leaked), besides DeepSpeed's persistent ones
-        (parameters below stage3_param_persistence_threshold stay whole by design)."""
-        held = persistent = 0
-        for p in self.unwrapped(model).parameters():
-            if hasattr(p, "ds_tensor"):
-                if getattr(p, "ds_persist", False):
-                    persistent += int(p.data.numel())
-                else:
-                    held += int(p.data.numel())
-        self._held[point] = {"partitioned": held, "persistent": persistent}
-
     def _note_memory(self, point: str) -> None:
         """Resident and peak resident memory of this process (MiB) when it reached ``point``."""
         import os
-        import resource
         try:
             with open("/proc/self/statm") as f:     # Linux; elsewhere the report has no memory figures
                 rss_pages = int(f.read().split()[1])
         except OSError:
             return
         self._memory[point] = {"rss_mib": round(rss_pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1),
-                               "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+                               "peak_rss_mib": round(peak_rss_mib() or 0.0, 1)}
 
     def _save_best(self, run: _Run) -> None:
         """The best model to ``best.tmp``, then swapped in for ``best``: a run killed mid-save keeps

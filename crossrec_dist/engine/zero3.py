@@ -69,6 +69,20 @@ def partition_report(model) -> dict:
     return out
 
 
+def held_outside_gather(model) -> dict:
+    """Elements of ZeRO-3 partitioned parameters this rank holds materialised right now: 0 between
+    gathers unless one leaked, besides DeepSpeed's persistent parameters (those below
+    stage3_param_persistence_threshold stay whole by design), counted apart."""
+    held = persistent = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            if getattr(p, "ds_persist", False):
+                persistent += int(p.data.numel())
+            else:
+                held += int(p.data.numel())
+    return {"partitioned": held, "persistent": persistent}
+
+
 def register_tied_parameters(model) -> None:
     """Parameters a module uses outside its own forward (tied output tables) must be registered
     with ZeRO-3, or they are not gathered when used."""

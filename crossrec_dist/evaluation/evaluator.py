@@ -36,12 +36,7 @@ class EvalOptions:
 
 def left_padded(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
     """The last ``max_len`` items before ``end`` of each sequence, right-aligned, 0-padded."""
-    start = data.offsets[seq]
-    pos = start[:, None] + end[:, None] - max_len + np.arange(max_len)[None, :]
-    valid = pos >= start[:, None]
-    out = np.zeros(pos.shape, dtype=np.int64)
-    out[valid] = data.items[pos[valid]]       # only these histories' rows are read
-    return out
+    return data.left_padded(seq, end, max_len)
 
 
 def history_mask_index(data: PreparedData, seq: np.ndarray, end: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

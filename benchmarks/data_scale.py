@@ -27,11 +27,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, record
+from benchmarks.common import OUT, RankMemory, record
 
 REPO = Path(__file__).resolve().parent.parent
 ROOT = OUT / "data_scale"
@@ -51,46 +50,6 @@ def size_mib(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 1)
 
 
-class Sampler:
-    """Per-process peaks of RssAnon / RssFile / VmRSS for the training ranks (python ... crossrec_dist)."""
-
-    def __init__(self):
-        self.peaks: dict[str, dict] = {}
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    if b"crossrec_dist" not in cmd or b"pretrain" not in cmd or b"accelerate" in cmd[1]:
-                        continue
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except (OSError, IndexError):
-                    continue
-                vals = {k: int(re.search(rf"{k}:\s+(\d+)", status).group(1)) / 1024
-                        for k in ("VmRSS", "RssAnon", "RssFile")}
-                peak = self.peaks.setdefault(pid, {k: 0.0 for k in vals})
-                for k, v in vals.items():
-                    peak[k] = max(peak[k], v)
-            time.sleep(0.2)
-
-    def ranks(self) -> list[dict]:
-        ranks = sorted(self.peaks.values(), key=lambda p: -p["VmRSS"])[:2]
-        return [{k: round(v, 1) for k, v in r.items()} for r in ranks]
-
-
 def train(data: Path, out: Path, steps: int, port: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
@@ -100,7 +59,7 @@ def train(data: Path, out: Path, steps: int, port: int) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     log = out.parent / f"{out.name}.log"
     t0 = time.perf_counter()
-    with Sampler() as sampler, open(log, "w") as f:
+    with RankMemory() as sampler, open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env)
         first = sent = None
         while proc.poll() is None:
@@ -109,11 +68,7 @@ def train(data: Path, out: Path, steps: int, port: int) -> dict:
             if first is None and re.search(r"^step 1/\d+ ", text, re.M):
                 first = time.perf_counter() - t0
             if sent is None and re.search(rf"^step {steps}/\d+ ", text, re.M):
-                for pid in sampler.peaks:
-                    try:
-                        os.kill(int(pid), signal.SIGUSR1)
-                    except ProcessLookupError:
-                        pass
+                sampler.signal(signal.SIGUSR1)
                 sent = time.perf_counter() - t0
         proc.wait()
     text = log.read_text(errors="replace")

@@ -27,11 +27,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import OUT, ml100k, record
+from benchmarks.common import OUT, RankMemory, ml100k, record
 
 REPO = Path(__file__).resolve().parent.parent
 # ML-100K's smallest region (18 users, ~45 training windows): an epoch is ~11 updates, so the second
@@ -66,50 +65,6 @@ def estimates(preset: str, num_items: int, max_len: int, layers: int = 0) -> dic
     return out
 
 
-class RssSampler:
-    """Peak resident memory of every crossrec_dist process (the ranks), sampled from /proc."""
-
-    def __init__(self, interval: float = 0.5):
-        self.interval, self.peak, self.hwm, self.node_peak = interval, {}, {}, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self):
-        while not self._stop.is_set():
-            total = 0
-            for pid in os.listdir("/proc"):
-                if not pid.isdigit():
-                    continue
-                try:
-                    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-                    # The ranks (python -m crossrec_dist), not the accelerate launcher that started them:
-                    # USR1 goes to the ranks only (torchrun's agent has no handler and would die of it).
-                    if b"crossrec_dist" not in cmd or len(cmd) < 2 or b"accelerate" in cmd[1]:
-                        continue
-                    status = Path(f"/proc/{pid}/status").read_text()
-                except OSError:
-                    continue
-                rss = int(re.search(r"VmRSS:\s+(\d+)", status).group(1)) / 1024
-                hwm = int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-                self.peak[pid] = max(self.peak.get(pid, 0), rss)
-                self.hwm[pid] = max(self.hwm.get(pid, 0), hwm)
-                total += rss
-            self.node_peak = max(self.node_peak, total)
-            time.sleep(self.interval)
-
-    def ranks(self) -> list[float]:
-        """Peak RSS (MiB) of the two largest processes: the ranks (the launcher is small)."""
-        return sorted((round(v, 1) for v in self.hwm.values()), reverse=True)[:2]
-
-
 def launch_cmd(a, data: Path, out: Path) -> list[str]:
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--num_machines", "1",
             "--use_deepspeed", "--deepspeed_config_file", a.ds_config, "--zero3_init_flag", "true",
@@ -123,23 +78,17 @@ def launch_cmd(a, data: Path, out: Path) -> list[str]:
             *(["--set", f"model.num_layers={a.layers}"] if a.layers else [])]
 
 
-def run(cmd: list[str], env: dict, log: Path, preempt_after: int = 0) -> tuple[int, float, RssSampler, str]:
+def run(cmd: list[str], env: dict, log: Path, preempt_after: int = 0) -> tuple[int, float, RankMemory, str]:
     t0 = time.perf_counter()
-    with RssSampler() as sampler, open(log, "w") as f:
+    with RankMemory(interval=0.5) as sampler, open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True)
         sent = False
         while proc.poll() is None:
             time.sleep(1)
-            if preempt_after and not sent:
-                text = log.read_text(errors="replace")
-                if re.search(rf"^step {preempt_after}/\d+ ", text, re.M):
-                    # USR1 to the training processes (the launcher ignores nothing: send to the ranks).
-                    for pid in list(sampler.hwm):
-                        try:
-                            os.kill(int(pid), signal.SIGUSR1)
-                        except ProcessLookupError:
-                            pass
-                    sent = True
+            if preempt_after and not sent and re.search(rf"^step {preempt_after}/\d+ ", log.read_text(errors="replace"),
+                                                        re.M):
+                sampler.signal(signal.SIGUSR1)
+                sent = True
         rc = proc.wait()
     return rc, time.perf_counter() - t0, sampler, log.read_text(errors="replace")
 
@@ -174,7 +123,7 @@ def main() -> None:
 
     rc1, s1, samp1, log1 = run(cmd, env, out / "run1.log", preempt_after=a.preempt_after)
     stopped = re.search(r"preempted by signal at step (\d+): checkpoint saved to (\S+?);", log1)
-    result["run1"] = {"rc": rc1, "seconds": round(s1, 1), "rank_peak_rss_mib": samp1.ranks(),
+    result["run1"] = {"rc": rc1, "seconds": round(s1, 1), "rank_peak_rss_mib": [r["VmHWM"] for r in samp1.ranks()],
                       "stopped_at": int(stopped.group(1)) if stopped else None}
     print(json.dumps(result["run1"]), flush=True)
     if a.preempt_after and not stopped:
@@ -188,7 +137,7 @@ def main() -> None:
     else:                      # --preempt-after 0: one run start to end (size probes)
         rc2, s2, samp2, log2 = rc1, s1, samp1, log1
     resumed = re.search(r"resumed from (\S+) at step (\d+)", log2)
-    result["run2"] = {"rc": rc2, "seconds": round(s2, 1), "rank_peak_rss_mib": samp2.ranks(),
+    result["run2"] = {"rc": rc2, "seconds": round(s2, 1), "rank_peak_rss_mib": [r["VmHWM"] for r in samp2.ranks()],
                       "resumed_at": int(resumed.group(2)) if resumed else None}
     print(json.dumps(result["run2"]), flush=True)
     if rc2 != 0:

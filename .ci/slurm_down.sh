@@ -26,7 +26,7 @@ stop() {  # stop PIDFILE NAME
 for node in "${NODES[@]}"; do stop "/run/slurmd-$node.pid" slurmd; done
 stop /run/slurmctld.pid slurmctld
 for node in "${NODES[@]}"; do
-    if ip netns list 2>/dev/null | grep -qw "$node"; then
+    if [ -e "/run/netns/$node" ]; then
         pids=$(ip netns pids "$node" 2>/dev/null)
         if [ -n "$pids" ]; then
             log "killing what is left on $node: $(echo $pids)"

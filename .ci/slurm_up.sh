@@ -34,6 +34,9 @@ NODES=(crossrec-n1 crossrec-n2)
 node_addr() { echo "$SUBNET.$((10 + ${1#crossrec-n}))"; }   # crossrec-nK -> SUBNET.(10+K)
 
 die() { echo "slurm_up: error: $*" >&2; exit 1; }
+# `cmd | grep -q` is wrong under pipefail: grep exits at its first match and a command still writing
+# (ip writes one line per call) dies of SIGPIPE, so the pipeline "fails" on a match. Capture instead.
+prints() { local pattern=$1 out; shift; out=$("$@" 2>/dev/null) || true; [[ $out == *"$pattern"* ]]; }
 log() { echo "slurm_up: $*"; }
 
 [ "$(id -u)" -eq 0 ] || die "must run as root (it installs packages, makes network namespaces, starts daemons)"
@@ -95,7 +98,7 @@ if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
     log "creating bridge $BRIDGE ($CTL_ADDR/24)"
     ip link add "$BRIDGE" type bridge || die "cannot create bridge $BRIDGE (ip link add ... type bridge)"
 fi
-ip addr show dev "$BRIDGE" | grep -q "inet $CTL_ADDR/24" || ip addr add "$CTL_ADDR/24" dev "$BRIDGE" \
+prints "inet $CTL_ADDR/24" ip addr show dev "$BRIDGE" || ip addr add "$CTL_ADDR/24" dev "$BRIDGE" \
     || die "cannot give $BRIDGE the address $CTL_ADDR/24 (is $SUBNET.0/24 taken here? set SLURM_SUBNET)"
 ip link set "$BRIDGE" up
 for node in "${NODES[@]}"; do
@@ -114,7 +117,7 @@ for node in "${NODES[@]}"; do
     fi
     ip link set "$veth" master "$BRIDGE" && ip link set "$veth" up || die "cannot plug $veth into $BRIDGE"
     ip netns exec "$node" ip link set lo up
-    ip netns exec "$node" ip addr show dev eth0 | grep -q "inet $addr/24" \
+    prints "inet $addr/24" ip netns exec "$node" ip addr show dev eth0 \
         || ip netns exec "$node" ip addr add "$addr/24" dev eth0 || die "cannot give eth0 in $node the address $addr"
     ip netns exec "$node" ip link set eth0 up
 done
@@ -220,11 +223,11 @@ if ! running /run/slurmctld.pid slurmctld; then
     /usr/sbin/slurmctld || die "slurmctld failed to start; see $LOG_DIR/slurmctld.log"
 fi
 deadline=$((SECONDS + TIMEOUT))
-until scontrol ping 2>/dev/null | grep -q UP || [ "$SECONDS" -ge "$deadline" ]; do
+until prints UP scontrol ping || [ "$SECONDS" -ge "$deadline" ]; do
     running /run/slurmctld.pid slurmctld || { sleep 1; running /run/slurmctld.pid slurmctld; } || break   # it died
     sleep 0.2
 done
-scontrol ping 2>/dev/null | grep -q UP || { tail -20 "$LOG_DIR/slurmctld.log" >&2 || true
+prints UP scontrol ping || { tail -20 "$LOG_DIR/slurmctld.log" >&2 || true
                                              die "slurmctld does not answer scontrol ping; see $LOG_DIR/slurmctld.log"; }
 for node in "${NODES[@]}"; do
     if ! running "/run/slurmd-$node.pid" slurmd; then

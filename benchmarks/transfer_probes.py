@@ -24,6 +24,7 @@ usage: python -m benchmarks.transfer_probes --study runs/ml_cross_platform
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import shutil
@@ -71,7 +72,13 @@ def shared_source_data(study: Path, out: Path) -> Path:
     print(f"shared_source: {SOURCE} rows kept {len(kept):,} of {len(src):,} "
           f"({kept['user_id:token'].nunique():,} users)")
     kept.to_csv(source_inter, sep="\t", index=False)
-    # The copied fetch.json records the fetched files' hashes; this folder is a derived copy.
+    # The copied fetch.json (prepare reads its format) must not vouch for the fetched file's hash:
+    # record the filtered file's and say where it came from.
+    manifest_path = raw / SOURCE / "fetch.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["origin"] = f"{manifest.get('origin')}, rows kept where the title is also {TARGET}'s (benchmarks.transfer_probes)"
+    manifest["files"][source_inter.name] = hashlib.sha256(source_inter.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest, indent=2))
     run(crossrec("prepare", "--input", str(raw / SOURCE), "--input", str(raw / TARGET), "--format", "auto",
                  "--source-name", SOURCE, "--source-name", TARGET, "--domain-from", "source",
                  "--min-user", "0", "--min-item", "0", "--out", str(data)), out / "prepare.log")

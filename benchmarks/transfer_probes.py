@@ -6,8 +6,9 @@ pretrained base. This script asks what a different base changes, with the study'
 
 - ``base_seedN``: the same base recipe pretrained with ``train.seed=N`` (same data, same users, so
   the study's own scratch runs are the paired reference);
-- ``body_lL_fF``: a bigger body, the base recipe with ``model.num_layers=L`` and
-  ``model.intermediate_size=F`` (the item table unchanged); scratch is trained in the same shape;
+- ``body_lL_fF[_hH]``: a bigger body, the base recipe with ``model.num_layers=L`` and
+  ``model.intermediate_size=F`` (and ``model.hidden_size=H``, one head per 64 dimensions: a wider
+  item table too); scratch is trained in the same shape;
 - ``shared_source``: the source (ML-1M) restricted to the titles the target (ML-100K) also has, so the
   base never learns from films the target platform never saw (1998-2000 releases among them). Its data
   differs from the study's, so it trains its own scratch model as the reference.
@@ -18,7 +19,7 @@ reused, so a second run only prints the table. Output: a markdown table per prob
 differences vs zero-shot, scratch and full) and ``OUT/summary.json``.
 
 usage: python -m benchmarks.transfer_probes --study runs/ml_cross_platform
-       [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora]
+       [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora lora_r8]
        [--out benchmarks/out/transfer_probes]
 """
 from __future__ import annotations
@@ -96,12 +97,15 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
     elif m := re.fullmatch(r"base_seed(\d+)", name):
         data = study / "data"
         overrides = ["--set", f"train.seed={m.group(1)}"]
-    elif m := re.fullmatch(r"body_l(\d+)_f(\d+)", name):
+    elif m := re.fullmatch(r"body_l(\d+)_f(\d+)(?:_h(\d+))?", name):
         data = study / "data"
         overrides = ["--set", f"model.num_layers={m.group(1)}", "--set", f"model.intermediate_size={m.group(2)}"]
+        if m.group(3):   # a wider body too: one attention head per 64 dimensions, as the presets do
+            hidden = int(m.group(3))
+            overrides += ["--set", f"model.hidden_size={hidden}", "--set", f"model.num_heads={max(hidden // 64, 1)}"]
         methods = sorted(set(methods) | {"scratch"}, key=methods_order)
     else:
-        sys.exit(f"unknown probe {name!r} (base_seedN | body_lL_fF | shared_source)")
+        sys.exit(f"unknown probe {name!r} (base_seedN | body_lL_fF[_hH] | shared_source)")
     base = out / "pretrain"
     if not (base / "metrics.json").exists():
         s = run(crossrec("pretrain", "--config", str(configs / "pretrain.yaml"), "--data", str(data),
@@ -111,17 +115,27 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
     for method in methods:
         ft = out / "ft" / method
         if not (ft / "metrics.json").exists():
-            s = run(crossrec("finetune", "--config", str(configs / f"finetune_{method}.yaml"), "--base", str(base),
-                             "--data", str(data), "--domain", TARGET, "--method", method, "--out", str(ft)),
+            kind, extra = method_variant(method)
+            s = run(crossrec("finetune", "--config", str(configs / f"finetune_{kind}.yaml"), "--base", str(base),
+                             "--data", str(data), "--domain", TARGET, "--method", kind, "--out", str(ft), *extra),
                     out / f"ft_{method}.log")
             print(f"{name}: {method} {s:.0f} s")
         records[method] = json.loads((ft / "metrics.json").read_text())
     return records
 
 
+def method_variant(method: str) -> tuple[str, list[str]]:
+    """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); else the method as is."""
+    if m := re.fullmatch(r"lora_r(\d+)", method):
+        r = int(m.group(1))
+        return "lora", ["--set", f"lora.r={r}", "--set", f"lora.alpha={2 * r}"]
+    return method, []
+
+
 def methods_order(m: str) -> int:
     order = ["none", "scratch", "full", "head", "l2sp", "lora", "adalora"]
-    return order.index(m) if m in order else len(order)
+    kind = method_variant(m)[0]
+    return (order.index(kind) if kind in order else len(order), m)
 
 
 def study_scratch(study: Path) -> dict[str, dict]:
@@ -190,7 +204,10 @@ def main() -> None:
         texts.append(text + (f"\n\nbase: {SOURCE} test NDCG@10 {source_test:.4f}" if source_test is not None else ""))
         rows += r
     print("\n\n".join(texts))
-    (a.out / "summary.json").write_text(json.dumps(rows, indent=1))
+    # Keep the rows of probes not run this time: the summary covers every probe measured so far.
+    summary = a.out / "summary.json"
+    kept = [r for r in (json.loads(summary.read_text()) if summary.exists() else []) if r["probe"] not in a.probes]
+    summary.write_text(json.dumps(kept + rows, indent=1))
 
 
 if __name__ == "__main__":

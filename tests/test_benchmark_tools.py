@@ -1,0 +1,26 @@
+"""The arithmetic that benchmark scripts' conclusions rest on (RESULTS.md §14.4)."""
+import torch
+
+from benchmarks.delta_rank import parse_cut, truncated
+from benchmarks.transfer_probes import method_variant, methods_order
+
+
+def test_truncated_is_the_best_low_rank_approximation():
+    g = torch.Generator().manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(6, 3, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(5, 3, generator=g))
+    m = u @ torch.diag(torch.tensor([3.0, 2.0, 0.5])) @ v.T        # singular values 3, 2, 0.5
+    assert torch.allclose(truncated(m, 3), m, atol=1e-5)
+    assert torch.equal(truncated(m, None), m)
+    assert torch.count_nonzero(truncated(m, 0)) == 0
+    one = truncated(m, 1)
+    assert torch.linalg.matrix_rank(one) == 1
+    # Eckart-Young: what rank 1 leaves out has exactly the dropped singular values' energy
+    assert abs(float(torch.linalg.norm(m - one)) - (2.0 ** 2 + 0.5 ** 2) ** 0.5) < 1e-4
+
+
+def test_cut_and_variant_parsing():
+    assert parse_cut("full:8") == (None, 8) and parse_cut("0:full") == (0, None)
+    assert method_variant("lora_r8") == ("lora", ["--set", "lora.r=8", "--set", "lora.alpha=16"])
+    assert method_variant("full") == ("full", [])
+    assert sorted(["lora_r8", "full", "lora", "none"], key=methods_order) == ["none", "full", "lora", "lora_r8"]

@@ -19,7 +19,7 @@ reused, so a second run only prints the table. Output: a markdown table per prob
 differences vs zero-shot, scratch and full) and ``OUT/summary.json``.
 
 usage: python -m benchmarks.transfer_probes --study runs/ml_cross_platform
-       [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora lora_r8]
+       [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora lora_r8 lora_r8.seed1 ...]
        [--out benchmarks/out/transfer_probes]
 """
 from __future__ import annotations
@@ -125,17 +125,26 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
 
 
 def method_variant(method: str) -> tuple[str, list[str]]:
-    """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); else the method as is."""
+    """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); a ``.seedN`` suffix:
+    fine-tuning seed N (``train.seed``); else the method as is."""
+    if m := re.fullmatch(r"(.+)\.seed(\d+)", method):
+        kind, extra = method_variant(m.group(1))
+        return kind, [*extra, "--set", f"train.seed={m.group(2)}"]
     if m := re.fullmatch(r"lora_r(\d+)", method):
         r = int(m.group(1))
         return "lora", ["--set", f"lora.r={r}", "--set", f"lora.alpha={2 * r}"]
     return method, []
 
 
-def methods_order(m: str) -> int:
+def seedless(method: str) -> str:
+    """The method a run belongs to, its seed suffix dropped (``lora_r8.seed1`` -> ``lora_r8``)."""
+    return re.sub(r"\.seed\d+$", "", method)
+
+
+def methods_order(m: str) -> tuple:
     order = ["none", "scratch", "full", "head", "l2sp", "lora", "adalora"]
     kind = method_variant(m)[0]
-    return (order.index(kind) if kind in order else len(order), m)
+    return (order.index(kind) if kind in order else len(order), seedless(m), m)
 
 
 def study_scratch(study: Path) -> dict[str, dict]:
@@ -177,11 +186,36 @@ def table(name: str, records: dict[str, dict], references: dict[str, dict]) -> t
                      "users": iv.n, "best_step": tr.get("best_step"), "steps": tr.get("steps"),
                      "trainable": rec["params"]["trainable"],
                      **{f"vs_{k}": (None if d is None else [d.mean, d.low, d.high]) for k, d in diffs.items()}})
+    groups: dict[str, list[str]] = {}
+    for method in sorted(records, key=methods_order):
+        groups.setdefault(seedless(method), []).append(method)
+    if any(len(runs) > 1 for runs in groups.values()):
+        lines += seed_median_lines(groups, records, per_user, scratch)
     if refs and "scratch" not in per_user:
         lines.append("")
         lines.append("scratch reference: the per-user mean of the study's scratch runs "
                      + ", ".join(f"{k[4:]} {per_user[k].mean():.4f}" for k in refs))
     return "\n".join(lines), rows
+
+
+def seed_median_lines(groups: dict[str, list[str]], records: dict[str, dict], per_user: dict[str, np.ndarray],
+                      scratch: np.ndarray | None) -> list[str]:
+    """Over fine-tuning seeds: the median test NDCG@10, and intervals over users of each user's
+    seed-averaged NDCG@10 (differences paired on the same users, against seed-averaged references)."""
+    mean = {g: np.mean([per_user[m] for m in runs], axis=0) for g, runs in groups.items()}
+    median = {g: float(np.median([records[m]["test"]["ndcg@10"] for m in runs])) for g, runs in groups.items()}
+    refs = {"none": mean.get("none"), "scratch": mean.get("scratch", scratch), "full": mean.get("full")}
+    lines = ["", "Over fine-tuning seeds (median; intervals over users of the seed-averaged NDCG@10):", "",
+             "| method | seeds | median test NDCG@10 (per seed) | seed-averaged [95%] | vs zero-shot | vs scratch "
+             "| vs full | of full |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for g, runs in groups.items():
+        diffs = ["-" if ref is None or g == label else paired_difference(mean[g], ref).diff_text()
+                 for label, ref in refs.items()]
+        share = f"{median[g] / median['full']:.1%}" if "full" in median and g != "full" else "-"
+        per_seed = ", ".join(f"{records[m]['test']['ndcg@10']:.4f}" for m in runs)
+        lines.append(f"| {g} | {len(runs)} | {median[g]:.4f} ({per_seed}) | {bootstrap_mean(mean[g]).text()} | "
+                     + " | ".join(diffs) + f" | {share} |")
+    return lines
 
 
 def main() -> None:

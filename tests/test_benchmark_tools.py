@@ -24,3 +24,13 @@ def test_cut_and_variant_parsing():
     assert method_variant("lora_r8") == ("lora", ["--set", "lora.r=8", "--set", "lora.alpha=16"])
     assert method_variant("full") == ("full", [])
     assert sorted(["lora_r8", "full", "lora", "none"], key=methods_order) == ["none", "full", "lora", "lora_r8"]
+
+
+def test_seed_variants():
+    from benchmarks.transfer_probes import seedless
+    assert method_variant("lora_r8.seed2") == ("lora", ["--set", "lora.r=8", "--set", "lora.alpha=16",
+                                                        "--set", "train.seed=2"])
+    assert method_variant("full.seed1") == ("full", ["--set", "train.seed=1"])
+    assert seedless("lora_r8.seed1") == "lora_r8" and seedless("full") == "full"
+    assert sorted(["full.seed1", "lora_r8", "full", "none"], key=methods_order) == ["none", "full", "full.seed1",
+                                                                                     "lora_r8"]

@@ -125,7 +125,8 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
 
 
 def method_variant(method: str) -> tuple[str, list[str]]:
-    """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); a ``.seedN`` suffix:
+    """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); ``adalora_rNtoM[_topK]``:
+    its AdaLoRA config from rank N to M (alpha 2N), with whole rows for the K most frequent titles; a ``.seedN`` suffix:
     fine-tuning seed N (``train.seed``); else the method as is."""
     if m := re.fullmatch(r"(.+)\.seed(\d+)", method):
         kind, extra = method_variant(m.group(1))
@@ -133,6 +134,10 @@ def method_variant(method: str) -> tuple[str, list[str]]:
     if m := re.fullmatch(r"lora_r(\d+)", method):
         r = int(m.group(1))
         return "lora", ["--set", f"lora.r={r}", "--set", f"lora.alpha={2 * r}"]
+    if m := re.fullmatch(r"adalora_r(\d+)to(\d+)(?:_top(\d+))?", method):
+        r = int(m.group(1))
+        extra = ["--set", f"adalora.init_r={r}", "--set", f"adalora.target_r={m.group(2)}", "--set", f"lora.alpha={2 * r}"]
+        return "adalora", extra + (["--set", f"train_top_items={m.group(3)}"] if m.group(3) else [])
     return method, []
 
 

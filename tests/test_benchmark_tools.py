@@ -34,3 +34,10 @@ def test_seed_variants():
     assert seedless("lora_r8.seed1") == "lora_r8" and seedless("full") == "full"
     assert sorted(["full.seed1", "lora_r8", "full", "none"], key=methods_order) == ["none", "full", "full.seed1",
                                                                                      "lora_r8"]
+
+
+def test_adalora_variant():
+    assert method_variant("adalora_r8to4_top80") == ("adalora", [
+        "--set", "adalora.init_r=8", "--set", "adalora.target_r=4", "--set", "lora.alpha=16",
+        "--set", "train_top_items=80"])
+    assert method_variant("adalora_r2to1")[1][-2:] == ["--set", "lora.alpha=4"]

@@ -21,35 +21,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from crossrec_dist.data.prepared import PreparedData
+from crossrec_dist.errors import InputError
 from crossrec_dist.evaluation.evaluator import EvalOptions, evaluate, model_scorer
+from crossrec_dist.export.vocab import check_same_vocabulary
 from crossrec_dist.models.loading import load_base_model
 
 TABLE = "item_embeddings.weight"
 
 
-def truncated(delta: torch.Tensor, rank: int | None) -> torch.Tensor:
-    """The best rank-``rank`` approximation of ``delta`` (None: all of it)."""
+def low_rank(factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int | None) -> torch.Tensor:
+    """From a change's SVD ``(u, s, vh)``: its best rank-``rank`` approximation (None: all of it)."""
+    u, s, vh = factors
     if rank is None:
-        return delta
-    if rank == 0:
-        return torch.zeros_like(delta)
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        rank = len(s)
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def energy_rows(base: dict, full: dict) -> list[dict]:
+def truncated(delta: torch.Tensor, rank: int | None) -> torch.Tensor:
+    """The best rank-``rank`` approximation of ``delta`` (None: all of it)."""
+    return delta if rank is None else low_rank(torch.linalg.svd(delta, full_matrices=False), rank)
+
+
+def changes(base: dict, full: dict) -> dict[str, torch.Tensor]:
+    """``W_full - W_base`` per weight (float32), after checking the two are the same model's weights."""
+    if set(base) != set(full):
+        raise InputError("is not a fine-tune of --base: different weight names "
+                         f"({sorted(set(base) ^ set(full))[:3]} ...)", field="--full")
+    bad = [n for n in base if base[n].shape != full[n].shape]
+    if bad:
+        raise InputError(f"is not a fine-tune of --base: {bad[0]} is {tuple(full[bad[0]].shape)} in --full, "
+                         f"{tuple(base[bad[0]].shape)} in --base", field="--full")
+    return {n: full[n].float() - base[n].float() for n in sorted(base)}
+
+
+def energy_rows(base: dict, deltas: dict, factors: dict) -> list[dict]:
     rows = []
-    for name in sorted(base):
-        d = full[name].float() - base[name].float()
-        if d.dim() != 2:
-            continue
-        s2 = torch.linalg.svdvals(d) ** 2
+    for name, (_, s, _) in factors.items():
+        d = deltas[name]
+        s2 = s ** 2
         cum = (s2.cumsum(0) / s2.sum()).tolist()
         rows.append({"weight": name, "shape": list(d.shape),
                      "relative_change": float(d.norm() / base[name].float().norm()),
@@ -74,11 +90,15 @@ def main() -> None:
                                                    "full:2", "full:8", "2:2", "8:8"])
     ap.add_argument("--out", type=Path, help="JSON file for the rows (default: FULL/delta_rank.json)")
     a = ap.parse_args()
+    data = PreparedData(a.data)
+    for folder in (a.base, a.full):    # rows of the item table must mean the data's items
+        check_same_vocabulary(folder, data)
     base_sd = load_file(str(Path(a.base) / "model.safetensors"))
     full_sd = load_file(str(Path(a.full) / "model.safetensors"))
-    if set(base_sd) != set(full_sd):
-        raise SystemExit(f"{a.full} is not a full fine-tune of {a.base}: different weight names")
-    energy = energy_rows(base_sd, full_sd)
+    deltas = changes(base_sd, full_sd)
+    # One SVD per matrix, shared by the energy table and every cut.
+    factors = {n: torch.linalg.svd(d, full_matrices=False) for n, d in deltas.items() if d.dim() == 2}
+    energy = energy_rows(base_sd, deltas, factors)
     print("| weight | relative change | energy in top 1 / 2 / 8 | directions for 50% / 90% |")
     print("| --- | --- | --- | --- |")
     for r in energy:
@@ -86,7 +106,6 @@ def main() -> None:
         print(f"| {r['weight']} {tuple(r['shape'])} | {r['relative_change']:.3f} | "
               f"{e[1]:.2f} / {e[2]:.2f} / {e[8]:.2f} | {r['rank_50']} / {r['rank_90']} |")
 
-    data = PreparedData(a.data)
     items = data.catalogue([a.domain])
     model = load_base_model(a.full).eval()
     cuts = []
@@ -94,11 +113,10 @@ def main() -> None:
     for text in a.cuts:
         body_rank, table_rank = parse_cut(text)
         cut = {}
-        for name, w in full_sd.items():
-            d = w.float() - base_sd[name].float()
-            if d.dim() == 2:
-                d = truncated(d, table_rank if name == TABLE else body_rank)
-            cut[name] = (base_sd[name].float() + d).to(w.dtype)
+        for name, d in deltas.items():
+            if name in factors:
+                d = low_rank(factors[name], table_rank if name == TABLE else body_rank)
+            cut[name] = (base_sd[name].float() + d).to(full_sd[name].dtype)
         model.load_state_dict(cut, strict=True)
         with torch.no_grad():
             res = {split: evaluate(data, model_scorer(model), EvalOptions(split=split, domains=[a.domain],
@@ -116,4 +134,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:     # a folder or data that does not fit: say which, as crossrec does
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -19,7 +19,7 @@ reused, so a second run only prints the table. Output: a markdown table per prob
 differences vs zero-shot, scratch and full) and ``OUT/summary.json``.
 
 usage: python -m benchmarks.transfer_probes --study runs/ml_cross_platform
-       [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora lora_r8 lora_r8.seed1 ...]
+       [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora lora_r8 lora_r8.seed1 full+train.lr=0.0002 ...]
        [--out benchmarks/out/transfer_probes]
 """
 from __future__ import annotations
@@ -127,10 +127,17 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
 def method_variant(method: str) -> tuple[str, list[str]]:
     """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); ``adalora_rNtoM[_topK]``:
     its AdaLoRA config from rank N to M (alpha 2N), with whole rows for the K most frequent titles; a ``.seedN`` suffix:
-    fine-tuning seed N (``train.seed``); else the method as is."""
+    fine-tuning seed N (``train.seed``); ``+KEY=VALUE`` suffixes: any other ``--set`` of the fine-tuning config
+    (``full+train.lr=0.0002``); else the method as is."""
     if m := re.fullmatch(r"(.+)\.seed(\d+)", method):
         kind, extra = method_variant(m.group(1))
         return kind, [*extra, "--set", f"train.seed={m.group(2)}"]
+    if "+" in method:
+        head, *sets = method.split("+")
+        if not all(re.fullmatch(r"[a-z_][a-z0-9_.]*=[A-Za-z0-9_.\-]+", x) for x in sets):
+            sys.exit(f"method variant {method!r}: each +suffix is KEY=VALUE (letters, digits, . _ -)")
+        kind, extra = method_variant(head)
+        return kind, [*extra, *(a for x in sets for a in ("--set", x))]
     if m := re.fullmatch(r"lora_r(\d+)", method):
         r = int(m.group(1))
         return "lora", ["--set", f"lora.r={r}", "--set", f"lora.alpha={2 * r}"]

@@ -1,7 +1,10 @@
-"""The arithmetic that benchmark scripts' conclusions rest on (RESULTS.md §14.4)."""
+"""The arithmetic that benchmark scripts' conclusions rest on (RESULTS.md §14.4-14.5)."""
 import torch
 
-from benchmarks.delta_rank import parse_cut, truncated
+import pytest
+
+from benchmarks.delta_rank import changes, low_rank, parse_cut, truncated
+from crossrec_dist.errors import InputError
 from benchmarks.transfer_probes import method_variant, methods_order
 
 
@@ -41,3 +44,26 @@ def test_adalora_variant():
         "--set", "adalora.init_r=8", "--set", "adalora.target_r=4", "--set", "lora.alpha=16",
         "--set", "train_top_items=80"])
     assert method_variant("adalora_r2to1")[1][-2:] == ["--set", "lora.alpha=4"]
+
+
+def test_set_suffix_variants():
+    assert method_variant("full+train.lr=0.0002") == ("full", ["--set", "train.lr=0.0002"])
+    assert method_variant("adalora_r8to4_top86+train_new_items=true.seed1") == ("adalora", [
+        "--set", "adalora.init_r=8", "--set", "adalora.target_r=4", "--set", "lora.alpha=16",
+        "--set", "train_top_items=86", "--set", "train_new_items=true", "--set", "train.seed=1"])
+    with pytest.raises(SystemExit):          # a folder name must not smuggle a path in
+        method_variant("full+train.lr=../x")
+
+
+def test_cuts_share_one_svd_and_refuse_other_models():
+    g = torch.Generator().manual_seed(1)
+    d = torch.randn(7, 4, generator=g)
+    factors = torch.linalg.svd(d, full_matrices=False)
+    assert torch.allclose(low_rank(factors, None), d, atol=1e-5)
+    assert torch.count_nonzero(low_rank(factors, 0)) == 0
+    assert torch.linalg.matrix_rank(low_rank(factors, 2)) == 2
+    base = {"w": torch.zeros(3, 2)}
+    with pytest.raises(InputError, match="w is"):
+        changes(base, {"w": torch.zeros(2, 3)})
+    with pytest.raises(InputError, match="different weight names"):
+        changes(base, {"v": torch.zeros(3, 2)})

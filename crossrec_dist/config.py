@@ -55,7 +55,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise InputError(f"expected a mapping, got {value!r}", path=source, field=key)
-        return dict(value)
+        k_tp, v_tp = args if len(args) == 2 else (Any, Any)
+        return {_coerce(k, k_tp, key, source): _coerce(v, v_tp, f"{key}.{k}", source) for k, v in value.items()}
     if tp is Any:
         return value
     if tp is bool:

@@ -214,6 +214,12 @@ CASES = [
     Case("lora-dropout-range", FT + " --method lora --set lora.dropout=1", ["lora.dropout"], needs=("data", "model")),
     Case("lora-unknown-module", FT + " --method lora --set lora.target_modules=[qkv]", ["lora.target_modules", "qkv"],
          needs=("data", "model")),
+    Case("rank-pattern-not-a-target", FT + " --method lora --set lora.rank_pattern.gate_proj=4 "
+         "--set lora.target_modules=[q_proj]", ["lora.rank_pattern.gate_proj", "target_modules"], needs=("data", "model")),
+    Case("rank-pattern-not-an-int", FT + " --method lora --set lora.rank_pattern.q_proj=big",
+         ["lora.rank_pattern.q_proj", "integer"], needs=("data", "model")),
+    Case("alpha-pattern-zero", FT + " --method lora --set lora.alpha_pattern.q_proj=0",
+         ["lora.alpha_pattern.q_proj"], needs=("data", "model")),
     Case("adalora-ranks", FT + " --method adalora --set adalora.target_r=20", ["adalora.target_r"],
          needs=("data", "model")),
     Case("adalora-schedule-too-short", FT + " --method adalora --set train.max_steps=2 --set adalora.tinit_ratio=0.6 "

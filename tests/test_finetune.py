@@ -52,6 +52,29 @@ def test_lora_trainable_parameters_match_the_config(lora_run, tiny_base):
     assert m["params"]["trainable"] == cfg["num_layers"] * per_layer + m["new_items"] * h
 
 
+def test_rank_pattern_gives_the_item_table_its_own_rank_in_a_plain_peft_adapter(tiny_base, ml100k, tmp_path):
+    """``lora.rank_pattern.item_embeddings=K``: the table's LoRA at rank K, every linear layer at ``lora.r``;
+    the trainable count says so, and plain PEFT rebuilds the same shapes from the saved config."""
+    from peft import PeftModel
+
+    from crossrec_dist.models.model import CrossRecModel
+    run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method", "lora",
+            "--out", tmp_path, *QUICK, "--set", "lora.r=2", "--set", "lora.alpha=4",
+            "--set", "lora.target_modules=[q_proj,v_proj,item_embeddings]",
+            "--set", "lora.rank_pattern.item_embeddings=6", "--set", "lora.alpha_pattern.item_embeddings=12")
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    h, n = cfg["hidden_size"], cfg["num_items"] + 1
+    bias = n if cfg.get("item_bias") else 0
+    assert m["params"]["trainable"] == cfg["num_layers"] * 2 * 2 * (h + h) + 6 * (n + h) + bias
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["rank_pattern"] == {"item_embeddings": 6} and saved["alpha_pattern"] == {"item_embeddings": 12}
+    model = PeftModel.from_pretrained(CrossRecModel.from_pretrained(tiny_base), str(tmp_path))
+    emb = model.base_model.model.item_embeddings
+    assert emb.lora_embedding_A["default"].shape == (6, n) and emb.scaling["default"] == 2.0
+    assert model.base_model.model.backbone.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
+
+
 def test_lora_adapter_is_plain_peft_and_reproduces_metrics(lora_run, tiny_base, ml100k):
     from peft import PeftModel
 

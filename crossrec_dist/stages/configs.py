@@ -87,6 +87,12 @@ class LoraOptions:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
+    # Per-module rank and alpha (PEFT's rank_pattern / alpha_pattern), keyed by a target module's name:
+    # e.g. item_embeddings: 16 gives the item table rank 16 and every other module r. The table's rank
+    # costs (items + hidden) numbers per step, a linear layer's (in + out): where full fine-tuning's
+    # change needs its rank (benchmarks/delta_rank.py) decides which to spend a budget on.
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +170,13 @@ def check_finetune_config(cfg: FinetuneConfig, prefix: str = "") -> None:
     unknown = [m for m in lo.target_modules if m not in ALL_LINEAR + [ITEM_TABLE]]
     _need(not unknown, p + "lora.target_modules", f"unknown module(s) {unknown}; the model's linear layers are "
           f"{', '.join(ALL_LINEAR)}, and its item table is {ITEM_TABLE}")
+    for name in ("rank_pattern", "alpha_pattern"):
+        for module, v in getattr(lo, name).items():
+            _need(module in lo.target_modules, f"{p}lora.{name}.{module}",
+                  f"{module!r} is not one of lora.target_modules ({', '.join(lo.target_modules)})")
+            _need(v >= 1, f"{p}lora.{name}.{module}", f"must be >= 1, got {v}")
+    _need(not (cfg.method == "adalora" and (lo.rank_pattern or lo.alpha_pattern)), p + "lora.rank_pattern",
+          "AdaLoRA sets each module's rank itself (adalora.init_r / target_r); rank_pattern is for lora")
     _need(not (cfg.method == "adalora" and ITEM_TABLE in lo.target_modules), p + "lora.target_modules",
           f"AdaLoRA adapts linear layers only; drop {ITEM_TABLE} for adalora")
     _need(ad.target_r >= 1, p + "adalora.target_r", f"must be >= 1, got {ad.target_r}")

@@ -144,7 +144,8 @@ class FinetuneTask(RecommenderTask):
         if method == "lora":
             pc = LoraConfig(r=m.lora.r, lora_alpha=m.lora.alpha, lora_dropout=m.lora.dropout,
                             target_modules=m.lora.target_modules, trainable_token_indices=tokens,
-                            modules_to_save=save)
+                            modules_to_save=save, rank_pattern=dict(m.lora.rank_pattern),
+                            alpha_pattern=dict(m.lora.alpha_pattern))
         else:
             total = engine.plan(self.batches()).total_updates   # the engine's own arithmetic
             a = m.adalora

@@ -9,6 +9,8 @@ pretrained base. This script asks what a different base changes, with the study'
 - ``body_lL_fF[_hH]``: a bigger body, the base recipe with ``model.num_layers=L`` and
   ``model.intermediate_size=F`` (and ``model.hidden_size=H``, one head per 64 dimensions: a wider
   item table too); scratch is trained in the same shape;
+- ``body_lL_fF[_hH]_sN``: that body pretrained with ``train.seed=N``; its reference is the scratch
+  runs of the probe without ``_sN`` (scratch does not depend on the base);
 - ``shared_source``: the source (ML-1M) restricted to the titles the target (ML-100K) also has, so the
   base never learns from films the target platform never saw (1998-2000 releases among them). Its data
   differs from the study's, so it trains its own scratch model as the reference.
@@ -39,6 +41,7 @@ import numpy as np
 from crossrec_dist.evaluation.bootstrap import aligned, bootstrap_mean, paired_difference
 
 TARGET, SOURCE = "ml100k", "ml1m"
+BODY = re.compile(r"body_l(\d+)_f(\d+)(?:_h(\d+))?(?:_s(\d+))?")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -97,15 +100,18 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
     elif m := re.fullmatch(r"base_seed(\d+)", name):
         data = study / "data"
         overrides = ["--set", f"train.seed={m.group(1)}"]
-    elif m := re.fullmatch(r"body_l(\d+)_f(\d+)(?:_h(\d+))?", name):
+    elif m := BODY.fullmatch(name):
         data = study / "data"
         overrides = ["--set", f"model.num_layers={m.group(1)}", "--set", f"model.intermediate_size={m.group(2)}"]
         if m.group(3):   # a wider body too: one attention head per 64 dimensions, as the presets do
             hidden = int(m.group(3))
             overrides += ["--set", f"model.hidden_size={hidden}", "--set", f"model.num_heads={max(hidden // 64, 1)}"]
-        methods = sorted(set(methods) | {"scratch"}, key=methods_order)
+        if m.group(4):   # another pretraining seed: scratch does not depend on the base, the unseeded probe's is used
+            overrides += ["--set", f"train.seed={m.group(4)}"]
+        else:
+            methods = sorted(set(methods) | {"scratch"}, key=methods_order)
     else:
-        sys.exit(f"unknown probe {name!r} (base_seedN | body_lL_fF[_hH] | shared_source)")
+        sys.exit(f"unknown probe {name!r} (base_seedN | body_lL_fF[_hH][_sN] | shared_source)")
     base = out / "pretrain"
     if not (base / "metrics.json").exists():
         s = run(crossrec("pretrain", "--config", str(configs / "pretrain.yaml"), "--data", str(data),
@@ -161,11 +167,16 @@ def methods_order(m: str) -> tuple:
 
 def study_scratch(study: Path) -> dict[str, dict]:
     """The study's own scratch runs on all the target's users (every seed it has)."""
+    return scratch_runs_in(study / "targets" / TARGET)
+
+
+def scratch_runs_in(folder: Path) -> dict[str, dict]:
+    """Finished scratch runs (every seed) in a folder of fine-tuning runs, data fractions left out."""
     runs = {}
-    for folder in sorted((study / "targets" / TARGET).glob("scratch*")):
-        if "frac" in folder.name or not (folder / "metrics.json").exists():
+    for run_dir in sorted(folder.glob("scratch*")):
+        if "frac" in run_dir.name or not (run_dir / "metrics.json").exists():
             continue
-        runs[folder.name] = json.loads((folder / "metrics.json").read_text())
+        runs[run_dir.name] = json.loads((run_dir / "metrics.json").read_text())
     return runs
 
 
@@ -244,8 +255,14 @@ def main() -> None:
     for name in a.probes:
         records = probe_steps(name, a.study, a.out / name, list(a.methods))
         base_metrics = json.loads((a.out / name / "pretrain" / "metrics.json").read_text())
-        own_scratch = name == "shared_source" or name.startswith("body_")
-        text, r = table(name, records, {} if own_scratch else scratch_runs)
+        body = BODY.fullmatch(name)
+        if body and body.group(4):   # the same shape's scratch runs, from the probe without the seed suffix
+            refs = scratch_runs_in(a.out / name[:name.rindex("_s")] / "ft")
+            if not refs:
+                sys.exit(f"{name}: run the probe {name[:name.rindex('_s')]} first (its scratch runs are the reference)")
+        else:
+            refs = {} if name == "shared_source" or body else scratch_runs
+        text, r = table(name, records, refs)
         source_test = (base_metrics.get("test") or {}).get("ndcg@10")
         texts.append(text + (f"\n\nbase: {SOURCE} test NDCG@10 {source_test:.4f}" if source_test is not None else ""))
         rows += r

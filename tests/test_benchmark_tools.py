@@ -67,3 +67,19 @@ def test_cuts_share_one_svd_and_refuse_other_models():
         changes(base, {"w": torch.zeros(2, 3)})
     with pytest.raises(InputError, match="different weight names"):
         changes(base, {"v": torch.zeros(3, 2)})
+
+
+def test_body_probe_names_and_scratch_references(tmp_path):
+    """``body_l2_f1024_h256_s1``: the same shape pretrained with seed 1; its scratch reference is read from
+    the unseeded probe's runs (every seed, data fractions left out)."""
+    import json
+
+    from benchmarks.transfer_probes import BODY, scratch_runs_in
+    assert BODY.fullmatch("body_l2_f1024_h256_s1").groups() == ("2", "1024", "256", "1")
+    assert BODY.fullmatch("body_l4_f1024").groups() == ("4", "1024", None, None)
+    assert BODY.fullmatch("body_l4_f1024_x") is None
+    for name in ("scratch", "scratch.seed1", "scratch.frac0.25", "scratch.seed2"):
+        (tmp_path / name).mkdir()
+        if name != "scratch.seed2":   # unfinished: no metrics.json
+            (tmp_path / name / "metrics.json").write_text(json.dumps({"method": name}))
+    assert sorted(scratch_runs_in(tmp_path)) == ["scratch", "scratch.seed1"]

@@ -180,7 +180,8 @@ def scratch_runs_in(folder: Path) -> dict[str, dict]:
     return runs
 
 
-def table(name: str, records: dict[str, dict], references: dict[str, dict]) -> tuple[str, list[dict]]:
+def table(name: str, records: dict[str, dict], references: dict[str, dict],
+          references_from: str = "the study's") -> tuple[str, list[dict]]:
     """Markdown rows: NDCG@10 [95%], selected step, trainable params, paired differences."""
     both = {**{f"ref:{k}": v for k, v in references.items()}, **records}
     seqs, per_user = aligned(both)
@@ -216,7 +217,7 @@ def table(name: str, records: dict[str, dict], references: dict[str, dict]) -> t
         lines += seed_median_lines(groups, records, per_user, scratch)
     if refs and "scratch" not in per_user:
         lines.append("")
-        lines.append("scratch reference: the per-user mean of the study's scratch runs "
+        lines.append(f"scratch reference: the per-user mean of {references_from} scratch runs "
                      + ", ".join(f"{k[4:]} {per_user[k].mean():.4f}" for k in refs))
     return "\n".join(lines), rows
 
@@ -257,12 +258,13 @@ def main() -> None:
         base_metrics = json.loads((a.out / name / "pretrain" / "metrics.json").read_text())
         body = BODY.fullmatch(name)
         if body and body.group(4):   # the same shape's scratch runs, from the probe without the seed suffix
-            refs = scratch_runs_in(a.out / name[:name.rindex("_s")] / "ft")
+            sibling = name[:name.rindex("_s")]
+            refs, refs_from = scratch_runs_in(a.out / sibling / "ft"), f"{sibling}'s"
             if not refs:
-                sys.exit(f"{name}: run the probe {name[:name.rindex('_s')]} first (its scratch runs are the reference)")
+                sys.exit(f"{name}: run the probe {sibling} first (its scratch runs are the reference)")
         else:
-            refs = {} if name == "shared_source" or body else scratch_runs
-        text, r = table(name, records, refs)
+            refs, refs_from = ({} if name == "shared_source" or body else scratch_runs), "the study's"
+        text, r = table(name, records, refs, refs_from)
         source_test = (base_metrics.get("test") or {}).get("ndcg@10")
         texts.append(text + (f"\n\nbase: {SOURCE} test NDCG@10 {source_test:.4f}" if source_test is not None else ""))
         rows += r

@@ -89,7 +89,7 @@ class LoraOptions:
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     # Per-module rank and alpha (PEFT's rank_pattern / alpha_pattern), keyed by a target module's name:
     # e.g. item_embeddings: 16 gives the item table rank 16 and every other module r. The table's rank
-    # costs (items + hidden) numbers per step, a linear layer's (in + out): where full fine-tuning's
+    # costs (items + hidden) numbers per rank, a linear layer's (in + out): where full fine-tuning's
     # change needs its rank (benchmarks/delta_rank.py) decides which to spend a budget on.
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, int] = field(default_factory=dict)

@@ -44,11 +44,6 @@ def low_rank(factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int
     return (u[:, :rank] * s[:rank]) @ vh[:rank]
 
 
-def truncated(delta: torch.Tensor, rank: int | None) -> torch.Tensor:
-    """The best rank-``rank`` approximation of ``delta`` (None: all of it)."""
-    return delta if rank is None else low_rank(torch.linalg.svd(delta, full_matrices=False), rank)
-
-
 def changes(base: dict, full: dict) -> dict[str, torch.Tensor]:
     """``W_full - W_base`` per weight (float32), after checking the two are the same model's weights."""
     if set(base) != set(full):

@@ -3,20 +3,21 @@ import torch
 
 import pytest
 
-from benchmarks.delta_rank import changes, low_rank, parse_cut, truncated
+from benchmarks.delta_rank import changes, low_rank, parse_cut
 from crossrec_dist.errors import InputError
 from benchmarks.transfer_probes import method_variant, methods_order
 
 
-def test_truncated_is_the_best_low_rank_approximation():
+def test_low_rank_is_the_best_approximation_of_its_rank():
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(6, 3, generator=g))
     v, _ = torch.linalg.qr(torch.randn(5, 3, generator=g))
     m = u @ torch.diag(torch.tensor([3.0, 2.0, 0.5])) @ v.T        # singular values 3, 2, 0.5
-    assert torch.allclose(truncated(m, 3), m, atol=1e-5)
-    assert torch.equal(truncated(m, None), m)
-    assert torch.count_nonzero(truncated(m, 0)) == 0
-    one = truncated(m, 1)
+    factors = torch.linalg.svd(m, full_matrices=False)
+    assert torch.allclose(low_rank(factors, 3), m, atol=1e-5)
+    assert torch.allclose(low_rank(factors, None), m, atol=1e-5)
+    assert torch.count_nonzero(low_rank(factors, 0)) == 0
+    one = low_rank(factors, 1)
     assert torch.linalg.matrix_rank(one) == 1
     # Eckart-Young: what rank 1 leaves out has exactly the dropped singular values' energy
     assert abs(float(torch.linalg.norm(m - one)) - (2.0 ** 2 + 0.5 ** 2) ** 0.5) < 1e-4

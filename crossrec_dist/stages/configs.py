@@ -90,7 +90,8 @@ class LoraOptions:
     # Per-module rank and alpha (PEFT's rank_pattern / alpha_pattern), keyed by a target module's name:
     # e.g. item_embeddings: 16 gives the item table rank 16 and every other module r. The table's rank
     # costs (items + hidden) numbers per rank, a linear layer's (in + out): where full fine-tuning's
-    # change needs its rank (benchmarks/delta_rank.py) decides which to spend a budget on.
+    # change needs its rank (benchmarks/delta_rank.py) decides which to spend a budget on. A module in
+    # rank_pattern but not in alpha_pattern keeps lora.alpha, so its scale alpha/rank shrinks: give both.
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, int] = field(default_factory=dict)
 

@@ -220,6 +220,10 @@ CASES = [
          ["lora.rank_pattern.q_proj", "integer"], needs=("data", "model")),
     Case("alpha-pattern-zero", FT + " --method lora --set lora.alpha_pattern.q_proj=0",
          ["lora.alpha_pattern.q_proj"], needs=("data", "model")),
+    Case("adalora-table-rank-negative", FT + " --method adalora --set adalora.table_r=-1", ["adalora.table_r"],
+         needs=("data", "model")),
+    Case("adalora-table-and-top-rows", FT + " --method adalora --set adalora.table_r=4 --set train_top_items=20",
+         ["train_top_items", "item_embeddings"], needs=("data", "model")),
     Case("adalora-ranks", FT + " --method adalora --set adalora.target_r=20", ["adalora.target_r"],
          needs=("data", "model")),
     Case("adalora-schedule-too-short", FT + " --method adalora --set train.max_steps=2 --set adalora.tinit_ratio=0.6 "

@@ -75,6 +75,57 @@ def test_rank_pattern_gives_the_item_table_its_own_rank_in_a_plain_peft_adapter(
     assert model.base_model.model.backbone.layers[0].self_attn.q_proj.lora_A["default"].weight.shape[0] == 2
 
 
+def test_adalora_with_a_table_adapter_is_two_plain_peft_adapters_that_give_its_metrics_back(tiny_base, ml100k, tmp_path):
+    """``adalora.table_r=K``: AdaLoRA on the linear layers and LoRA of rank K on the item table (PEFT's
+    AdaLoRA has no embedding layer), trained as one PEFT mixed model. The trainable count holds both,
+    AdaLoRA's budget allocation ran (its final ranks add up to target_r per module), the folder is PEFT's
+    layout for two adapters, and plain peft (PeftMixedModel) loads it and gives the recorded metrics back;
+    exported and served, the region scores as the merged model does."""
+    from peft import PeftMixedModel
+
+    from crossrec_dist import Recommender
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.models.model import CrossRecModel
+    from crossrec_dist.stages.common import evaluate_model
+
+    region = TARGET_REGIONS[0]
+    root, run = tmp_path / "adapters", tmp_path / "adapters" / region
+    run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domains", region, "--method", "adalora",
+            "--out", root, "--set", "train.max_steps=12", "--set", "train.eval_every=12", "--set", "train.validate_at_start=false",
+            "--set", "train.tensorboard=false", "--set", "adalora.init_r=3", "--set", "adalora.target_r=1",
+            "--set", "adalora.delta_t=1", "--set", "adalora.table_r=5", "--set", "lora.target_modules=[q_proj,v_proj]",
+            "--set", "train_top_items=0")
+    m = json.loads((run / "metrics.json").read_text())
+    cfg = json.loads((tiny_base / "config.json").read_text())
+    h, n, layers = cfg["hidden_size"], cfg["num_items"] + 1, cfg["num_layers"]
+    bias = n if cfg.get("item_bias") else 0
+    # AdaLoRA at init_r: A (r x in), B (out x r), E (r) per module; the table: r x (n + h); the offsets
+    assert m["params"]["trainable"] == layers * 2 * (3 * (h + h) + 3) + 5 * (n + h) + bias
+    assert m["train"]["best_step"] == 12 and sum(m["rank_pattern"].values()) == 1 * layers * 2
+    assert json.loads((run / "adapter_config.json").read_text())["peft_type"] == "ADALORA"
+    table = json.loads((run / "item_table" / "adapter_config.json").read_text())
+    assert table["peft_type"] == "LORA" and table["target_modules"] == ["item_embeddings"] and table["r"] == 5
+    model = PeftMixedModel.from_pretrained(CrossRecModel.from_pretrained(tiny_base), str(run))
+    model.load_adapter(str(run / "item_table"), adapter_name="item_table")
+    model.set_adapter(["default", "item_table"])
+    emb = model.base_model.model.item_embeddings
+    assert float(emb.lora_embedding_B["item_table"].detach().abs().sum()) > 0    # the table's change was trained and saved
+    ev = evaluate_model(model.eval(), PreparedData(ml100k), [region], cfg["max_len"])
+    assert ev["test"]["overall"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
+    assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-6)
+    run_cli("export", "--base", tiny_base, "--adapters", root, "--out", tmp_path / "bundle", "--merge")
+    rec = Recommender(tmp_path / "bundle" / "base", tmp_path / "bundle" / "adapters")
+    history = ["50", "172", "133"]
+    merged = CrossRecModel.from_pretrained(tmp_path / "bundle" / "merged" / region).eval()
+    ids = torch.tensor([[0] * 47 + [rec.index[h] for h in history]])
+    dom = torch.tensor([rec.domain_ids[region]])
+    s_merged = merged(input_ids=ids, domain_ids=dom, return_scores=True)[0]
+    s_mixed = model(input_ids=ids, domain_ids=dom, return_scores=True)[0]
+    s_served, s_base = rec.scores([history], region)[0], rec.scores([history])[0]
+    assert torch.allclose(s_merged[1:], s_served[1:], atol=1e-4) and torch.allclose(s_mixed[1:], s_served[1:], atol=1e-4)
+    assert not torch.allclose(s_served[1:], s_base[1:], atol=1e-3)        # the region's model is not the base
+
+
 def test_lora_adapter_is_plain_peft_and_reproduces_metrics(lora_run, tiny_base, ml100k):
     from peft import PeftModel
 

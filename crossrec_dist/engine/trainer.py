@@ -530,17 +530,23 @@ class Engine:
 
     def _promote_best(self) -> None:
         """The best model's files to the output folder (HF layout at its top level), each copied to a
-        temporary name and renamed, so no file there is ever half-written. The stage writes
-        ``metrics.json`` after this: a folder is complete when it has ``metrics.json``."""
+        temporary name and renamed, so no file there is ever half-written; a subfolder (a second PEFT
+        adapter, PEFT's layout for several) likewise, the old one removed only once the new one is
+        whole. The stage writes ``metrics.json`` after this: a folder is complete when it has it."""
         import os
         import shutil
         best = self.out_dir / "best"
         if self.is_main and best.is_dir():
             for f in best.iterdir():
+                tmp, dest = self.out_dir / (f.name + ".tmp"), self.out_dir / f.name
                 if f.is_file():
-                    tmp = self.out_dir / (f.name + ".tmp")
                     shutil.copy2(f, tmp)
-                    os.replace(tmp, self.out_dir / f.name)
+                    os.replace(tmp, dest)
+                elif f.is_dir():
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    shutil.copytree(f, tmp)
+                    shutil.rmtree(dest, ignore_errors=True)
+                    os.replace(tmp, dest)
         dist_info.barrier()
 
 

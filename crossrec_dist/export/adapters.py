@@ -1,4 +1,11 @@
-"""Adapters: attach a saved PEFT adapter to its base, refusing a base with another fingerprint."""
+"""Adapters: attach a saved PEFT adapter to its base, refusing a base with another fingerprint.
+
+An AdaLoRA adapter with ``adalora.table_r`` is two PEFT adapters in one folder, PEFT's own layout for
+several adapters: AdaLoRA on the linear layers at the top (adapter ``default``) and a LoRA adapter on
+the item table, with the per-item offsets, in ``item_table/``. PEFT's AdaLoRA has no embedding layer and
+a ``PeftModel`` holds one adapter type, so the two load together as a ``PeftMixedModel``
+(``apply_adapter`` below; README "Adapters" shows it in plain peft).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -34,8 +41,45 @@ def check_base(model_dir: str | Path, adapter_dir: str | Path, allow_unverified:
                          field="base_fingerprint")
 
 
+TABLE_ADAPTER = "item_table"
+
+
+def is_mixed(adapter_dir: str | Path) -> bool:
+    """Is this folder AdaLoRA on the linears plus LoRA on the item table (two adapters, one folder)?"""
+    return (Path(adapter_dir) / TABLE_ADAPTER / "adapter_config.json").is_file()
+
+
 def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: str = "default",
                   allow_unverified: bool = False):
-    from peft import PeftModel
+    from peft import PeftMixedModel, PeftModel
     check_base(model_dir, adapter_dir, allow_unverified)
-    return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    if not is_mixed(adapter_dir):
+        return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    model = PeftMixedModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
+    model.load_adapter(str(Path(adapter_dir) / TABLE_ADAPTER), adapter_name=TABLE_ADAPTER)
+    model.set_adapter([name, TABLE_ADAPTER])
+    return model
+
+
+def save_mixed_adapter(model, state_dict: dict, out_dir: Path) -> None:
+    """Write a mixed model's two adapters as PEFT writes one each (``PeftMixedModel`` has no
+    ``save_pretrained`` in peft 0.21): config JSON plus safetensors, the table's in ``item_table/``.
+    The AdaLoRA part keeps its trained size (init_r, the pruned singular values zero, so it computes
+    what the allocation chose) and no ``rank_pattern``: with one, PEFT would shrink the modules on
+    load, which a mixed model cannot do. The chosen ranks go to crossrec_adapter.json instead."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    for name, folder in (("default", out_dir), (TABLE_ADAPTER, out_dir / TABLE_ADAPTER)):
+        config = model.peft_config[name]
+        pattern, inference = getattr(config, "rank_pattern", None), config.inference_mode
+        try:
+            if config.peft_type == "ADALORA":
+                config.rank_pattern = None
+            weights = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+            folder.mkdir(parents=True, exist_ok=True)
+            config.inference_mode = True
+            config.save_pretrained(str(folder))
+        finally:
+            config.rank_pattern, config.inference_mode = pattern, inference
+        save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(folder / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})

@@ -1,7 +1,8 @@
 """``Recommender``: one base model in memory, one adapter per region switched per request.
 
 Regions fine-tuned with a PEFT method are adapters on the shared base (loaded once, switched with
-``set_adapter``); regions fine-tuned fully are separate models, loaded on first use. Items are raw
+``set_adapter``); regions fine-tuned fully, and AdaLoRA adapters with a LoRA on the item table (two
+adapter types, which one ``PeftModel`` cannot hold), are separate models, loaded (merged) on first use. Items are raw
 ids from the training data (``items.json``), so callers never see internal indices.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..models.model import CrossRecModel
-from .adapters import check_base
+from .adapters import apply_adapter, check_base, is_mixed
 from .manifest import read_manifest
 from ..paths import inside
 from .vocab import read_vocab
@@ -39,7 +40,12 @@ class Recommender:
         self.domain_ids = {d: i for i, d in enumerate(model.config.domain_names)}
         self.manifest = read_manifest(adapters) if adapters else {"domains": {}}
         self.adapters_root = Path(adapters) if adapters else None
-        self.adapter_domains = [d for d, e in self.manifest["domains"].items() if e["kind"] == "adapter"]
+        folders = {d: inside(self.adapters_root, e["path"]) for d, e in self.manifest["domains"].items()
+                   if e["kind"] == "adapter"}
+        self._mixed = {d: f for d, f in folders.items() if is_mixed(f)}
+        for folder in self._mixed.values():
+            check_base(self.base_dir, folder)        # now, not at the first request
+        self.adapter_domains = [d for d in folders if d not in self._mixed]
         self._full_models: dict[str, CrossRecModel] = {}
         # Domain names are data: folders come from the manifest through paths.inside, and PEFT adapter
         # names (module keys, where '.' is not allowed) are our own, one per domain.
@@ -47,7 +53,7 @@ class Recommender:
         if self.adapter_domains:
             from peft import PeftModel
             for i, d in enumerate(self.adapter_domains):
-                folder = inside(self.adapters_root, self.manifest["domains"][d]["path"])
+                folder = folders[d]
                 check_base(self.base_dir, folder)
                 if i == 0:
                     model = PeftModel.from_pretrained(model, str(folder), adapter_name=self._adapter_name[d])
@@ -75,6 +81,12 @@ class Recommender:
             if domain not in self._full_models:
                 self._full_models[domain] = CrossRecModel.from_pretrained(
                     inside(self.adapters_root, entry["path"]), use_safetensors=True).to(self.device).eval()
+            return self._full_models[domain], None
+        if domain in self._mixed:
+            if domain not in self._full_models:
+                model = apply_adapter(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True),
+                                      self.base_dir, self._mixed[domain])
+                self._full_models[domain] = model.merge_and_unload().to(self.device).eval()
             return self._full_models[domain], None
         if entry and entry["kind"] == "adapter":
             self.model.set_adapter(self._adapter_name[domain])

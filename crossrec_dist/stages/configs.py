@@ -104,6 +104,19 @@ class AdaLoraOptions:
     tfinal_ratio: float = 0.2     # share at the end with the final budget fixed
     delta_t: int = 5              # steps between budget re-allocations
     orth_reg_weight: float = 0.5
+    # PEFT's AdaLoRA has no embedding layer, so on its own it never changes the item table -- the part of
+    # full fine-tuning's change that matters most across platforms (benchmarks/RESULTS.md 14.6). table_r > 0
+    # puts a plain LoRA adapter of that rank on the item table beside AdaLoRA on the linear layers (PEFT's
+    # mixed-adapter model; saved as two PEFT adapters, README "Adapters"); table_alpha: None is 2 * table_r.
+    table_r: int = 0
+    table_alpha: int | None = None
+
+
+def table_lora(cfg) -> bool:
+    """Does the adapter put LoRA on the item table (lora with it in target_modules, or adalora.table_r)?
+    Then every item, new ones included, already has its own trainable column of the table's change."""
+    return (cfg.method == "lora" and ITEM_TABLE in cfg.lora.target_modules) or \
+        (cfg.method == "adalora" and cfg.adalora.table_r > 0)
 
 
 @dataclass
@@ -190,11 +203,14 @@ def check_finetune_config(cfg: FinetuneConfig, prefix: str = "") -> None:
           f"tinit_ratio + tfinal_ratio = {ad.tinit_ratio + ad.tfinal_ratio:g} leaves no steps for budget allocation")
     _need(ad.delta_t >= 1, p + "adalora.delta_t", f"must be >= 1, got {ad.delta_t}")
     _need(ad.orth_reg_weight >= 0, p + "adalora.orth_reg_weight", f"must be >= 0, got {ad.orth_reg_weight}")
+    _need(ad.table_r >= 0, p + "adalora.table_r", f"must be >= 0 (0: no adapter on {ITEM_TABLE}), got {ad.table_r}")
+    _need(ad.table_alpha is None or ad.table_alpha > 0, p + "adalora.table_alpha",
+          f"must be > 0 (or null: 2 * table_r), got {ad.table_alpha}")
     _need(cfg.valid_targets >= 1, p + "valid_targets", f"must be >= 1, got {cfg.valid_targets}")
     _need(cfg.train_top_items >= 0, p + "train_top_items", f"must be >= 0, got {cfg.train_top_items}")
-    _need(not (cfg.train_top_items and cfg.method == "lora" and ITEM_TABLE in lo.target_modules),
-          p + "train_top_items", f"LoRA on {ITEM_TABLE} already adapts every row; PEFT cannot also train whole "
-          "rows of that table (use one or the other)")
+    _need(not (cfg.train_top_items and table_lora(cfg)), p + "train_top_items",
+          f"LoRA on {ITEM_TABLE} already adapts every row; PEFT cannot also train whole rows of that table "
+          "(use one or the other)")
     _need(cfg.catalogue in CATALOGUES, p + "catalogue",
           f"unknown catalogue {cfg.catalogue!r}; choose one of {', '.join(CATALOGUES)}")
     _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")

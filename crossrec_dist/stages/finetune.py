@@ -24,7 +24,7 @@ from ..engine.task import LossTerms
 from ..engine.trainer import Engine
 from ..errors import InputError
 from ..evaluation.record import metrics_record, write_metrics
-from ..export.adapters import apply_adapter
+from ..export.adapters import TABLE_ADAPTER, apply_adapter, save_mixed_adapter
 from ..export.fingerprint import FILE as ADAPTER_INFO, base_fingerprint
 from ..export.vocab import check_same_vocabulary, write_vocab
 from ..models.loading import load_model_config
@@ -32,7 +32,8 @@ from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
                      target_catalogue)
-from .configs import DEFAULT_LR, ITEM_TABLE, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config
+from .configs import (DEFAULT_LR, ITEM_TABLE, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config,
+                      table_lora)
 
 def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
     """Items in the target's training part that no source domain's training part contains."""
@@ -48,8 +49,9 @@ def trainable_rows(cfg, data: PreparedData, domain: str, new_items: list[int],
     of the table spreads its few directions over every item; these rows give the items that most of
     the target's interactions fall on a full-rank update, at 64 numbers each (hidden 64). Counted on
     the training part of ``users``' sequences (all of the domain's when None): a subsampled run
-    learns nothing from users it does not train on."""
-    if cfg.method not in PEFT_METHODS:
+    learns nothing from users it does not train on. None under LoRA on the table, which already gives
+    every item, new ones included, its own trainable column (PEFT cannot wrap that table twice)."""
+    if cfg.method not in PEFT_METHODS or table_lora(cfg):
         return []
     rows = set(new_items) if cfg.train_new_items else set()
     if cfg.train_top_items > 0:
@@ -90,6 +92,7 @@ class FinetuneTask(RecommenderTask):
         self.fingerprint = base_fingerprint(base_dir)
         self.catalogue = target_catalogue(cfg, data, domain)
         self.anchor = None
+        self.allocator = None
 
     def train_domains(self):
         return [self.domain]
@@ -104,6 +107,8 @@ class FinetuneTask(RecommenderTask):
                 model = self._adapt(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True), engine)
         if self.cfg.method == "l2sp":
             self.anchor = [p.detach().clone() for p in model.parameters()]
+        if self.cfg.method == "adalora" and self.cfg.adalora.table_r:
+            self.allocator = MixedRankAllocation(model)
         self.params = param_counts(model)
         return model
 
@@ -134,10 +139,8 @@ class FinetuneTask(RecommenderTask):
                 p.requires_grad = name.startswith(("item_embeddings", "item_bias"))
             return base
         from peft import AdaLoraConfig, LoraConfig, get_peft_model
-        # LoRA on the item table already gives every item (new ones included) its own trainable column;
-        # PEFT cannot also wrap that table in trainable-token rows.
-        table_lora = method == "lora" and ITEM_TABLE in m.lora.target_modules
-        tokens = {ITEM_TABLE: self.token_rows} if (self.token_rows and not table_lora) else None
+        # Empty under LoRA on the item table (trainable_rows): PEFT cannot wrap that table twice.
+        tokens = {ITEM_TABLE: self.token_rows} if self.token_rows else None
         # The per-item offsets are what shifts most between platforms (popularity): the adapter carries
         # its own copy of them (PEFT modules_to_save), N + 1 numbers.
         save = ["item_bias"] if (m.train_item_bias and base.item_bias is not None) else None
@@ -156,7 +159,16 @@ class FinetuneTask(RecommenderTask):
             pc = AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.delta_t,
                                total_step=total, orth_reg_weight=a.orth_reg_weight, lora_alpha=m.lora.alpha,
                                lora_dropout=m.lora.dropout, target_modules=m.lora.target_modules,
-                               trainable_token_indices=tokens, modules_to_save=save)
+                               trainable_token_indices=tokens, modules_to_save=None if a.table_r else save)
+            if a.table_r:
+                # AdaLoRA cannot adapt an embedding: the table gets plain LoRA, carrying the offsets too,
+                # in PEFT's mixed-adapter model (a PeftModel holds one adapter type).
+                table = LoraConfig(r=a.table_r, lora_alpha=a.table_alpha or 2 * a.table_r,
+                                   lora_dropout=m.lora.dropout, target_modules=[ITEM_TABLE], modules_to_save=save)
+                model = get_peft_model(base, table, adapter_name=TABLE_ADAPTER, mixed=True)
+                model.add_adapter("default", pc)
+                model.set_adapter(["default", TABLE_ADAPTER])
+                return model
         return get_peft_model(base, pc)
 
     def loss(self, model, inputs) -> LossTerms:
@@ -183,7 +195,9 @@ class FinetuneTask(RecommenderTask):
         return w * reg / max(n, 1)
 
     def after_backward(self, model, step: int) -> None:
-        if self.cfg.method == "adalora":
+        if self.allocator is not None:
+            self.allocator.update_and_allocate(step)
+        elif self.cfg.method == "adalora":
             peft_model = model.module if hasattr(model, "module") else model
             peft_model.base_model.update_and_allocate(step)
 
@@ -192,10 +206,16 @@ class FinetuneTask(RecommenderTask):
             return
         model = engine.unwrapped(engine.model)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
+        if self.allocator is not None:
+            save_mixed_adapter(model, state_dict, out_dir)
+        else:
+            model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         if self.cfg.method in PEFT_METHODS:
             info = {"base": str(Path(self.base_dir).resolve()), "base_fingerprint": self.fingerprint,
                     "domain": self.domain, "method": self.cfg.method, "new_items": len(self.new_items)}
+            if self.allocator is not None:
+                info.update(adapters={"default": "adalora", TABLE_ADAPTER: "lora"},
+                            rank_pattern=_rank_summary(self.allocator))
             (out_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
         else:
             write_vocab(self.data, out_dir)
@@ -204,7 +224,10 @@ class FinetuneTask(RecommenderTask):
         model = load_finetuned(engine.out_dir, self.base_dir, self.cfg.method)
         ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
                             catalogue=self.catalogue)
-        extra = {"rank_pattern": _rank_summary(model)} if self.cfg.method == "adalora" else {}
+        extra = {}
+        if self.cfg.method == "adalora":
+            extra["rank_pattern"] = (_rank_summary(model) if self.allocator is None else
+                                     json.loads((engine.out_dir / ADAPTER_INFO).read_text())["rank_pattern"])
         extra.update(catalogue_record(self.catalogue, self.data))
         return metrics_record(
             stage="finetune", domain=self.domain, method=self.cfg.method, params=self.params,
@@ -256,6 +279,24 @@ def _zero_shot(cfg, base_dir, data, domain, out, log):
     write_metrics(out, record)
     log(f"zero-shot {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} -> {out}")
     return record
+
+
+class MixedRankAllocation:
+    """AdaLoRA's budget schedule for the AdaLoRA adapter of a mixed model, whose tuner has no rank
+    allocator: PEFT's own ``AdaLoraModel.update_and_allocate`` run on the fields it reads, with PEFT's
+    ``RankAllocator`` over the wrapped model (so rank_pattern keys are plain AdaLoRA's)."""
+
+    trainable_adapter_name = "default"
+
+    def __init__(self, peft_model):
+        from peft.tuners.adalora.layer import RankAllocator
+        self.model = peft_model.base_model.model
+        self.peft_config = peft_model.peft_config
+        self.rankallocator = RankAllocator(self.model, self.peft_config["default"], "default")
+
+    def update_and_allocate(self, step: int) -> None:
+        from peft.tuners.adalora.model import AdaLoraModel
+        AdaLoraModel.update_and_allocate(self, step)
 
 
 def _rank_summary(model) -> dict:

@@ -107,7 +107,7 @@ class AdaLoraOptions:
     # PEFT's AdaLoRA has no embedding layer, so on its own it never changes the item table -- the part of
     # full fine-tuning's change that matters most across platforms (benchmarks/RESULTS.md 14.6). table_r > 0
     # puts a plain LoRA adapter of that rank on the item table beside AdaLoRA on the linear layers (PEFT's
-    # mixed-adapter model; saved as two PEFT adapters, README "Adapters"); table_alpha: None is 2 * table_r.
+    # mixed-adapter model; saved as two PEFT adapters, README "Studies"); table_alpha: None is 2 * table_r.
     table_r: int = 0
     table_alpha: int | None = None
 

@@ -126,6 +126,23 @@ def test_adalora_with_a_table_adapter_is_two_plain_peft_adapters_that_give_its_m
     assert not torch.allclose(s_served[1:], s_base[1:], atol=1e-3)        # the region's model is not the base
 
 
+def test_adalora_resumed_past_its_final_budget_step_ends_as_the_uninterrupted_run(tiny_base, ml100k, tmp_path):
+    """AdaLoRA's budget lives in PEFT's adapter config, not in the weights: a checkpoint carries it
+    (TrainTask.checkpoint_state), so a run resumed after the final-budget step masks with the same
+    pattern and ends where the uninterrupted run ended (PEFT fails on a missing pattern otherwise)."""
+    args = ["finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method", "adalora",
+            "--set", "train.max_steps=12", "--set", "train.eval_every=12", "--set", "train.validate_at_start=false",
+            "--set", "train.tensorboard=false", "--set", "train.checkpoint_every=11", "--set", "adalora.delta_t=1",
+            "--set", "adalora.init_r=3", "--set", "adalora.target_r=1", "--set", "lora.target_modules=[q_proj,v_proj]"]
+    run_cli(*args, "--out", tmp_path / "whole")      # final budget from step 12 - int(0.2 * 12) = 10
+    state = json.loads((tmp_path / "whole" / "checkpoints" / "step_00000011" / "trainer_state.json").read_text())
+    assert sum(map(sum, state["task"]["rank_pattern"].values())) == 1 * 2 * 2
+    run_cli(*args, "--out", tmp_path / "resumed", "--resume", tmp_path / "whole" / "checkpoints" / "step_00000011")
+    a, b = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("whole", "resumed"))
+    assert b["rank_pattern"] == a["rank_pattern"] and sum(a["rank_pattern"].values()) == 1 * 2 * 2
+    assert b["test"]["ndcg@10"] == pytest.approx(a["test"]["ndcg@10"], abs=1e-9)
+
+
 def test_lora_adapter_is_plain_peft_and_reproduces_metrics(lora_run, tiny_base, ml100k):
     from peft import PeftModel
 

@@ -24,6 +24,7 @@ class TrainerState:
     history: list = field(default_factory=list)        # log and validation records
     world: int = 1                  # processes that wrote this state
     micro_batch_size: int = 0
+    task: dict = field(default_factory=dict)           # the task's own (TrainTask.checkpoint_state)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,7 +11,9 @@ The engine knows nothing about items, metrics or models beyond this file. A task
 * ``loss(model, inputs)``: a :class:`LossTerms`;
 * ``validate(engine)``: a :class:`Validation`;
 * ``save(engine, state_dict, out_dir)``: writes the kept model;
-* hooks with no-op defaults: ``after_backward`` (AdaLoRA's budget), ``final_record`` (metrics.json).
+* hooks with no-op defaults: ``after_backward`` (AdaLoRA's budget), ``checkpoint_state`` /
+  ``restore_checkpoint_state`` (JSON the task needs back on resume beyond weights), ``final_record``
+  (metrics.json).
 
 Subclass :class:`TrainTask` and override what you need; nothing is probed with ``getattr``.
 """
@@ -123,6 +125,14 @@ class TrainTask:
 
     def after_backward(self, model, step: int) -> None:
         """Called once per optimizer update, after the gradients are complete, before the step."""
+
+    def checkpoint_state(self, model) -> dict:
+        """What a resume needs back beyond weights, optimizer and position: JSON (a checkpoint holds
+        no pickle of ours), saved with the trainer's state."""
+        return {}
+
+    def restore_checkpoint_state(self, model, state: dict) -> None:
+        """Put back ``checkpoint_state``'s dict (after the weights are loaded)."""
 
     def final_record(self, engine: "Engine", result: "FitResult") -> dict:
         """The stage's metrics.json record, computed on the main rank after training."""

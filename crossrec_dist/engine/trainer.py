@@ -293,6 +293,7 @@ class Engine:
         with warnings.catch_warnings():   # torch warns that no optimizer step came first: none should
             warnings.simplefilter("ignore", UserWarning)
             run.scheduler.step()    # the learning rate of update ``state.step``, as the schedule defines it
+        run.task.restore_checkpoint_state(run.model, saved.task)
         return state
 
     def _resharded_state(self, state: TrainerState, plan: Plan) -> TrainerState:
@@ -387,12 +388,12 @@ class Engine:
         preempted, over_budget = preempt.agree(budget)
         if preempted:
             self._check_finite(window)
-            path = self._checkpoint(state)
+            path = self._checkpoint(run, state)
             raise Preempted(f"preempted by signal at step {step}: checkpoint saved to {path}; "
                             f"run the same command with --resume auto to continue")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self._check_finite(window)
-            self.log(f"checkpoint at step {step} saved to {self._checkpoint(state)}")
+            self.log(f"checkpoint at step {step} saved to {self._checkpoint(run, state)}")
         if cfg.max_steps and step >= cfg.max_steps:
             stop = stop or "max_steps"
         return stop or ("time_budget" if over_budget else None)
@@ -462,8 +463,9 @@ class Engine:
         state.eval_seconds += time.perf_counter() - t0
         return stop
 
-    def _checkpoint(self, state: TrainerState) -> Path:
+    def _checkpoint(self, run: _Run, state: TrainerState) -> Path:
         state.seconds = time.perf_counter() - self._t_start
+        state.task = run.task.checkpoint_state(run.model)
         return ckpt.save(self.accelerator, self.out_dir / "checkpoints", state.to_json(), self.cfg.keep_checkpoints,
                          per_rank=lambda d: save_rng(d, self.rank))
 

@@ -201,6 +201,19 @@ class FinetuneTask(RecommenderTask):
             peft_model = model.module if hasattr(model, "module") else model
             peft_model.base_model.update_and_allocate(step)
 
+    def checkpoint_state(self, model) -> dict:
+        """AdaLoRA's budget so far: PEFT keeps it in the adapter config, not in the weights, and a run
+        resumed past the final-budget step masks with it every step (without it, PEFT fails on None).
+        The importance averages behind it restart on resume."""
+        if self.cfg.method != "adalora":
+            return {}
+        pattern = _peft_config(model).rank_pattern
+        return {"rank_pattern": pattern} if pattern else {}
+
+    def restore_checkpoint_state(self, model, state: dict) -> None:
+        if self.cfg.method == "adalora" and state.get("rank_pattern"):
+            _peft_config(model).rank_pattern = state["rank_pattern"]
+
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if not engine.is_main:
             return
@@ -297,6 +310,11 @@ class MixedRankAllocation:
     def update_and_allocate(self, step: int) -> None:
         from peft.tuners.adalora.model import AdaLoraModel
         AdaLoraModel.update_and_allocate(self, step)
+
+
+def _peft_config(model):
+    """The AdaLoRA adapter's config, under whatever wraps the PEFT model (DeepSpeed, DDP)."""
+    return (model.module if hasattr(model, "module") else model).peft_config["default"]
 
 
 def _rank_summary(model) -> dict:

@@ -51,8 +51,14 @@ def is_mixed(adapter_dir: str | Path) -> bool:
 
 def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: str = "default",
                   allow_unverified: bool = False):
-    from peft import PeftMixedModel, PeftModel
     check_base(model_dir, adapter_dir, allow_unverified)
+    return attach_adapter(model, adapter_dir, name)
+
+
+def attach_adapter(model, adapter_dir: str | Path, name: str = "default"):
+    """The adapter on ``model``, for a caller that has already run ``check_base`` (it hashes the
+    base's weights: once per load is enough)."""
+    from peft import PeftMixedModel, PeftModel
     if not is_mixed(adapter_dir):
         return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
     model = PeftMixedModel.from_pretrained(model, str(adapter_dir), adapter_name=name)

@@ -12,6 +12,6 @@ def load_model(model_dir: str | Path, adapter: str | Path | None = None, allow_u
         check_base(model_dir, adapter, allow_unverified_adapter)   # before the base is loaded
     model = load_base_model(model_dir)
     if adapter:
-        from .adapters import apply_adapter
-        model = apply_adapter(model, model_dir, adapter, allow_unverified=allow_unverified_adapter)
+        from .adapters import attach_adapter
+        model = attach_adapter(model, adapter)      # checked against the base above
     return model.eval()

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import InputError
 from ..models.model import CrossRecModel
-from .adapters import apply_adapter, check_base, is_mixed
+from .adapters import attach_adapter, check_base, is_mixed
 from .manifest import read_manifest
 from ..paths import inside
 from .vocab import read_vocab
@@ -84,8 +84,8 @@ class Recommender:
             return self._full_models[domain], None
         if domain in self._mixed:
             if domain not in self._full_models:
-                model = apply_adapter(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True),
-                                      self.base_dir, self._mixed[domain])
+                model = attach_adapter(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True),
+                                       self._mixed[domain])        # checked against the base in __init__
                 self._full_models[domain] = model.merge_and_unload().to(self.device).eval()
             return self._full_models[domain], None
         if entry and entry["kind"] == "adapter":

@@ -93,6 +93,8 @@ class FinetuneTask(RecommenderTask):
         self.catalogue = target_catalogue(cfg, data, domain)
         self.anchor = None
         self.allocator = None
+        # AdaLoRA plus LoRA on the item table: one PEFT mixed model, saved as two adapters
+        self.mixed = cfg.method == "adalora" and cfg.adalora.table_r > 0
 
     def train_domains(self):
         return [self.domain]
@@ -107,8 +109,8 @@ class FinetuneTask(RecommenderTask):
                 model = self._adapt(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True), engine)
         if self.cfg.method == "l2sp":
             self.anchor = [p.detach().clone() for p in model.parameters()]
-        if self.cfg.method == "adalora" and self.cfg.adalora.table_r:
-            self.allocator = MixedRankAllocation(model)
+        if self.cfg.method == "adalora":   # PEFT's AdaLoraModel, or its schedule for a mixed model
+            self.allocator = MixedRankAllocation(model) if self.mixed else model.base_model
         self.params = param_counts(model)
         return model
 
@@ -197,36 +199,31 @@ class FinetuneTask(RecommenderTask):
     def after_backward(self, model, step: int) -> None:
         if self.allocator is not None:
             self.allocator.update_and_allocate(step)
-        elif self.cfg.method == "adalora":
-            peft_model = model.module if hasattr(model, "module") else model
-            peft_model.base_model.update_and_allocate(step)
 
     def checkpoint_state(self, model) -> dict:
         """AdaLoRA's budget so far: PEFT keeps it in the adapter config, not in the weights, and a run
         resumed past the final-budget step masks with it every step (without it, PEFT fails on None).
         The importance averages behind it restart on resume."""
-        if self.cfg.method != "adalora":
-            return {}
-        pattern = _peft_config(model).rank_pattern
+        pattern = self.allocator.peft_config["default"].rank_pattern if self.allocator is not None else None
         return {"rank_pattern": pattern} if pattern else {}
 
     def restore_checkpoint_state(self, model, state: dict) -> None:
-        if self.cfg.method == "adalora" and state.get("rank_pattern"):
-            _peft_config(model).rank_pattern = state["rank_pattern"]
+        if self.allocator is not None and state.get("rank_pattern"):
+            self.allocator.peft_config["default"].rank_pattern = state["rank_pattern"]
 
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if not engine.is_main:
             return
         model = engine.unwrapped(engine.model)
         out_dir.mkdir(parents=True, exist_ok=True)
-        if self.allocator is not None:
+        if self.mixed:
             save_mixed_adapter(model, state_dict, out_dir)
         else:
             model.save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
         if self.cfg.method in PEFT_METHODS:
             info = {"base": str(Path(self.base_dir).resolve()), "base_fingerprint": self.fingerprint,
                     "domain": self.domain, "method": self.cfg.method, "new_items": len(self.new_items)}
-            if self.allocator is not None:
+            if self.mixed:
                 info.update(adapters={"default": "adalora", TABLE_ADAPTER: "lora"},
                             rank_pattern=_rank_summary(self.allocator))
             (out_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
@@ -239,7 +236,7 @@ class FinetuneTask(RecommenderTask):
                             catalogue=self.catalogue)
         extra = {}
         if self.cfg.method == "adalora":
-            extra["rank_pattern"] = (_rank_summary(model) if self.allocator is None else
+            extra["rank_pattern"] = (_rank_summary(model) if not self.mixed else
                                      json.loads((engine.out_dir / ADAPTER_INFO).read_text())["rank_pattern"])
         extra.update(catalogue_record(self.catalogue, self.data))
         return metrics_record(
@@ -310,11 +307,6 @@ class MixedRankAllocation:
     def update_and_allocate(self, step: int) -> None:
         from peft.tuners.adalora.model import AdaLoraModel
         AdaLoraModel.update_and_allocate(self, step)
-
-
-def _peft_config(model):
-    """The AdaLoRA adapter's config, under whatever wraps the PEFT model (DeepSpeed, DDP)."""
-    return (model.module if hasattr(model, "module") else model).peft_config["default"]
 
 
 def _rank_summary(model) -> dict:

@@ -3,7 +3,8 @@
 All runs here have dropout off and the same global batch of 64 windows, so they must train the
 same model: 1 process x 64; 1 process x 16 x 4 accumulation steps (plain, ZeRO-2, ZeRO-3); and
 2 processes under `accelerate launch` configured (a) by an `accelerate config` YAML with a
-`deepspeed_config:` block and no JSON, (b) by `--use_deepspeed --zero_stage N` flags.
+`deepspeed_config:` block and no JSON, (b) by `--use_deepspeed --zero_stage N` flags, (c) without
+DeepSpeed, by the shipped plain-DDP config.
 
 Tolerances: weights 2e-5 absolute after 4 updates, logged losses 1e-5 and gradient norms 1e-4
 relative; fp32 sums in another order differ by ~1e-6. Clipping is set low (0.05, the norms are
@@ -162,6 +163,19 @@ def test_flags_zero2_finetune_with_the_launchers_accumulation(tiny_base, ml100k,
     model = PeftModel.from_pretrained(CrossRecModel.from_pretrained(tiny_base), str(out))
     ev = evaluate_model(model, PreparedData(ml100k), [TARGET_REGIONS[1]], model.config.max_len)
     assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-4)
+
+
+def test_plain_ddp_on_cpu_with_the_shipped_config(reference, ml100k, tmp_path):
+    """(c) no DeepSpeed: `launch/cpu_ddp_2proc.yaml`, 2 processes x micro 32. On a machine without
+    CUDA accelerate settles on DistributedType.NO under torchrun and does not wrap the model in DDP
+    unless told the world is CPU processes; the ranks then trained apart (grad norms of one rank's
+    32 windows, not of the 64) and rank 0 saved its own model."""
+    out = tmp_path / "out"
+    launch(["--config_file", str(REPO / "launch" / "cpu_ddp_2proc.yaml")], "pretrain", "--data", ml100k,
+           "--out", out, *SAME_RUN, "--set", "train.micro_batch_size=32", tmp=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["world_size"], m["zero_stage"]) == (2, None)
+    assert_same_run(out, reference)
 
 
 def test_conflicting_accumulation_values_stop_before_training(ml100k, tmp_path):

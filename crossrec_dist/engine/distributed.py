@@ -52,6 +52,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def declare_cpu_world() -> None:
+    """Before the Accelerator exists: with several processes and no CUDA, tell accelerate the world is
+    CPU processes (``ACCELERATE_USE_CPU``). Started by torchrun or ``accelerate launch --multi_gpu``
+    on a machine without GPUs, accelerate otherwise settles on ``DistributedType.NO`` while
+    torch.distributed has the real world, leaves the model unwrapped, and every rank trains its own
+    shard of the data with no gradient all-reduce (PITFALLS.md #9's cousin, without DeepSpeed)."""
+    if world_size() > 1 and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"
+
+
 def ensure_single_process_env() -> None:
     """DeepSpeed wants a process group even for one process: give it a loopback world of one."""
     if "RANK" not in os.environ:

@@ -105,6 +105,8 @@ class Engine:
         # Accumulation is ours (one owner of loss scaling): accelerate must never divide the loss.
         # Under DeepSpeed it is told DeepSpeed's value only to keep its consistency check quiet.
         steps = self.settings.grad_accum if self.ds_config else 1
+        if self.ds_config is None:
+            dist_info.declare_cpu_world()   # else accelerate would not wrap the model in DDP on CPU
         self.accelerator = Accelerator(
             deepspeed_plugin=self.settings.plugin, mixed_precision=self.precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=steps, sync_with_dataloader=False),
@@ -248,6 +250,10 @@ class Engine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(plan.total_updates, plan.warmup, cfg.schedule, cfg.min_lr_ratio))
         model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.world > 1 and self.ds_config is None and not isinstance(
+                model, torch.nn.parallel.DistributedDataParallel):
+            raise RuntimeError(f"{self.world} processes but accelerate did not wrap the model in DDP "
+                               f"({self.accelerator.distributed_type}): the ranks would train apart")
         self._note_memory("engine_prepared")
         if cfg.rank_report and self.zero_stage == 3:
             self._held["engine_prepared"] = held_outside_gather(self.unwrapped(model))

@@ -110,6 +110,12 @@ def test_adalora_with_a_table_adapter_is_two_plain_peft_adapters_that_give_its_m
     model.set_adapter(["default", "item_table"])
     emb = model.base_model.model.item_embeddings
     assert float(emb.lora_embedding_B["item_table"].detach().abs().sum()) > 0    # the table's change was trained and saved
+    # Pruned singular values are exactly zero, as PEFT's loop leaves them (mask after the optimizer step):
+    # the saved adapter computes with the ranks the budget chose, not with one step's regrowth of the rest.
+    saved = load_file(run / "adapter_model.safetensors")
+    kept = {k.replace("base_model.model.", "").replace("lora_E", "lora_E.default"): int((t != 0).sum())
+            for k, t in saved.items() if "lora_E" in k}
+    assert kept == m["rank_pattern"]
     ev = evaluate_model(model.eval(), PreparedData(ml100k), [region], cfg["max_len"])
     assert ev["test"]["overall"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
     assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-6)

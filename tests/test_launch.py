@@ -4,7 +4,8 @@ All runs here have dropout off and the same global batch of 64 windows, so they 
 same model: 1 process x 64; 1 process x 16 x 4 accumulation steps (plain, ZeRO-2, ZeRO-3); and
 2 processes under `accelerate launch` configured (a) by an `accelerate config` YAML with a
 `deepspeed_config:` block and no JSON, (b) by `--use_deepspeed --zero_stage N` flags, (c) without
-DeepSpeed, by the shipped plain-DDP config.
+DeepSpeed, by the shipped plain-DDP config. AdaLoRA's pruning under ZeRO-2 is checked against plain
+DDP (two ranks, so to the bit).
 
 Tolerances: weights 2e-5 absolute after 4 updates, logged losses 1e-5 and gradient norms 1e-4
 relative; fp32 sums in another order differ by ~1e-6. Clipping is set low (0.05, the norms are
@@ -176,6 +177,39 @@ def test_plain_ddp_on_cpu_with_the_shipped_config(reference, ml100k, tmp_path):
     m = json.loads((out / "metrics.json").read_text())
     assert (m["world_size"], m["zero_stage"]) == (2, None)
     assert_same_run(out, reference)
+
+
+ADALORA_RUN = ["--method", "adalora", "--set", "train.max_steps=12", "--set", "train.eval_every=4",
+               "--set", "train.tensorboard=false", "--set", "train.warmup_ratio=0", "--set", "lora.dropout=0",
+               "--set", "train.micro_batch_size=16", "--set", "train.max_grad_norm=0",
+               "--set", "adalora.init_r=4", "--set", "adalora.target_r=2", "--set", "adalora.delta_t=2",
+               "--set", "adalora.table_r=4", "--set", "train_top_items=0"]
+
+
+def test_flags_zero2_adalora_prunes_as_plain_ddp(reference, ml100k, tmp_path):
+    """(b) AdaLoRA (with its item-table LoRA) under `--use_deepspeed --zero_stage 2` against plain DDP
+    (the shipped cpu_ddp_2proc.yaml), both 2 processes x micro 16 from the same base (`reference`,
+    dropout off). ZeRO-2 keeps the gradients in its partitions (PEFT's importance scores must read them
+    assembled; before, PEFT failed on a None gradient) and updates an fp32 master copy (the pruning
+    must be written there too, or the next step undoes it: then other ranks get pruned, weights
+    differ by ~3e-2). With two ranks every reduction is one exact sum and clipping is off, so the
+    two runs must be the same to the bit: the same ranks pruned, the same adapter.
+    (Against one process, fp32 sums in another order flip near-tied importance scores.)"""
+    common = ["finetune", "--base", reference, "--data", ml100k, "--domain", TARGET_REGIONS[0], *ADALORA_RUN]
+    ddp, zero2 = tmp_path / "ddp", tmp_path / "zero2"
+    launch(["--config_file", str(REPO / "launch" / "cpu_ddp_2proc.yaml")], *common, "--out", ddp, tmp=tmp_path)
+    launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"], *common, "--out", zero2, tmp=tmp_path)
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (ddp, zero2))
+    assert (a["world_size"], a["zero_stage"], b["world_size"], b["zero_stage"]) == (2, None, 2, 2)
+    assert b["rank_pattern"] == a["rank_pattern"] and sum(a["rank_pattern"].values()) == 2 * len(a["rank_pattern"])
+    assert set(a["rank_pattern"].values()) != {2}          # a budget moved between modules, not 2 each
+    for sub in ("", "item_table/"):
+        x, y = load_file(ddp / f"{sub}adapter_model.safetensors"), load_file(zero2 / f"{sub}adapter_model.safetensors")
+        assert x.keys() == y.keys()
+        assert max((x[k] - y[k]).abs().max().item() for k in x) < 1e-6
+    e = [t for k, t in load_file(zero2 / "adapter_model.safetensors").items() if "lora_E" in k]
+    assert sum(int((t != 0).sum()) for t in e) == sum(a["rank_pattern"].values())   # pruned: exactly zero
+    assert _history(zero2, "loss") == pytest.approx(_history(ddp, "loss"), rel=1e-6)
 
 
 def test_conflicting_accumulation_values_stop_before_training(ml100k, tmp_path):

@@ -11,7 +11,8 @@ The engine knows nothing about items, metrics or models beyond this file. A task
 * ``loss(model, inputs)``: a :class:`LossTerms`;
 * ``validate(engine)``: a :class:`Validation`;
 * ``save(engine, state_dict, out_dir)``: writes the kept model;
-* hooks with no-op defaults: ``after_backward`` (AdaLoRA's budget), ``checkpoint_state`` /
+* hooks with no-op defaults: ``after_backward`` / ``after_step`` (AdaLoRA reads the gradients in
+  one and prunes the updated weights in the other), ``checkpoint_state`` /
   ``restore_checkpoint_state`` (JSON the task needs back on resume beyond weights), ``final_record``
   (metrics.json).
 
@@ -124,7 +125,16 @@ class TrainTask:
         raise NotImplementedError
 
     def after_backward(self, model, step: int) -> None:
-        """Called once per optimizer update, after the gradients are complete, before the step."""
+        """Called once per optimizer update, after the gradients are complete (reduced over ranks;
+        under ZeRO-1/2 they sit in DeepSpeed's partitions: read them with
+        ``deepspeed.utils.safe_get_full_grad``), before clipping (DeepSpeed clips inside its step, so
+        only unclipped gradients are the same under every launch form) and before the step."""
+
+    def after_step(self, model, step: int) -> None:
+        """Called once per optimizer update, after the step: the weights are updated, the gradients
+        gone. A change to the weights here is what the next forward, validation and checkpoint see;
+        under ZeRO-1/2 it must also go to DeepSpeed's fp32 master copy
+        (``deepspeed.utils.safe_set_full_fp32_param``), or the next step overwrites it."""
 
     def checkpoint_state(self, model) -> dict:
         """What a resume needs back beyond weights, optimizer and position: JSON (a checkpoint holds

@@ -368,11 +368,13 @@ class Engine:
             run.task.after_backward(model, step)
             model.step()                              # DeepSpeed clips to gradient_clipping itself
             norm = model.get_global_grad_norm()
+            run.task.after_step(model, step)
         else:
+            run.task.after_backward(model, step)            # before clipping, as under DeepSpeed
             clip = self.settings.max_grad_norm or math.inf   # inf: measure the norm, change nothing
             norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
-            run.task.after_backward(model, step)
             run.optimizer.step()
+            run.task.after_step(model, step)
             run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         return norm

@@ -30,6 +30,7 @@ from ..export.vocab import check_same_vocabulary, write_vocab
 from ..models.loading import load_model_config
 from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
+from .adalora_budget import AdaLoraBudget
 from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
                      target_catalogue)
 from .configs import (DEFAULT_LR, ITEM_TABLE, METHODS, PEFT_METHODS, FinetuneConfig, check_finetune_config,
@@ -92,7 +93,7 @@ class FinetuneTask(RecommenderTask):
         self.fingerprint = base_fingerprint(base_dir)
         self.catalogue = target_catalogue(cfg, data, domain)
         self.anchor = None
-        self.allocator = None
+        self.budget = None    # AdaLoRA's rank budget (adalora only)
         # AdaLoRA plus LoRA on the item table: one PEFT mixed model, saved as two adapters
         self.mixed = cfg.method == "adalora" and cfg.adalora.table_r > 0
 
@@ -109,8 +110,8 @@ class FinetuneTask(RecommenderTask):
                 model = self._adapt(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True), engine)
         if self.cfg.method == "l2sp":
             self.anchor = [p.detach().clone() for p in model.parameters()]
-        if self.cfg.method == "adalora":   # PEFT's AdaLoraModel, or its schedule for a mixed model
-            self.allocator = MixedRankAllocation(model) if self.mixed else model.base_model
+        if self.cfg.method == "adalora":
+            self.budget = AdaLoraBudget(model, mixed=self.mixed)
         self.params = param_counts(model)
         return model
 
@@ -197,19 +198,23 @@ class FinetuneTask(RecommenderTask):
         return w * reg / max(n, 1)
 
     def after_backward(self, model, step: int) -> None:
-        if self.allocator is not None:
-            self.allocator.update_and_allocate(step)
+        if self.budget is not None:
+            self.budget.read_gradients()
+
+    def after_step(self, model, step: int) -> None:
+        if self.budget is not None:
+            self.budget.allocate(step)
 
     def checkpoint_state(self, model) -> dict:
         """AdaLoRA's budget so far: PEFT keeps it in the adapter config, not in the weights, and a run
         resumed past the final-budget step masks with it every step (without it, PEFT fails on None).
         The importance averages behind it restart on resume."""
-        pattern = self.allocator.peft_config["default"].rank_pattern if self.allocator is not None else None
+        pattern = self.budget.config.rank_pattern if self.budget is not None else None
         return {"rank_pattern": pattern} if pattern else {}
 
     def restore_checkpoint_state(self, model, state: dict) -> None:
-        if self.allocator is not None and state.get("rank_pattern"):
-            self.allocator.peft_config["default"].rank_pattern = state["rank_pattern"]
+        if self.budget is not None and state.get("rank_pattern"):
+            self.budget.config.rank_pattern = state["rank_pattern"]
 
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if not engine.is_main:
@@ -225,7 +230,7 @@ class FinetuneTask(RecommenderTask):
                     "domain": self.domain, "method": self.cfg.method, "new_items": len(self.new_items)}
             if self.mixed:
                 info.update(adapters={"default": "adalora", TABLE_ADAPTER: "lora"},
-                            rank_pattern=_rank_summary(self.allocator))
+                            rank_pattern=_rank_summary(self.budget.config))
             (out_dir / ADAPTER_INFO).write_text(json.dumps(info, indent=2))
         else:
             write_vocab(self.data, out_dir)
@@ -236,7 +241,7 @@ class FinetuneTask(RecommenderTask):
                             catalogue=self.catalogue)
         extra = {}
         if self.cfg.method == "adalora":
-            extra["rank_pattern"] = (_rank_summary(model) if not self.mixed else
+            extra["rank_pattern"] = (_rank_summary(model.peft_config["default"]) if not self.mixed else
                                      json.loads((engine.out_dir / ADAPTER_INFO).read_text())["rank_pattern"])
         extra.update(catalogue_record(self.catalogue, self.data))
         return metrics_record(
@@ -254,9 +259,9 @@ class FinetuneTask(RecommenderTask):
 def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:
     if engine.ds_config is None:
         return
-    if cfg.method == "adalora" and engine.zero_stage >= 2:
-        raise InputError("AdaLoRA reads full gradients after backward; ZeRO-2/3 partition them. "
-                         "Use ZeRO-0/1 or no DeepSpeed for adalora (adapters are small)", field="train.deepspeed")
+    if cfg.method == "adalora" and engine.zero_stage == 3:
+        raise InputError("AdaLoRA prunes its weights in place; ZeRO-3 partitions them. "
+                         "Use ZeRO-0/1/2 or no DeepSpeed for adalora (adapters are small)", field="train.deepspeed")
     if cfg.method == "l2sp" and engine.zero_stage == 3:
         raise InputError("l2sp's penalty needs whole parameters; use ZeRO-0/1/2 for l2sp", field="train.deepspeed")
 
@@ -291,26 +296,8 @@ def _zero_shot(cfg, base_dir, data, domain, out, log):
     return record
 
 
-class MixedRankAllocation:
-    """AdaLoRA's budget schedule for the AdaLoRA adapter of a mixed model, whose tuner has no rank
-    allocator: PEFT's own ``AdaLoraModel.update_and_allocate`` run on the fields it reads, with PEFT's
-    ``RankAllocator`` over the wrapped model (so rank_pattern keys are plain AdaLoRA's)."""
-
-    trainable_adapter_name = "default"
-
-    def __init__(self, peft_model):
-        from peft.tuners.adalora.layer import RankAllocator
-        self.model = peft_model.base_model.model
-        self.peft_config = peft_model.peft_config
-        self.rankallocator = RankAllocator(self.model, self.peft_config["default"], "default")
-
-    def update_and_allocate(self, step: int) -> None:
-        from peft.tuners.adalora.model import AdaLoraModel
-        AdaLoraModel.update_and_allocate(self, step)
-
-
-def _rank_summary(model) -> dict:
-    pattern = model.peft_config["default"].rank_pattern or {}
+def _rank_summary(adalora_config) -> dict:
+    pattern = adalora_config.rank_pattern or {}
     return {k: int(sum(v)) if isinstance(v, list) else int(v) for k, v in pattern.items()}
 
 

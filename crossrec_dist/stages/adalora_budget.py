@@ -1,0 +1,99 @@
+"""AdaLoRA's rank budget in the engine's update, as PEFT's own training loop runs it.
+
+PEFT's loop is ``backward; optimizer.step(); model.base_model.update_and_allocate(step);
+zero_grad()``: importance scores from the gradients, then the *updated* singular values of the
+least important ranks are zeroed, so the weights every step leaves (the ones validated, checkpointed
+and saved) keep to the budget. Two things stop us calling it that way under DeepSpeed:
+
+* ZeRO-1/2 keep the reduced gradients in their own partitions (``param.grad`` is None after the
+  backward) and free them in the step. They are read after the backward with
+  ``deepspeed.utils.safe_get_full_grad`` (which assembles each one, a collective: every rank reads
+  every parameter in the same order) and handed back to PEFT as ``.grad`` after the step.
+* ZeRO-1/2 update an fp32 master copy and copy it into the model's weights after each step; a mask
+  written into the model's weights alone is undone by the next step. The masked singular values
+  are written into the master copy too (``deepspeed.utils.safe_set_full_fp32_param``; plain
+  DeepSpeed (ZeRO-0) and DDP have none, so nothing to do).
+
+ZeRO-3 partitions the weights themselves, which PEFT's masking writes in place: refused upstream.
+"""
+from __future__ import annotations
+
+import torch
+
+ADAPTER = "default"
+
+
+def _is_adapter_param(name: str) -> bool:
+    """The parameters PEFT's RankAllocator scores (its own test: "lora_" and the adapter's name)."""
+    return "lora_" in name and ADAPTER in name
+
+
+def _deepspeed_managed(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "_hp_mapping") or hasattr(p, "ds_id")
+
+
+class AdaLoraBudget:
+    """Runs PEFT's ``update_and_allocate`` for an AdaLoRA adapter, plain or inside a mixed model.
+
+    ``read_gradients()`` after the backward, ``allocate(step)`` after the optimizer step."""
+
+    def __init__(self, peft_model, mixed: bool):
+        # PEFT's AdaLoraModel, or the same schedule for a mixed model (whose tuner has no allocator)
+        self.schedule = MixedRankAllocation(peft_model) if mixed else peft_model.base_model
+        self.params = [(n, p) for n, p in self.schedule.model.named_parameters()
+                       if _is_adapter_param(n) and p.requires_grad]
+        self._grads: dict[str, torch.Tensor] = {}
+
+    @property
+    def config(self):
+        return self.schedule.peft_config[ADAPTER]
+
+    def read_gradients(self) -> None:
+        grads = {}
+        for name, p in self.params:
+            if _deepspeed_managed(p):
+                from deepspeed.utils import safe_get_full_grad
+                g = safe_get_full_grad(p)
+            else:
+                g = p.grad
+            if g is not None:
+                grads[name] = g.detach().clone()   # ZeRO-0's zero_grad may zero p.grad in place
+        self._grads = grads
+
+    def allocate(self, step: int) -> None:
+        lent = []
+        for name, p in self.params:
+            if p.grad is None and name in self._grads:
+                p.grad = self._grads[name]
+                lent.append(p)
+        try:
+            self.schedule.update_and_allocate(step)
+        finally:
+            for p in lent:
+                p.grad = None
+            self._grads = {}
+        self._write_master_copies()
+
+    def _write_master_copies(self) -> None:
+        for name, p in self.params:
+            if "lora_E" in name and _deepspeed_managed(p):
+                from deepspeed.utils import safe_set_full_fp32_param
+                safe_set_full_fp32_param(p, p.detach())
+
+
+class MixedRankAllocation:
+    """AdaLoRA's budget schedule for the AdaLoRA adapter of a mixed model, whose tuner has no rank
+    allocator: PEFT's own ``AdaLoraModel.update_and_allocate`` run on the fields it reads, with PEFT's
+    ``RankAllocator`` over the wrapped model (so rank_pattern keys are plain AdaLoRA's)."""
+
+    trainable_adapter_name = ADAPTER
+
+    def __init__(self, peft_model):
+        from peft.tuners.adalora.layer import RankAllocator
+        self.model = peft_model.base_model.model
+        self.peft_config = peft_model.peft_config
+        self.rankallocator = RankAllocator(self.model, self.peft_config[ADAPTER], ADAPTER)
+
+    def update_and_allocate(self, step: int) -> None:
+        from peft.tuners.adalora.model import AdaLoraModel
+        AdaLoraModel.update_and_allocate(self, step)

@@ -433,6 +433,21 @@ def test_seeds_run_each_trained_method_once_per_seed_and_report_the_median(fake,
     assert hashes(one)["finetune d3 lora"] == hashes(out)["finetune d3 lora"]
 
 
+def test_a_recipe_without_distillation_reports_no_students_left_by_an_earlier_run(fake, recipe, tmp_path, capsys):
+    """The 3-seed re-run of a study in the main job's folder (`--set distill=null`) found the seed-0
+    students there and reported them, with their teacher missing: 'nan' kept. Students belong to a
+    report only when its recipe distils."""
+    out = tmp_path / "out"
+    experiment(recipe, out, capsys)
+    assert (out / "targets" / "d3" / "student_kd" / "metrics.json").is_file()
+    assert "student_kd" in json.loads((out / "results.json").read_text())["targets"]["d3"]
+    experiment(recipe, out, capsys, "methods=[none,full]", "distill=null")
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["targets"]["d3"]) == {"none", "full"} and "student_kd" not in res["intervals"]["d3"]
+    text = (out / "report.md").read_text()
+    assert "| student" not in text and "Distillation" not in text and "nan" not in text   # (timings keep its steps)
+
+
 def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake, recipe, tmp_path, capsys):
     out = tmp_path / "out"
     ran = experiment(recipe, out, capsys, "fractions=[0.1,1.0]", "seeds=[0,1]", "fraction_methods=[full]",

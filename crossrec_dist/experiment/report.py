@@ -47,8 +47,14 @@ def fraction_curve(out: Path, recipe, target: str) -> dict:
     return curve
 
 
-def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] | None = None) -> dict:
-    """Per target and method, the test metrics (the median over seeds when there are several)."""
+STUDENTS = ["student_kd", "student_ce"]
+
+
+def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] | None = None,
+            students: list[str] = STUDENTS) -> dict:
+    """Per target and method, the test metrics (the median over seeds when there are several);
+    ``students``: the distilled models to include (none when the recipe distils nothing, whatever
+    an earlier run left in the folder)."""
     seeds = seeds or [0]
     res = {"pretrain": None, "targets": {}, "average": {}, "distill": {}}
     pre = _read(out / "pretrain" / "metrics.json")
@@ -57,7 +63,7 @@ def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] 
                            "train": pre["train"], "per_domain": pre.get("per_domain", {})}
     for t in targets:
         row = {}
-        for m in methods + ["student_kd", "student_ce"]:
+        for m in methods + students:
             recs = _seed_records(out, t, m, seeds)
             rec = recs[0] if recs else None
             if rec:
@@ -71,7 +77,7 @@ def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] 
                 if serving:
                     row[m]["serving"] = serving
         res["targets"][t] = row
-    for m in methods + ["student_kd", "student_ce"]:
+    for m in methods + students:
         vals = [res["targets"][t][m]["ndcg@10"] for t in targets if m in res["targets"][t]]
         if vals and len(vals) == len(targets):
             res["average"][m] = {"ndcg@10": statistics.mean(vals),
@@ -295,7 +301,8 @@ def _fmt(x) -> str:
 def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
     methods, targets = list(recipe.methods), list(recipe.targets)
     seeds = list(getattr(recipe, "seeds", [0]))
-    res = collect(out, methods, targets, seeds)
+    students = STUDENTS if recipe.distill is not None else []
+    res = collect(out, methods, targets, seeds, students)
     res.update(recipe=asdict(recipe), sources=sources, timings=timings, distill_from=recipe.distill_from,
                generated=time.strftime("%Y-%m-%d %H:%M:%S"))
     write_atomic(out / "results.json", json.dumps(res, indent=2))
@@ -316,7 +323,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         lines += ["## Pretrained base (source domains)", "",
                   f"{p['params']['total']:,} parameters; test NDCG@10 {_fmt(p['test']['ndcg@10'])}, "
                   f"HR@10 {_fmt(p['test']['hr@10'])}; {p['train']['steps']} steps in {p['train']['seconds']:.0f} s.", ""]
-    shown = [m for m in methods + ["student_kd", "student_ce"] if any(m in res["targets"][t] for t in targets)]
+    shown = [m for m in methods + students if any(m in res["targets"][t] for t in targets)]
     lines += ["## Test NDCG@10 per target", "",
               "| method | trainable params | " + " | ".join(f"{t}" for t in targets) + " | mean |",
               "| --- | --- | " + " | ".join("---" for _ in targets) + " | --- |"]
@@ -327,7 +334,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         lines.append(f"| {m} | {_fmt(int(statistics.mean(tr)))} | " + " | ".join(cells) + f" | {mean} |")
     users = [res["targets"][t][shown[0]].get("users") for t in targets] if shown else []
     lines += ["", f"Test users per target: {', '.join(f'{t}: {u}' for t, u in zip(targets, users))}.", ""]
-    res["intervals"] = {t: intervals(out, t, methods + ["student_kd", "student_ce"], seeds) for t in targets}
+    res["intervals"] = {t: intervals(out, t, methods + students, seeds) for t in targets}
     if any(f < 1 for f in recipe.fractions):
         res["fractions"] = {t: fraction_curve(out, recipe, t) for t in targets}
         lines += _fraction_section(out, res["fractions"], targets)
@@ -335,7 +342,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         lines += [f"Fine-tuning seeds: {', '.join(map(str, seeds))}. Tables give the median over seeds; intervals "
                   "are over users of each user's seed-averaged NDCG@10; selected steps are listed per seed.", ""]
     for t in targets:
-        lines += _interval_lines(t, res["intervals"][t], methods + ["student_kd", "student_ce"])
+        lines += _interval_lines(t, res["intervals"][t], methods + students)
     write_atomic(out / "results.json", json.dumps(res, indent=2))
     kd = [t for t in targets if "student_kd" in res["targets"][t]]
     if kd:

@@ -224,6 +224,8 @@ CASES = [
          needs=("data", "model")),
     Case("adalora-table-and-top-rows", FT + " --method adalora --set adalora.table_r=4 --set train_top_items=20",
          ["train_top_items", "item_embeddings"], needs=("data", "model")),
+    Case("adalora-fp16", FT + " --method adalora --set train.mixed_precision=fp16", ["train.mixed_precision", "fp16"],
+         needs=("data", "model")),
     Case("adalora-ranks", FT + " --method adalora --set adalora.target_r=20", ["adalora.target_r"],
          needs=("data", "model")),
     Case("adalora-schedule-too-short", FT + " --method adalora --set train.max_steps=2 --set adalora.tinit_ratio=0.6 "

@@ -68,7 +68,8 @@ def launch(args: list[str], *cli: str, tmp: Path, timeout: int = 600) -> subproc
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", *args, "-m", "crossrec_dist", *map(str, cli)]
     with open(tmp / "launch.log", "w+") as log:   # a file, not a pipe: 2 ranks' output could fill it and block
         proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
-                              env=child_env({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}))
+                              env=child_env({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+                                             "CUDA_VISIBLE_DEVICES": ""}))   # CPU forms, also on a GPU host
         log.seek(0)
         output = log.read()
     assert proc.returncode == 0, output[-6000:]
@@ -181,21 +182,25 @@ def test_plain_ddp_on_cpu_with_the_shipped_config(reference, ml100k, tmp_path):
 
 ADALORA_RUN = ["--method", "adalora", "--set", "train.max_steps=12", "--set", "train.eval_every=4",
                "--set", "train.tensorboard=false", "--set", "train.warmup_ratio=0", "--set", "lora.dropout=0",
-               "--set", "train.micro_batch_size=16", "--set", "train.max_grad_norm=0",
+               "--set", "train.micro_batch_size=16",
                "--set", "adalora.init_r=4", "--set", "adalora.target_r=2", "--set", "adalora.delta_t=2",
                "--set", "adalora.table_r=4", "--set", "train_top_items=0"]
 
 
-def test_flags_zero2_adalora_prunes_as_plain_ddp(reference, ml100k, tmp_path):
+@pytest.mark.parametrize("clip", [0, 0.05])
+def test_flags_zero2_adalora_prunes_as_plain_ddp(clip, reference, ml100k, tmp_path):
     """(b) AdaLoRA (with its item-table LoRA) under `--use_deepspeed --zero_stage 2` against plain DDP
     (the shipped cpu_ddp_2proc.yaml), both 2 processes x micro 16 from the same base (`reference`,
     dropout off). ZeRO-2 keeps the gradients in its partitions (PEFT's importance scores must read them
     assembled; before, PEFT failed on a None gradient) and updates an fp32 master copy (the pruning
     must be written there too, or the next step undoes it: then other ranks get pruned, weights
-    differ by ~3e-2). With two ranks every reduction is one exact sum and clipping is off, so the
-    two runs must be the same to the bit: the same ranks pruned, the same adapter.
+    differ by ~3e-2). Without clipping, two ranks' reductions are exact sums: the two runs must be the
+    same to the bit. With clipping on every update (0.05; norms ~2) DeepSpeed clips inside its step,
+    after the gradients were read, and the engine hands its factor on: the same ranks, weights within
+    1e-6 (without the factor other ranks are pruned, weights 3e-2 apart).
     (Against one process, fp32 sums in another order flip near-tied importance scores.)"""
-    common = ["finetune", "--base", reference, "--data", ml100k, "--domain", TARGET_REGIONS[0], *ADALORA_RUN]
+    common = ["finetune", "--base", reference, "--data", ml100k, "--domain", TARGET_REGIONS[0], *ADALORA_RUN,
+              "--set", f"train.max_grad_norm={clip}"]
     ddp, zero2 = tmp_path / "ddp", tmp_path / "zero2"
     launch(["--config_file", str(REPO / "launch" / "cpu_ddp_2proc.yaml")], *common, "--out", ddp, tmp=tmp_path)
     launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"], *common, "--out", zero2, tmp=tmp_path)

@@ -52,14 +52,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def declare_cpu_world() -> None:
-    """Before the Accelerator exists: with several processes and no CUDA, tell accelerate the world is
-    CPU processes (``ACCELERATE_USE_CPU``). Started by torchrun or ``accelerate launch --multi_gpu``
-    on a machine without GPUs, accelerate otherwise settles on ``DistributedType.NO`` while
-    torch.distributed has the real world, leaves the model unwrapped, and every rank trains its own
-    shard of the data with no gradient all-reduce (PITFALLS.md #9's cousin, without DeepSpeed)."""
-    if world_size() > 1 and not torch.cuda.is_available():
-        os.environ["ACCELERATE_USE_CPU"] = "true"
+def is_cpu_world() -> bool:
+    """Several processes on a machine without an accelerator. Started by torchrun or ``accelerate
+    launch --multi_gpu`` there, accelerate settles on ``DistributedType.NO`` while torch.distributed has
+    the real world, leaves the model unwrapped, and every rank trains its own shard of the data with no
+    gradient all-reduce, unless the Accelerator is told it runs on CPU (PITFALLS.md #9's cousin,
+    without DeepSpeed)."""
+    accel = getattr(torch, "accelerator", None)
+    has_accelerator = accel.is_available() if accel is not None else torch.cuda.is_available()
+    return world_size() > 1 and not has_accelerator
 
 
 def ensure_single_process_env() -> None:

@@ -127,14 +127,15 @@ class TrainTask:
     def after_backward(self, model, step: int) -> None:
         """Called once per optimizer update, after the gradients are complete (reduced over ranks;
         under ZeRO-1/2 they sit in DeepSpeed's partitions: read them with
-        ``deepspeed.utils.safe_get_full_grad``), before clipping (DeepSpeed clips inside its step, so
-        only unclipped gradients are the same under every launch form) and before the step."""
+        ``deepspeed.utils.safe_get_full_grad``), before the step. Without DeepSpeed they are already
+        clipped; DeepSpeed clips inside its step (``after_step``'s ``grad_scale`` says by how much)."""
 
-    def after_step(self, model, step: int) -> None:
+    def after_step(self, model, step: int, grad_scale: float = 1.0) -> None:
         """Called once per optimizer update, after the step: the weights are updated, the gradients
-        gone. A change to the weights here is what the next forward, validation and checkpoint see;
-        under ZeRO-1/2 it must also go to DeepSpeed's fp32 master copy
-        (``deepspeed.utils.safe_set_full_fp32_param``), or the next step overwrites it."""
+        gone. ``grad_scale``: what clipping multiplied the gradients by after ``after_backward`` read
+        them (1.0 when it had already acted or did not act). A change to the weights here is what the
+        next forward, validation and checkpoint see; under ZeRO-1/2 it must also go to DeepSpeed's
+        fp32 master copy (``deepspeed.utils.safe_set_full_fp32_param``), or the next step overwrites it."""
 
     def checkpoint_state(self, model) -> dict:
         """What a resume needs back beyond weights, optimizer and position: JSON (a checkpoint holds

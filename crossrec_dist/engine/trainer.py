@@ -105,9 +105,9 @@ class Engine:
         # Accumulation is ours (one owner of loss scaling): accelerate must never divide the loss.
         # Under DeepSpeed it is told DeepSpeed's value only to keep its consistency check quiet.
         steps = self.settings.grad_accum if self.ds_config else 1
-        if self.ds_config is None:
-            dist_info.declare_cpu_world()   # else accelerate would not wrap the model in DDP on CPU
         self.accelerator = Accelerator(
+            # on CPU with several processes and no DeepSpeed, else accelerate does not wrap the model in DDP
+            cpu=self.ds_config is None and dist_info.is_cpu_world(),
             deepspeed_plugin=self.settings.plugin, mixed_precision=self.precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=steps, sync_with_dataloader=False),
             project_config=ProjectConfiguration(project_dir=str(self.out_dir), logging_dir=str(self.out_dir / "logs")),
@@ -368,16 +368,25 @@ class Engine:
             run.task.after_backward(model, step)
             model.step()                              # DeepSpeed clips to gradient_clipping itself
             norm = model.get_global_grad_norm()
-            run.task.after_step(model, step)
+            run.task.after_step(model, step, grad_scale=self._clip_factor(norm))
         else:
-            run.task.after_backward(model, step)            # before clipping, as under DeepSpeed
             clip = self.settings.max_grad_norm or math.inf   # inf: measure the norm, change nothing
             norm = self.accelerator.clip_grad_norm_(model.parameters(), clip)
+            run.task.after_backward(model, step)
             run.optimizer.step()
-            run.task.after_step(model, step)
+            run.task.after_step(model, step, grad_scale=1.0)   # after_backward saw clipped gradients
             run.optimizer.zero_grad(set_to_none=True)
         run.scheduler.step()
         return norm
+
+    def _clip_factor(self, norm) -> float:
+        """What DeepSpeed's clipping multiplied the gradients by in the step just taken (its formula and
+        torch's: max_norm / (norm + 1e-6) when that is below 1), for tasks that read the gradients
+        before the step, where DeepSpeed has not clipped them yet."""
+        clip = float(self.settings.max_grad_norm or 0.0)     # DeepSpeed's gradient_clipping
+        norm = float(norm) if norm is not None else 0.0
+        factor = clip / (norm + 1e-6) if clip > 0 else 1.0
+        return factor if factor < 1.0 else 1.0
 
     def _after_step(self, run: _Run, state: TrainerState, window: LossWindow, preempt: "PreemptionFlag") -> str | None:
         """Logging, validation/selection, checkpoints and stop conditions after one update."""

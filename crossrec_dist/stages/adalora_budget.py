@@ -10,9 +10,13 @@ and saved) keep to the budget. Two things stop us calling it that way under Deep
   ``deepspeed.utils.safe_get_full_grad`` (which assembles each one, a collective: every rank reads
   every parameter in the same order) and handed back to PEFT as ``.grad`` after the step.
 * ZeRO-1/2 update an fp32 master copy and copy it into the model's weights after each step; a mask
-  written into the model's weights alone is undone by the next step. The masked singular values
-  are written into the master copy too (``deepspeed.utils.safe_set_full_fp32_param``; plain
-  DeepSpeed (ZeRO-0) and DDP have none, so nothing to do).
+  written into the model's weights alone is undone by the next step. The pruned singular values are
+  zeroed in the master copy too (``deepspeed.utils.safe_set_full_fp32_param``; fp32 ZeRO-0 and DDP
+  have none, so nothing to do). fp16 (loss-scaled gradients, and a ZeRO-0 master without the
+  mapping these helpers use) is refused upstream.
+
+Clipping: without DeepSpeed the gradients read are clipped already; DeepSpeed clips inside its
+step, and the engine passes the factor it applied, so every launch form scores the same gradients.
 
 ZeRO-3 partitions the weights themselves, which PEFT's masking writes in place: refused upstream.
 """
@@ -60,25 +64,35 @@ class AdaLoraBudget:
                 grads[name] = g.detach().clone()   # ZeRO-0's zero_grad may zero p.grad in place
         self._grads = grads
 
-    def allocate(self, step: int) -> None:
-        lent = []
+    def allocate(self, step: int, grad_scale: float = 1.0) -> None:
+        """PEFT's budget step on the gradients ``read_gradients`` kept, times ``grad_scale`` (what
+        DeepSpeed's clipping applied after they were read), lent to PEFT as ``.grad``."""
+        own = {}
         for name, p in self.params:
-            if p.grad is None and name in self._grads:
-                p.grad = self._grads[name]
-                lent.append(p)
+            if name in self._grads:
+                own[name] = p.grad
+                g = self._grads[name]
+                p.grad = g if grad_scale == 1.0 else g * grad_scale
         try:
             self.schedule.update_and_allocate(step)
         finally:
-            for p in lent:
-                p.grad = None
+            for name, p in self.params:
+                if name in own:
+                    p.grad = own[name]
             self._grads = {}
-        self._write_master_copies()
+        self._prune_master_copies()
 
-    def _write_master_copies(self) -> None:
+    def _prune_master_copies(self) -> None:
+        """Zero, in DeepSpeed's fp32 master copy, the singular values PEFT zeroed in the weights. Only
+        those: writing the weights back whole would round the master to bf16 every step under bf16.
+        (Reads and writes are per parameter in one order on every rank: the read is a collective.)"""
         for name, p in self.params:
             if "lora_E" in name and _deepspeed_managed(p):
-                from deepspeed.utils import safe_set_full_fp32_param
-                safe_set_full_fp32_param(p, p.detach())
+                from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+                master = safe_get_full_fp32_param(p)
+                pruned = p.detach() == 0
+                if bool(pruned.any()):
+                    safe_set_full_fp32_param(p, master.masked_fill(pruned.to(master.device), 0.0))
 
 
 class MixedRankAllocation:

@@ -201,9 +201,9 @@ class FinetuneTask(RecommenderTask):
         if self.budget is not None:
             self.budget.read_gradients()
 
-    def after_step(self, model, step: int) -> None:
+    def after_step(self, model, step: int, grad_scale: float = 1.0) -> None:
         if self.budget is not None:
-            self.budget.allocate(step)
+            self.budget.allocate(step, grad_scale)
 
     def checkpoint_state(self, model) -> dict:
         """AdaLoRA's budget so far: PEFT keeps it in the adapter config, not in the weights, and a run
@@ -257,6 +257,10 @@ class FinetuneTask(RecommenderTask):
 
 
 def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:
+    if cfg.method == "adalora" and engine.precision == "fp16":
+        raise InputError("AdaLoRA's importance scores read the gradients, which fp16 loss scaling multiplies "
+                         "(and an overflow step makes inf); use bf16 or fp32 for adalora",
+                         field="train.mixed_precision")
     if engine.ds_config is None:
         return
     if cfg.method == "adalora" and engine.zero_stage == 3:

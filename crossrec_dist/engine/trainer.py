@@ -81,6 +81,12 @@ class _Run:
     plan: Plan
 
 
+def _grad_norm(model) -> torch.Tensor | None:
+    """The 2-norm of all gradients present (None when there are none)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach().float()) for p in model.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+
+
 class Engine:
     """One training run of one task. Create it, ``build_model(task)``, then ``fit(task)``.
 
@@ -366,8 +372,12 @@ class Engine:
         model = run.model
         if self.ds_config is not None:
             run.task.after_backward(model, step)
+            # DeepSpeed without a ZeRO optimizer keeps no norm (get_global_grad_norm: None); its
+            # gradients are whole and reduced here, so measure the norm its clipping will see.
+            whole = _grad_norm(model) if self.zero_stage == 0 else None
             model.step()                              # DeepSpeed clips to gradient_clipping itself
             norm = model.get_global_grad_norm()
+            norm = whole if norm is None else norm
             run.task.after_step(model, step, grad_scale=self._clip_factor(norm))
         else:
             clip = self.settings.max_grad_norm or math.inf   # inf: measure the norm, change nothing

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -257,10 +258,8 @@ class FinetuneTask(RecommenderTask):
 
 
 def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:
-    if cfg.method == "adalora" and engine.precision == "fp16":
-        raise InputError("AdaLoRA's importance scores read the gradients, which fp16 loss scaling multiplies "
-                         "(and an overflow step makes inf); use bf16 or fp32 for adalora",
-                         field="train.mixed_precision")
+    if cfg.method == "adalora" and engine.precision == "fp16":    # e.g. from a DeepSpeed JSON's fp16 block
+        raise _fp16_refused()
     if engine.ds_config is None:
         return
     if cfg.method == "adalora" and engine.zero_stage == 3:
@@ -268,6 +267,11 @@ def check_engine_support(cfg: FinetuneConfig, engine: Engine) -> None:
                          "Use ZeRO-0/1/2 or no DeepSpeed for adalora (adapters are small)", field="train.deepspeed")
     if cfg.method == "l2sp" and engine.zero_stage == 3:
         raise InputError("l2sp's penalty needs whole parameters; use ZeRO-0/1/2 for l2sp", field="train.deepspeed")
+
+
+def _fp16_refused() -> InputError:
+    return InputError("AdaLoRA's importance scores read the gradients, which fp16 loss scaling multiplies "
+                      "(and an overflow step makes inf); use bf16 or fp32 for adalora", field="train.mixed_precision")
 
 
 def load_finetuned(out_dir: Path, base_dir: str, method: str):
@@ -281,6 +285,8 @@ def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str,
     check_same_vocabulary(base_dir, data, "base model")
     if cfg.method == "none":
         return on_main(_zero_shot, cfg, base_dir, data, domain, Path(out), log)
+    if cfg.method == "adalora" and "fp16" in (cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")):
+        raise _fp16_refused()            # before the engine: accelerate would set fp16 up first
     return run_stage(FinetuneTask(cfg, data, base_dir, domain), out, log=log)
 
 

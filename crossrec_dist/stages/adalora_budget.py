@@ -39,7 +39,7 @@ def _deepspeed_managed(p: torch.nn.Parameter) -> bool:
 class AdaLoraBudget:
     """Runs PEFT's ``update_and_allocate`` for an AdaLoRA adapter, plain or inside a mixed model.
 
-    ``read_gradients()`` after the backward, ``allocate(step)`` after the optimizer step."""
+    ``read_gradients(step)`` after the backward, ``allocate(step)`` after the optimizer step."""
 
     def __init__(self, peft_model, mixed: bool):
         # PEFT's AdaLoraModel, or the same schedule for a mixed model (whose tuner has no allocator)
@@ -52,8 +52,14 @@ class AdaLoraBudget:
     def config(self):
         return self.schedule.peft_config[ADAPTER]
 
-    def read_gradients(self) -> None:
+    def read_gradients(self, step: int) -> None:
+        """Keep the gradients PEFT's importance scores will read in ``allocate(step)``: none from the
+        final-budget step on, where PEFT only masks with the pattern it has (no copies, and under
+        ZeRO-1/2 no collectives, for the last ``tfinal`` steps)."""
         grads = {}
+        if step >= self.config.total_step - self.config.tfinal:
+            self._grads = grads
+            return
         for name, p in self.params:
             if _deepspeed_managed(p):
                 from deepspeed.utils import safe_get_full_grad
@@ -88,10 +94,10 @@ class AdaLoraBudget:
         (Reads and writes are per parameter in one order on every rank: the read is a collective.)"""
         for name, p in self.params:
             if "lora_E" in name and _deepspeed_managed(p):
-                from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
-                master = safe_get_full_fp32_param(p)
-                pruned = p.detach() == 0
+                pruned = p.detach() == 0      # the same on every rank (replicated weights): so is the skip
                 if bool(pruned.any()):
+                    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+                    master = safe_get_full_fp32_param(p)
                     safe_set_full_fp32_param(p, master.masked_fill(pruned.to(master.device), 0.0))
 
 

@@ -200,7 +200,7 @@ class FinetuneTask(RecommenderTask):
 
     def after_backward(self, model, step: int) -> None:
         if self.budget is not None:
-            self.budget.read_gradients()
+            self.budget.read_gradients(step)
 
     def after_step(self, model, step: int, grad_scale: float = 1.0) -> None:
         if self.budget is not None:

@@ -84,3 +84,20 @@ def test_body_probe_names_and_scratch_references(tmp_path):
         if name != "scratch.seed2":   # unfinished: no metrics.json
             (tmp_path / name / "metrics.json").write_text(json.dumps({"method": name}))
     assert sorted(scratch_runs_in(tmp_path)) == ["scratch", "scratch.seed1"]
+
+
+def test_paired_runs_averages_seeds_per_user_and_pairs(tmp_path):
+    """Two users. A: ranks 0 and 20 in one seed, 0 and 0 in the other (per-user mean NDCG 1.0, 0.5);
+    B: ranks 1 and 0 (1/log2(3), 1.0). A - B per user: 1 - 0.6309 and 0.5 - 1.0 -> mean -0.0655."""
+    import json
+    from benchmarks.paired_runs import compare
+
+    def run(name, ranks):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "metrics.json").write_text(json.dumps({"test_ranks": {"seq_index": [7, 3], "rank": ranks}}))
+        return d
+
+    line = compare([run("a0", [0, 20]), run("a1", [0, 0])], [run("b", [1, 0])])
+    assert line.startswith("2 users; A 0.7500") and "(2 run(s))" in line and "B 0.8155" in line
+    assert "A - B -0.0655" in line

@@ -108,6 +108,7 @@ class Engine:
         self.settings = dscfg.resolve(cfg, world=dist_info.world_size(), hidden_size=hidden_size)
         self.precision, self.ds_config = self.settings.precision, self.settings.ds_config
         self.zero_stage = self.settings.zero_stage
+        self._deepspeed_reports_norm = False   # set once DeepSpeed's step has returned a gradient norm
         # Accumulation is ours (one owner of loss scaling): accelerate must never divide the loss.
         # Under DeepSpeed it is told DeepSpeed's value only to keep its consistency check quiet.
         steps = self.settings.grad_accum if self.ds_config else 1
@@ -372,12 +373,17 @@ class Engine:
         model = run.model
         if self.ds_config is not None:
             run.task.after_backward(model, step)
-            # DeepSpeed without a ZeRO optimizer keeps no norm (get_global_grad_norm: None); its
-            # gradients are whole and reduced here, so measure the norm its clipping will see.
-            whole = _grad_norm(model) if self.zero_stage == 0 else None
+            # DeepSpeed without a ZeRO optimizer keeps no norm (fp32 ZeRO-0: get_global_grad_norm is
+            # None; its bf16 optimizer keeps one); its gradients are whole and reduced here, so measure
+            # the norm its clipping will see, until DeepSpeed is seen to report one itself.
+            measure = self.zero_stage == 0 and not self._deepspeed_reports_norm
+            whole = _grad_norm(model) if measure else None
             model.step()                              # DeepSpeed clips to gradient_clipping itself
             norm = model.get_global_grad_norm()
-            norm = whole if norm is None else norm
+            if norm is None:
+                norm = whole
+            else:
+                self._deepspeed_reports_norm = True
             run.task.after_step(model, step, grad_scale=self._clip_factor(norm))
         else:
             clip = self.settings.max_grad_norm or math.inf   # inf: measure the norm, change nothing

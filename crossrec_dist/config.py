@@ -6,6 +6,7 @@ a recipe never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,25 @@ import yaml
 from .errors import InputError
 
 T = TypeVar("T")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans: only true/false are booleans. PyYAML follows YAML 1.1, where
+    ``no``/``yes``/``on``/``off`` are booleans too, so ``mixed_precision: no`` (a documented value)
+    arrived as False and was refused, and a string field meant ``no`` got ``"False"``. A bool field
+    still takes yes/no/on/off (``_coerce``)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def load_yaml(text: str):
+    """Parse YAML text as configs here read it (YAML 1.2 booleans, see ``_Loader``)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -62,8 +82,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+            return value.lower() in ("true", "1", "yes", "on")
         raise InputError(f"expected true/false, got {value!r}", path=source, field=key)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -117,7 +137,7 @@ def parse_overrides(pairs: Iterable[str]) -> dict:
         if "=" not in pair:
             raise InputError(f"override {pair!r} is not key=value", field="--set")
         key, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = load_yaml(raw) if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -141,7 +161,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError("config file not found", path=str(path))
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         raise InputError(f"invalid YAML: {e}", path=str(path),

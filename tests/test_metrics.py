@@ -1,5 +1,7 @@
 import math
 
+import numpy as np
+
 import torch
 
 from crossrec_dist.evaluation.metrics import metrics_from_ranks, target_ranks
@@ -96,3 +98,51 @@ def test_target_catalogue_ranks_only_the_domains_items(tmp_path):
     within = rank_eval_set(data, ev, scorer, EvalOptions(domains=["b"], catalogue=cat), show_progress=False)
     assert cat[ev.targets].all()
     assert (plain - within).tolist() == [4] * len(ev.targets)
+
+
+def test_several_validation_targets_per_user_rank_as_one_history_each(tmp_path):
+    """A user's K validation targets are ranked from one forward pass (model_scorer's last_k): while
+    histories fit in max_len the ranks equal those of one pass per history, users with fewer than K
+    usable targets included; beyond max_len only the earlier targets' views differ; the sharded path
+    agrees; a run of targets longer than max_len is cut into windows."""
+    from crossrec_dist.cli import main
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.evaluation.evaluator import EvalOptions, eval_batches, model_scorer, rank_eval_set
+    from crossrec_dist.evaluation.sharded import sharded_evaluate
+    from crossrec_dist.models.config import CrossRecConfig
+    from crossrec_dist.models.model import CrossRecModel
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for u in range(40):
+        n = 4 + u % 13                                    # 4..16 items: some validation targets have short prefixes
+        rows += [f"u{u},i{int(i)},{100 + t}" for t, i in enumerate(rng.integers(0, 30, n))]
+    (tmp_path / "in.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    assert main(["prepare", "--format", "csv", "--input", str(tmp_path / "in.csv"), "--out", str(tmp_path / "d"),
+                 "--split", "loo"]) == 0
+    data = PreparedData(tmp_path / "d")
+    torch.manual_seed(0)
+    model = CrossRecModel(CrossRecConfig(num_items=data.num_items, hidden_size=16, num_layers=2, num_heads=2,
+                                         max_len=16, item_bias=True)).eval()
+    grouped = model_scorer(model)
+    plain = lambda hist, doms: grouped(hist, doms)        # noqa: E731  (no last_k: one history per row)
+    ev = data.eval_set("valid", targets_per_user=3)
+    opts = EvalOptions(split="valid", max_len=16, batch_size=16)     # every history fits
+    batches = eval_batches(ev, opts.batch_size, True, opts.max_len)
+    rows = sum(len(ex) // k for k, ex in batches)                    # forward-pass rows: one per user
+    assert rows == len(np.unique(ev.seq_index)) < len(ev.targets)
+    assert all(len(ex) <= opts.batch_size for _, ex in batches)
+    assert {k for k, _ in batches} >= {3} and sorted(np.concatenate([ex for _, ex in batches])) == list(range(len(ev.targets)))
+    want = rank_eval_set(data, ev, plain, opts, show_progress=False)
+    got = rank_eval_set(data, ev, grouped, opts, show_progress=False)
+    assert torch.equal(got, want)
+    sharded = sharded_evaluate(data, ev, grouped, opts, "cpu")["examples"]["rank"]
+    assert sharded.tolist() == want.tolist()
+    short = EvalOptions(split="valid", max_len=5, batch_size=16)      # histories of up to 15 items
+    latest = np.r_[ev.seq_index[1:] != ev.seq_index[:-1], True]      # each user's latest target: its own window
+    assert torch.equal(rank_eval_set(data, ev, grouped, short, show_progress=False)[latest],
+                       rank_eval_set(data, ev, plain, short, show_progress=False)[latest])
+    many = data.eval_set("valid", targets_per_user=8)
+    cut = eval_batches(many, 64, True, 5)
+    assert max(k for k, _ in cut) == 5 and sum(len(ex) for _, ex in cut) == len(many.targets)
+    assert rank_eval_set(data, many, grouped, short, show_progress=False).shape == (len(many.targets),)

@@ -41,6 +41,24 @@ def test_left_padding_does_not_change_scores():
     assert torch.allclose(short, padded, atol=1e-5)
 
 
+def test_last_k_scores_are_the_scores_after_each_of_the_last_k_prefixes():
+    """score_last=k: one causal pass gives the scores after each of the last k prefixes of the input,
+    the same as k calls with one prefix each (left padding included)."""
+    torch.manual_seed(0)
+    model = CrossRecModel(CrossRecConfig(num_items=40, hidden_size=16, num_layers=2, num_heads=2, max_len=8,
+                                         item_bias=True, num_domains=2, use_domain_embedding=True)).eval()
+    with torch.no_grad():
+        model.item_bias.weight.normal_()
+    rows = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 7, 3, 9, 4]])
+    doms = torch.tensor([1, 0])
+    got = model(input_ids=rows, domain_ids=doms, return_scores=True, score_last=3)
+    assert got.shape == (2, 3, 41)
+    for j in range(3):
+        cut = rows[:, :rows.shape[1] - (2 - j)]
+        prefix = torch.cat([torch.zeros(2, 2 - j, dtype=torch.long), cut], 1)     # same length, left-padded
+        assert torch.allclose(got[:, j], model.score(prefix, doms), atol=1e-5), j
+
+
 def test_chunked_full_softmax_equals_unchunked():
     torch.manual_seed(0)
     h, w = torch.randn(100, 8), torch.randn(21, 8)

@@ -47,34 +47,87 @@ def history_mask_index(data: PreparedData, seq: np.ndarray, end: np.ndarray) -> 
 
 
 def model_scorer(model) -> Scorer:
-    """Scorer over a (possibly DeepSpeed-wrapped) model: a plain forward call with return_scores."""
+    """Scorer over a (possibly PEFT- or DeepSpeed-wrapped) model: a plain forward call with
+    return_scores. It also has ``last_k(windows, domains, k)``: scores (B, k, N+1) after each of the
+    last k positions of each window, so a user's k consecutive validation targets cost one forward
+    pass, not k (``rank_eval_set``)."""
     def score(hist: torch.Tensor, doms: torch.Tensor) -> torch.Tensor:
         return model(input_ids=hist, domain_ids=doms, return_scores=True)
+
+    def last_k(windows: torch.Tensor, doms: torch.Tensor, k: int) -> torch.Tensor:
+        return model(input_ids=windows, domain_ids=doms, return_scores=True, score_last=k)
+
+    score.last_k = last_k
     return score
+
+
+def example_groups(ev: EvalSet, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first example, length) of each run of consecutive examples of one sequence whose histories
+    grow by one item (a user's K validation targets: ``eval_set(targets_per_user=K)`` orders them so),
+    runs longer than ``limit`` cut into pieces of at most ``limit``."""
+    n = len(ev.targets)
+    new = np.ones(n, dtype=bool)
+    new[1:] = (ev.seq_index[1:] != ev.seq_index[:-1]) | (ev.hist_end[1:] != ev.hist_end[:-1] + 1)
+    run_start = np.maximum.accumulate(np.where(new, np.arange(n), 0)) if n else np.zeros(0, dtype=np.int64)
+    new |= (np.arange(n) - run_start) % max(limit, 1) == 0
+    starts = np.flatnonzero(new)
+    return starts, np.diff(np.r_[starts, n]).astype(np.int64)
+
+
+def eval_batches(ev: EvalSet, batch_size: int, grouped: bool, max_len: int) -> list[tuple[int, np.ndarray]]:
+    """The forward passes that rank ``ev``: (k, example indices), ``batch_size`` examples at most.
+    k = 1: one history per row. Grouped (a scorer with ``last_k``): each run of a user's k > 1
+    consecutive targets is one row of one pass, k examples from one window, so validating on the
+    last 3 items of every user costs one pass per user instead of three. A run is cut into pieces of
+    at most max_len targets (a window holds no more positions)."""
+    n = len(ev.targets)
+    if not grouped:
+        return [(1, np.arange(lo, min(lo + batch_size, n))) for lo in range(0, n, batch_size)]
+    starts, lengths = example_groups(ev, max_len)
+    out = []
+    for k in np.unique(lengths):
+        first = starts[lengths == k]
+        per = max(1, batch_size // int(k))
+        for lo in range(0, len(first), per):
+            rows = first[lo:lo + per]
+            out.append((int(k), (rows[:, None] + np.arange(k)[None, :]).ravel()))
+    return out
 
 
 def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOptions,
                   device: torch.device | str = "cpu", show_progress: bool = True) -> torch.Tensor:
-    """0-based target ranks for every example of ``ev``, in order."""
+    """0-based target ranks for every example of ``ev``, in order.
+
+    A scorer with ``last_k`` ranks a user's k consecutive targets (``eval_set(targets_per_user=k)``)
+    from one window: the last ``max_len`` items before the latest target, each earlier target scored
+    at its own position in it. That is exactly one pass per history while the user's history fits in
+    ``max_len``; beyond it, the earlier targets see up to k - 1 fewer items than a pass of their own
+    would give them (48 or 49 instead of 50 at k = 3), as positions inside a training window do.
+    Histories are excluded per target as always. k = 1 (every test set) is one pass per history."""
     from ..progress import track
-    ranks = []
+    ranks = torch.zeros(len(ev.targets), dtype=torch.long)
     hidden = None if opts.catalogue is None else torch.from_numpy(~opts.catalogue).to(device)  # items never ranked
-    starts = range(0, len(ev.targets), opts.batch_size)
-    for lo in track(starts, len(starts), f"evaluate {opts.split}", enabled=show_progress):
-        sl = slice(lo, lo + opts.batch_size)
-        seq, end = ev.seq_index[sl], ev.hist_end[sl]
-        hist = torch.from_numpy(left_padded(data, seq, end, opts.max_len)).to(device)
-        doms = torch.from_numpy(ev.domains[sl]).to(device)
+    batches = eval_batches(ev, opts.batch_size, getattr(scorer, "last_k", None) is not None, opts.max_len)
+    for k, ex in track(batches, len(batches), f"evaluate {opts.split}", enabled=show_progress):
+        seq, end = ev.seq_index[ex], ev.hist_end[ex]
         with torch.no_grad():
-            scores = scorer(hist, doms).float()
+            if k == 1:
+                hist = torch.from_numpy(left_padded(data, seq, end, opts.max_len)).to(device)
+                scores = scorer(hist, torch.from_numpy(ev.domains[ex]).to(device)).float()
+            else:
+                last = ex[k - 1::k]          # each row's window ends with its latest target's history
+                windows = torch.from_numpy(left_padded(data, ev.seq_index[last], ev.hist_end[last],
+                                                       opts.max_len)).to(device)
+                scores = scorer.last_k(windows, torch.from_numpy(ev.domains[last]).to(device), k).float()
+                scores = scores.reshape(len(ex), -1)
         scores[:, 0] = -math.inf
         if hidden is not None:
             scores[:, hidden] = -math.inf
         if opts.exclude_history:
             r, c = history_mask_index(data, seq, end)
             scores[torch.from_numpy(r).to(device), torch.from_numpy(c).to(device)] = -math.inf
-        ranks.append(target_ranks(scores, torch.from_numpy(ev.targets[sl]).to(device)).cpu())
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        ranks[torch.from_numpy(ex)] = target_ranks(scores, torch.from_numpy(ev.targets[ex]).to(device)).cpu()
+    return ranks
 
 
 def evaluate(data: PreparedData, scorer: Scorer, opts: EvalOptions, device="cpu") -> dict:

@@ -11,22 +11,29 @@ import torch
 
 from ..data.prepared import EvalSet, PreparedData
 from ..engine import distributed as dist_info
-from .evaluator import EvalOptions, rank_eval_set, summarize_ranks
+from .evaluator import EvalOptions, eval_batches, rank_eval_set, summarize_ranks
 
 
 def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions, device) -> dict:
     world, rank = dist_info.world_size(), dist_info.rank()
-    idx = np.arange(len(ev.targets))
-    mine = idx[rank::world]
-    n_batches = int(np.ceil(len(idx[0::world]) / opts.batch_size)) if len(idx) else 0
-    shard = EvalSet(ev.seq_index[mine], ev.hist_end[mine], ev.targets[mine], ev.domains[mine])
-    ranks = rank_eval_set(data, shard, scorer, opts, device, show_progress=rank == 0)
-    done = int(np.ceil(len(mine) / opts.batch_size))
-    for _ in range(done, n_batches):  # keep collective forward passes in step across ranks
+    grouped = getattr(scorer, "last_k", None) is not None
+    # Users, not examples, are dealt out (a user's validation targets share one forward pass): the
+    # j-th user in order goes to rank j % world.
+    users = np.unique(ev.seq_index, return_inverse=True)[1] if len(ev.targets) else np.zeros(0, dtype=np.int64)
+    owner = users % world
+    shards = [np.flatnonzero(owner == r) for r in range(world)]
+    passes = [len(eval_batches(_subset(ev, s), opts.batch_size, grouped, opts.max_len)) for s in shards]
+    mine = shards[rank]
+    ranks = rank_eval_set(data, _subset(ev, mine), scorer, opts, device, show_progress=rank == 0)
+    for _ in range(passes[rank], max(passes, default=0)):  # keep collective forward passes in step across ranks
         scorer(torch.zeros(1, opts.max_len, dtype=torch.long, device=device),
                torch.zeros(1, dtype=torch.long, device=device))
     parts = dist_info.all_gather_tensor(ranks.to(device))
-    order = np.concatenate([idx[r::world] for r in range(world)])
-    all_ranks = torch.empty(len(idx), dtype=torch.long)
+    order = np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
+    all_ranks = torch.empty(len(ev.targets), dtype=torch.long)
     all_ranks[torch.from_numpy(order)] = torch.cat([p.cpu() for p in parts]).long()
     return summarize_ranks(data, ev, all_ranks, opts.ks)
+
+
+def _subset(ev: EvalSet, idx: np.ndarray) -> EvalSet:
+    return EvalSet(ev.seq_index[idx], ev.hist_end[idx], ev.targets[idx], ev.domains[idx])

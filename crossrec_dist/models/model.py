@@ -161,12 +161,15 @@ class CrossRecModel(PreTrainedModel):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 domain_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                return_scores: bool = False, **_) -> CrossRecOutput | torch.Tensor:
+                return_scores: bool = False, score_last: int = 0, **_) -> CrossRecOutput | torch.Tensor:
         """Loss when ``labels`` are given; with ``return_scores`` the next-item scores (B, N+1)
-        after each history (a forward pass, so ZeRO-3 gathers parameters as usual)."""
+        after each history (a forward pass, so ZeRO-3 gathers parameters as usual). With
+        ``score_last`` = k > 1 as well: scores (B, k, N+1) after each of the last k positions of each
+        row, i.e. after each of its last k prefixes (one causal pass scores them all; used to rank a
+        user's several validation targets at once)."""
         hidden = self.encode(input_ids, domain_ids, attention_mask)
         if return_scores:
-            return self.item_scores(hidden[:, -1])
+            return self.item_scores(hidden[:, -score_last:] if score_last > 1 else hidden[:, -1])
         if labels is None:
             return CrossRecOutput(hidden_states=hidden)
         mask = labels > 0

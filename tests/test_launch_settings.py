@@ -115,6 +115,21 @@ def test_precision_auto_takes_the_launchers_and_a_contradiction_is_an_error(laun
         _resolve(mixed_precision="fp16")
 
 
+def test_bf16_if_native_follows_the_hardware_and_yields_to_the_launcher(launcher, monkeypatch):
+    import torch
+    from crossrec_dist.engine import deepspeed_config
+    launcher({})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for native, want in ((True, "bf16"), (False, "no")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert deepspeed_config.native_bf16() is native
+        assert _resolve(mixed_precision="bf16_if_native").precision == want
+    assert _resolve(mixed_precision="auto").precision == "no"           # auto stays fp32 on a CPU
+    launcher({"ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert _resolve(mixed_precision="bf16_if_native").precision == "fp16"
+
+
 def test_no_deepspeed_anywhere_keeps_train_values(launcher):
     launcher({"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"})
     s = _resolve(grad_accum=3, max_grad_norm=0.0)

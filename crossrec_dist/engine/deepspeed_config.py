@@ -18,7 +18,8 @@ Precedence (stated in the README):
 * Accumulation steps and gradient clipping: both accelerate and ``train.*`` default to 1 step and a
   norm of 1.0; whichever source differs from that default wins; two different non-default values
   stop the run naming both.
-* Precision: ``train.mixed_precision: auto`` takes the launcher's ``--mixed_precision`` (or the
+* Precision: ``train.mixed_precision: auto`` (or ``bf16_if_native``, which also picks bf16 on a CPU
+  with AVX512-BF16 / AMX) takes the launcher's ``--mixed_precision`` (or the
   JSON's ``bf16``/``fp16.enabled``), else bf16 on a GPU that has it, else fp32; an explicit
   ``train.mixed_precision`` that contradicts an explicit launcher value is an error.
 * Micro-batch and global batch: explicit JSON values must equal ``train.micro_batch_size`` and
@@ -186,12 +187,26 @@ def _enabled(section) -> bool:
     return isinstance(section, dict) and section.get("enabled") is True
 
 
+def native_bf16() -> bool:
+    """Whether this process computes bf16 in hardware: a CUDA GPU with bf16, or (no GPU) a CPU with
+    AVX512-BF16 or AMX, where oneDNN runs bf16 matrix products at about twice fp32's rate (measured
+    on a 2-core EPYC: 225 vs 115 samples/s pretraining the medium preset, same loss to 4 digits;
+    benchmarks/RESULTS.md §20). Elsewhere bf16 on a CPU is emulated and slower than fp32."""
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
 def _precision(ours: str, launcher: str, ds: str | None) -> str:
     theirs = ds or (launcher if launcher not in ("no", "", None) else None)
-    if ours == "auto":
+    if ours in ("auto", "bf16_if_native"):
         if theirs:
             return theirs
         import torch
+        if ours == "bf16_if_native":
+            return "bf16" if native_bf16() else "no"
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     if theirs and theirs != ours:
         raise InputError(f"train.mixed_precision={ours} but the launcher / DeepSpeed config asks for {theirs}; "

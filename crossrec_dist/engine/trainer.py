@@ -327,6 +327,11 @@ class Engine:
         self.log(f"[{run.task.name}] world={self.world} deepspeed={zero} precision={self.precision} "
                  f"micro_batch={self.cfg.micro_batch_size} grad_accum={s.grad_accum} clip={s.max_grad_norm} "
                  f"micro-batches/epoch/rank={run.plan.micro_batches_per_epoch} updates={run.plan.total_updates}")
+        if self.precision == "bf16" and self.device.type == "cpu":
+            from .deepspeed_config import native_bf16
+            if not native_bf16():
+                self.log("note: bf16 on a CPU without AVX512-BF16 or AMX is emulated, slower than fp32; "
+                         "train.mixed_precision=bf16_if_native picks fp32 on such a CPU")
 
     def _updates(self, run: _Run, state: TrainerState):
         """The rest of this epoch, as lists of ``grad_accum`` micro-batches (one optimizer update each)."""

@@ -58,7 +58,8 @@ def _cmd_bench_serve(a):
 
 def _cmd_experiment(a):
     from .experiment.runner import run_experiment
-    report = run_experiment(a.config, a.out, force=a.force, overrides=a.set or [], rerun_changed=a.rerun_changed)
+    report = run_experiment(a.config, a.out, force=a.force, overrides=a.set or [], rerun_changed=a.rerun_changed,
+                            jobs=a.jobs)
     print(f"report: {report}")
 
 
@@ -139,6 +140,9 @@ def register_training_commands(sub) -> None:
                    help="when the recipe changed since a step ran, delete that step's output and re-run it and "
                         "every step downstream of it (without this flag such a run stops, naming what changed)")
     x.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value")
+    x.add_argument("--jobs", type=at_least(1), default=1,
+                   help="run up to N fine-tuning (and distillation) steps side by side, each with 1/N of the "
+                        "CPU cores as threads and its output in OUT/logs/ (default 1: one step at a time)")
     x.set_defaults(func=_cmd_experiment)
 
     s = sub.add_parser("presets", help="parameter counts (meta device) and memory per ZeRO stage")

@@ -13,8 +13,13 @@ TINY = ["--set", "data.synth.users=300", "--set", "data.synth.items=120", "--set
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
+    # Two fine-tuning steps side by side (real processes, each its own log); the re-run below, one at
+    # a time, reuses every step.
     out = tmp_path_factory.mktemp("exp")
-    run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", out, *TINY, timeout=300)
+    proc = run_cli("experiment", "--config", "launch/recipes/synthetic.yaml", "--out", out, *TINY, "--jobs", "2",
+                   timeout=300)
+    assert re.search(r"^\[run\] finetune d3 full \(beside 1 other; log logs/finetune/d3/full.log\)$", proc.stdout, re.M)
+    assert "finetune full on d3" in (out / "logs" / "finetune" / "d3" / "full.log").read_text()
     return out
 
 

@@ -496,3 +496,60 @@ def test_a_setting_added_since_at_its_default_upgrades_the_record_instead_of_rer
     (out / "steps" / "finetune" / "d3" / "lora.json").write_text(json.dumps(lora))
     msg = changed(recipe, out, capsys, "finetune.valid_targets=3")
     assert "finetune.valid_targets: (unset) -> 3" in msg and "upstream step 'pretrain'" not in msg
+
+
+class _Done:
+    """What ``Runner._spawn`` returns, for a fake command that already ran (or failed)."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+    def poll(self):
+        return self.code
+
+
+def test_jobs_run_fine_tuning_steps_side_by_side_with_the_same_records(fake, recipe, tmp_path, capsys, monkeypatch):
+    """--jobs 2: the fine-tuning steps and the two students are queued and started together (two at a
+    time, each with its own log), serving benchmarks run alone after both students; the records and
+    hashes are those of a one-at-a-time run, so either reuses the other's steps; a failed queued step
+    stops the run naming it, with the end of its log, and counts as unfinished."""
+    started = []
+
+    def spawn(self, args, train, log):
+        started.append(args[0] if args[0] != "finetune" else f"finetune {args[args.index('--method') + 1]}")
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text(f"log of {args[0]}\n")
+        fake(self, *args, train=train)
+        return _Done(0)
+
+    monkeypatch.setattr(runner.Runner, "_spawn", spawn)
+    out = tmp_path / "out"
+    run_experiment(str(recipe), str(out), jobs=2)
+    log = capsys.readouterr().out
+    assert started == ["finetune none", "finetune full", "finetune lora", "distill", "distill"]
+    assert re.findall(r"^\[done\] (.*) in", log, re.M) == ["finetune d3 none", "finetune d3 full", "finetune d3 lora",
+                                                           "distill d3 student_kd", "distill d3 student_ce"]
+    assert "beside 1 other; log logs/finetune/d3/full.log" in log
+    assert (out / "logs" / "distill" / "d3" / "student_ce.log").read_text() == "log of distill\n"
+    ran = re.findall(r"^\[run\] (\S.*?)(?: \(beside.*)?$", log, re.M)
+    assert ran[-2:] == ["serving benchmark d3 student_kd", "serving benchmark d3 student_ce"] and sorted(ran) == sorted(ALL)
+    first = hashes(out)
+    run_experiment(str(recipe), str(out))                       # one at a time: every step reused
+    assert capsys.readouterr().out.count("[skip]") == len(ALL)
+    assert experiment(recipe, tmp_path / "serial", capsys) == ALL and hashes(tmp_path / "serial") == first
+
+    def fails_full(self, args, train, log):
+        proc = spawn(self, args, train, log)
+        return _Done(3) if "full" in args else proc
+
+    monkeypatch.setattr(runner.Runner, "_spawn", fails_full)
+    with pytest.raises(runner.StepFailed, match=r"(?s)step 'finetune d3 full' failed with status 3.*log of finetune"
+                                                r".*1 queued step\(s\) did not start"):
+        run_experiment(str(recipe), str(out), overrides=["finetune.train.epochs=3"], rerun_changed=True, jobs=2)
+    assert json.loads((out / "steps" / "finetune" / "d3" / "full.json").read_text())["state"] == "started"
+    assert not (out / "steps" / "finetune" / "d3" / "lora.json").exists()     # queued, never started
+    capsys.readouterr()
+    assert experiment(recipe, out, capsys, "finetune.train.epochs=3", rerun_changed=True) == [
+        "finetune d3 full", "finetune d3 lora", *TEACHER_AND_DOWNSTREAM[1:]]
+    with pytest.raises(InputError, match="--jobs"):
+        runner.Runner(runner.load_recipe(str(recipe), ["launch=launch/cpu_ddp_2proc.yaml"]), out, jobs=2)

@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -52,9 +52,17 @@ class _CheckEnds(Exception):
 
 
 class Runner:
-    def __init__(self, recipe: Recipe, out: Path, force: bool = False, log=print, rerun_changed: bool = False):
+    def __init__(self, recipe: Recipe, out: Path, force: bool = False, log=print, rerun_changed: bool = False,
+                 jobs: int = 1):
         self.r, self.out, self.force, self.log = recipe, Path(out), force, log
         self.rerun_changed = rerun_changed
+        if jobs < 1:
+            raise InputError(f"must be >= 1, got {jobs}", field="--jobs")
+        if jobs > 1 and recipe.launch:
+            raise InputError(f"steps run under accelerate launch ({recipe.launch}) take the machine's "
+                             "processes themselves; run them one at a time (--jobs 1)", field="--jobs")
+        self.jobs = jobs
+        self.pending: list[_Job] = []                  # steps queued to run side by side (jobs > 1)
         self.timings: dict[str, float] = {}
         self.hashes: dict[str, str] = {}               # step -> hash of its settings now, chained
         self.runs: dict[str, str | None] = {}          # step -> id of the run whose output is in place
@@ -63,15 +71,39 @@ class Runner:
         self.upgraded: dict[str, str] = {}             # step -> its hash before its record was upgraded
 
     def _cli(self, *args, train: bool = False) -> None:
+        """Run one step's command in the foreground (its output on ours)."""
+        cmd = self._command(args, train)
+        code = subprocess.run(cmd, env=self._env()).returncode
+        if code != 0:
+            raise self._failed(code, cmd)
+
+    def _spawn(self, args, train: bool, log: Path) -> subprocess.Popen:
+        """Start one step's command in the background, its output to ``log``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            return subprocess.Popen(self._command(args, train), env=self._env(), stdout=f, stderr=subprocess.STDOUT)
+
+    def _command(self, args, train: bool) -> list[str]:
         if train and self.r.launch:
-            cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", self.r.launch,
-                   "-m", "crossrec_dist", *map(str, args)]
-        else:
-            cmd = [sys.executable, "-m", "crossrec_dist", *map(str, args)]
-        proc = subprocess.run(cmd, env={**os.environ})
-        if proc.returncode != 0:
-            raise StepFailed(f"error: step failed with status {proc.returncode}: {' '.join(cmd)}\n"
-                             f"run the same experiment command again to resume from there")
+            return [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", self.r.launch,
+                    "-m", "crossrec_dist", *map(str, args)]
+        return [sys.executable, "-m", "crossrec_dist", *map(str, args)]
+
+    def _env(self) -> dict:
+        """A step's environment. With jobs > 1, each of the concurrent steps gets an equal share of the
+        CPU cores as its torch thread count (OMP_NUM_THREADS, unless already set): on 2 cores two
+        one-thread fine-tuning runs side by side do 1.56x the work of one two-thread run after the
+        other (benchmarks/RESULTS.md §20). Thread count changes float summation order, so results
+        can differ in the last digits from a run with another --jobs."""
+        env = {**os.environ}
+        if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, available_cores() // self.jobs))
+        return env
+
+    @staticmethod
+    def _failed(code: int, cmd: list[str]) -> StepFailed:
+        return StepFailed(f"error: step failed with status {code}: {' '.join(cmd)}\n"
+                          f"run the same experiment command again to resume from there")
 
     # -- settings and records -------------------------------------------------------------------
 
@@ -130,13 +162,17 @@ class Runner:
             return str(path)
 
     def _step(self, name: str, parts: tuple[str, ...], args: list, *, done: Path, output: Path,
-              deps: tuple[str, ...] = (), config: tuple | None = None, train: bool = False) -> None:
+              deps: tuple[str, ...] = (), config: tuple | None = None, train: bool = False,
+              side_by_side: bool = False) -> None:
         """Run one step unless its ``done`` marker exists and its record matches its settings now.
 
         ``parts`` name its record (``OUT/steps/<parts>.json``); ``output`` is what it writes (deleted
         before a re-run of a changed step); ``config`` is ``(recipe section, file name, typed config)``,
-        passed as ``--config``.
+        passed as ``--config``. ``side_by_side``: with jobs > 1 the step is queued and runs beside
+        other queued steps at the next ``_drain`` (steps that need none of each other's outputs).
         """
+        if not (side_by_side and self.jobs > 1):
+            self._drain()        # a step that runs alone waits for the queued ones (it may read their output)
         settings = self._settings(args, config, train)
         upstream = {d: self.hashes[d] for d in deps}
         upstream_runs = {d: self.runs.get(d) for d in deps}   # None: that step runs again now
@@ -189,18 +225,61 @@ class Runner:
         doc = {"version": records.VERSION, "step": name, "hash": digest, "run": run_id, "settings": settings,
                "upstream": upstream, "upstream_runs": upstream_runs}
         path.unlink(missing_ok=True)
-        records.write_json(path, {**doc, "state": "started"})
+        cmd = list(args) + (["--config", self._config(config[1], config[2])] if config else [])
+        job = _Job(name, cmd, train, path, doc, inside(self.out / "logs", *parts[:-1], f"{parts[-1]}.log"))
+        if side_by_side and self.jobs > 1:
+            self.pending.append(job)
+            return
         self.log(f"[run] {name}")
         t0 = time.perf_counter()
-        cmd = list(args) + (["--config", self._config(config[1], config[2])] if config else [])
+        records.write_json(path, {**doc, "state": "started"})
         self._cli(*cmd, train=train)
-        seconds = round(time.perf_counter() - t0, 2)
+        self._finish(job, time.perf_counter() - t0)
+
+    def _finish(self, job: "_Job", seconds: float) -> None:
         # Only now, with the command succeeded, does the output count as this step's.
-        records.write_json(path, {**doc, "state": "complete", "seconds": seconds,
-                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-        self.runs[name] = run_id
-        self.timings[name] = seconds
+        seconds = round(seconds, 2)
+        records.write_json(job.record, {**job.doc, "state": "complete", "seconds": seconds,
+                                        "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+        self.runs[job.name] = job.doc["run"]
+        self.timings[job.name] = seconds
         self._save_timings()
+
+    def _drain(self) -> None:
+        """Run the queued steps, ``jobs`` at a time, each one's output in its own log file (OUT/logs/);
+        wait for all. A failed step stops new ones from starting; those running finish, and the run
+        stops naming the failed step(s) with the end of each one's log."""
+        queue, self.pending = self.pending, []
+        running: list[tuple[_Job, subprocess.Popen, float]] = []
+        failed: list[tuple[_Job, int]] = []
+        while queue or running:
+            while queue and len(running) < self.jobs and not failed:
+                job = queue.pop(0)
+                records.write_json(job.record, {**job.doc, "state": "started"})
+                proc = self._spawn(job.args, job.train, job.log)
+                self.log(f"[run] {job.name} (beside {len(running)} other; log {self._rel(job.log)})")
+                running.append((job, proc, time.perf_counter()))
+            if failed and not running:
+                break
+            time.sleep(0.2)
+            for entry in list(running):
+                job, proc, t0 = entry
+                code = proc.poll()
+                if code is None:
+                    continue
+                running.remove(entry)
+                if code == 0:
+                    self._finish(job, time.perf_counter() - t0)
+                    self.log(f"[done] {job.name} in {time.perf_counter() - t0:.0f} s")
+                else:
+                    failed.append((job, code))
+        if failed:
+            lines = []
+            for job, code in failed:
+                tail = "".join(job.log.read_text(errors="replace").splitlines(True)[-15:])
+                lines.append(f"step '{job.name}' failed with status {code}; the end of {self._rel(job.log)}:\n{tail}")
+            raise StepFailed("\n".join(lines) + "run the same experiment command again to resume from there "
+                             f"({len(queue)} queued step(s) did not start)")
 
     def _upgrade(self, name, path, rec, settings, upstream, config, digest) -> bool:
         """A finished step whose record lacks only settings added since, at their defaults, is the same
@@ -338,9 +417,11 @@ class Runner:
                         "finetune", "--base", base, "--data", data, "--domain", target, "--method", method,
                         "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
                         deps=("pretrain", "prepare"), config=("finetune", f"finetune_{name}", cfg),
-                        train=method != "none")
+                        train=method != "none", side_by_side=True)
+            self._drain()
             if r.distill is not None:
                 self._distill(target, base, data)
+        self._drain()
         return sources
 
     def _distill(self, target: str, base: Path, data: Path) -> None:
@@ -350,16 +431,41 @@ class Runner:
             raise _CheckEnds       # whether the teacher is an adapter is known once it has run
         adapter = ["--adapter", teacher] if (teacher / "adapter_config.json").is_file() else []
         teacher_model = base if adapter else teacher
-        for kind, doc in (("student_kd", self.r.distill), ("student_ce", replace(self.r.distill, alpha=1.0))):
+        kinds = (("student_kd", self.r.distill), ("student_ce", replace(self.r.distill, alpha=1.0)))
+        # With jobs > 1 both students train side by side, then each serving benchmark runs alone (it
+        # times requests); one at a time, each student is followed by its benchmark.
+        order = ([("distill", k) for k in kinds] + [("serving", k) for k in kinds] if self.jobs > 1 else
+                 [(step, k) for k in kinds for step in ("distill", "serving")])
+        for step, (kind, doc) in order:
             dest = inside(self.out, "targets", target, kind)
-            self._step(f"distill {target} {kind}", ("distill", target, kind), [
-                "distill", "--teacher", teacher_model, *adapter, "--data", data, "--domain", target,
-                "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
-                deps=(teacher_step,), config=("distill", kind, doc), train=True)
+            if step == "distill":
+                self._step(f"distill {target} {kind}", ("distill", target, kind), [
+                    "distill", "--teacher", teacher_model, *adapter, "--data", data, "--domain", target,
+                    "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
+                    deps=(teacher_step,), config=("distill", kind, doc), train=True, side_by_side=True)
+                continue
             bench = dest / "serving.json"
             self._step(f"serving benchmark {target} {kind}", ("serving", target, kind), [
                 "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench],
                 done=bench, output=bench, deps=(f"distill {target} {kind}",))
+
+
+@dataclass
+class _Job:
+    """A step's command, ready to run: its record (written complete when it succeeds) and log file."""
+    name: str
+    args: list
+    train: bool
+    record: Path
+    doc: dict
+    log: Path
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:       # not on Linux
+        return os.cpu_count() or 1
 
 
 def run_folder(method: str, seeds: list[int], seed: int, fraction: float = 1.0) -> str:
@@ -379,6 +485,7 @@ def runs_of(recipe, method: str) -> list[tuple[float, int]]:
     return [(f, s) for f in sorted(fractions, reverse=True) for s in recipe.seeds]
 
 
-def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False) -> Path:
+def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False,
+                   jobs: int = 1) -> Path:
     recipe = load_recipe(config, overrides)
-    return Runner(recipe, Path(out), force, rerun_changed=rerun_changed).run()
+    return Runner(recipe, Path(out), force, rerun_changed=rerun_changed, jobs=jobs).run()

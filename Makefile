@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 TORCH_CPU_SPEC ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 RUN_DIR ?= runs/ml_cross_platform
+# Fine-tuning steps run side by side, each with 1/DEMO_JOBS of the cores (crossrec experiment --jobs).
+DEMO_JOBS ?= 2
 
 .PHONY: setup demo test bench clean
 setup: $(VENV)/.installed
@@ -25,7 +27,7 @@ endif
 	touch $@
 
 demo: setup
-	$(VENV)/bin/crossrec experiment --config launch/recipes/ml_cross_platform.yaml --out $(RUN_DIR)
+	$(VENV)/bin/crossrec experiment --config launch/recipes/ml_cross_platform.yaml --out $(RUN_DIR) --jobs $(DEMO_JOBS)
 
 test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider tests

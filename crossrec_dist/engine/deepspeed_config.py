@@ -189,9 +189,10 @@ def _enabled(section) -> bool:
 
 def native_bf16() -> bool:
     """Whether this process computes bf16 in hardware: a CUDA GPU with bf16, or (no GPU) a CPU with
-    AVX512-BF16 or AMX, where oneDNN runs bf16 matrix products at about twice fp32's rate (measured
-    on a 2-core EPYC: 225 vs 115 samples/s pretraining the medium preset, same loss to 4 digits;
-    benchmarks/RESULTS.md §20). Elsewhere bf16 on a CPU is emulated and slower than fp32."""
+    AVX512-BF16 or AMX, where oneDNN runs bf16 matrix products faster than fp32 (pretraining the
+    medium preset, same loss to 4 digits: 225 vs 115 samples/s on a 2-core EPYC, 232 vs 184 on a
+    2-core Xeon with AMX; benchmarks/RESULTS.md §20). Elsewhere bf16 on a CPU is emulated and slower
+    than fp32."""
     import torch
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

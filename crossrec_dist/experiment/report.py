@@ -196,8 +196,10 @@ def intervals(out: Path, target: str, methods: list[str], seeds: list[int] | Non
     table = {}
     for m, values in ndcg.items():
         steps = [(r.get("train", {}).get("best_step"), r.get("train", {}).get("steps")) for r in per_method[m]]
+        per_seed = [r.get("test", {}).get("ndcg@10") for r in per_method[m]]
         row = {"ndcg@10": bootstrap_mean(values).__dict__, "best_step": steps[0][0], "steps": steps[0][1],
-               "seed_steps": steps, "seeds": len(per_method[m]),
+               "seed_steps": steps, "seeds": len(per_method[m]), "seed_ndcg@10": per_seed,
+               "median_ndcg@10": float(np.median(per_seed)) if None not in per_seed else None,
                "trainable": per_method[m][0].get("params", {}).get("trainable")}
         for ref in ("none", "scratch", "full"):
             if ref in ndcg and ref != m:
@@ -213,18 +215,30 @@ def _interval_lines(target: str, table: dict, methods: list[str]) -> list[str]:
     if not table:
         return []
     n = next(iter(table.values()))["ndcg@10"]["n"]
-    lines = [f"### Target {target}: {n} test users", "",
-             "Test NDCG@10 with a 95% bootstrap interval over users; differences are paired (same users), "
-             "`n.s.` = the interval holds 0 (no significant difference). Selected step: the checkpoint that "
-             "validation chose, of the steps run (0 = the starting weights).", "",
-             "| method | trainable params | test NDCG@10 [95% CI] | vs zero-shot | vs scratch | vs full | of full "
-             "| selected step |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # With several seeds the interval's centre is the seed-averaged mean, not the median the other
+    # tables give: both are shown, so neither is read as the other.
+    seeded = any(r.get("seeds", 1) > 1 for r in table.values())
+    note = ("Test NDCG@10 with a 95% bootstrap interval over users; differences are paired (same users), "
+            "`n.s.` = the interval holds 0 (no significant difference). Selected step: the checkpoint that "
+            "validation chose, of the steps run (0 = the starting weights).")
+    if seeded:
+        note += (" With several seeds: the median over seeds (each seed's value in brackets), then the mean "
+                 "of each user's seed-averaged NDCG@10 with its interval; differences and `of full` are of "
+                 "those seed-averaged values.")
+    lines = [f"### Target {target}: {n} test users", "", note, ""]
+    lines += ["| method | trainable params | " + ("median over seeds (per seed) | seed-averaged " if seeded else "")
+              + "test NDCG@10 [95% CI] | vs zero-shot | vs scratch | vs full | of full | selected step |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if seeded else "")]
     for m in methods:
         if m not in table:
             continue
         r = table[m]
-        cells = [f"{r['trainable']:,}" if r.get("trainable") is not None else "-", Interval(**r["ndcg@10"]).text()]
+        cells = [f"{r['trainable']:,}" if r.get("trainable") is not None else "-"]
+        if seeded:
+            per_seed = r.get("seed_ndcg@10") or []
+            cells.append("-" if r.get("median_ndcg@10") is None else f"{r['median_ndcg@10']:.4f}" + (
+                f" ({', '.join(f'{v:.4f}' for v in per_seed)})" if len(per_seed) > 1 else ""))
+        cells.append(Interval(**r["ndcg@10"]).text())
         for ref in ("none", "scratch", "full"):
             cells.append(Interval(**r[f"vs_{ref}"]).diff_text() if f"vs_{ref}" in r else "-")
         cells.append(f"{r['of_full']:.1%}" if "of_full" in r else "-")
@@ -339,8 +353,9 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
         res["fractions"] = {t: fraction_curve(out, recipe, t) for t in targets}
         lines += _fraction_section(out, res["fractions"], targets)
     if len(seeds) > 1:
-        lines += [f"Fine-tuning seeds: {', '.join(map(str, seeds))}. Tables give the median over seeds; intervals "
-                  "are over users of each user's seed-averaged NDCG@10; selected steps are listed per seed.", ""]
+        lines += [f"Fine-tuning seeds: {', '.join(map(str, seeds))}. The tables above give the median over "
+                  "seeds; intervals are over users of each user's seed-averaged NDCG@10; selected steps are "
+                  "listed per seed.", ""]
     for t in targets:
         lines += _interval_lines(t, res["intervals"][t], methods + students)
     write_atomic(out / "results.json", json.dumps(res, indent=2))

@@ -429,8 +429,6 @@ def test_seeds_run_each_trained_method_once_per_seed_and_report_the_median(fake,
     assert res["lora"]["ndcg@10"] == pytest.approx(0.11) and res["none"]["ndcg@10"] == pytest.approx(0.10)
     # The interval table names both figures: the median over seeds (and each seed's), and the
     # seed-averaged per-user mean that its interval and paired differences are about.
-    iv = json.loads((out / "results.json").read_text())["intervals"]["d3"]["lora"]
-    assert iv["median_ndcg@10"] == pytest.approx(0.11) and iv["seed_ndcg@10"] == pytest.approx([0.10, 0.11, 0.12])
     text = (out / "report.md").read_text()
     assert "| median over seeds (per seed) | seed-averaged test NDCG@10 [95% CI] |" in text
     row = next(line for line in text.splitlines() if line.startswith("| lora |") and "[" in line)

@@ -196,10 +196,8 @@ def intervals(out: Path, target: str, methods: list[str], seeds: list[int] | Non
     table = {}
     for m, values in ndcg.items():
         steps = [(r.get("train", {}).get("best_step"), r.get("train", {}).get("steps")) for r in per_method[m]]
-        per_seed = [r.get("test", {}).get("ndcg@10") for r in per_method[m]]
         row = {"ndcg@10": bootstrap_mean(values).__dict__, "best_step": steps[0][0], "steps": steps[0][1],
-               "seed_steps": steps, "seeds": len(per_method[m]), "seed_ndcg@10": per_seed,
-               "median_ndcg@10": float(np.median(per_seed)) if None not in per_seed else None,
+               "seed_steps": steps, "seeds": len(per_method[m]),
                "trainable": per_method[m][0].get("params", {}).get("trainable")}
         for ref in ("none", "scratch", "full"):
             if ref in ndcg and ref != m:
@@ -210,7 +208,9 @@ def intervals(out: Path, target: str, methods: list[str], seeds: list[int] | Non
     return table
 
 
-def _interval_lines(target: str, table: dict, methods: list[str]) -> list[str]:
+def _interval_lines(target: str, table: dict, methods: list[str], summary: dict) -> list[str]:
+    """The per-target table of intervals; ``summary`` is the target's row of ``results.json``
+    ``targets`` (median over seeds and each seed's value), shown beside the seed-averaged interval."""
     from ..evaluation.bootstrap import Interval
     if not table:
         return []
@@ -235,8 +235,8 @@ def _interval_lines(target: str, table: dict, methods: list[str]) -> list[str]:
         r = table[m]
         cells = [f"{r['trainable']:,}" if r.get("trainable") is not None else "-"]
         if seeded:
-            per_seed = r.get("seed_ndcg@10") or []
-            cells.append("-" if r.get("median_ndcg@10") is None else f"{r['median_ndcg@10']:.4f}" + (
+            per_seed = summary.get(m, {}).get("seed_ndcg@10") or []
+            cells.append("-" if m not in summary else f"{summary[m]['ndcg@10']:.4f}" + (
                 f" ({', '.join(f'{v:.4f}' for v in per_seed)})" if len(per_seed) > 1 else ""))
         cells.append(Interval(**r["ndcg@10"]).text())
         for ref in ("none", "scratch", "full"):
@@ -357,7 +357,7 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
                   "seeds; intervals are over users of each user's seed-averaged NDCG@10; selected steps are "
                   "listed per seed.", ""]
     for t in targets:
-        lines += _interval_lines(t, res["intervals"][t], methods + students)
+        lines += _interval_lines(t, res["intervals"][t], methods + students, res["targets"][t])
     write_atomic(out / "results.json", json.dumps(res, indent=2))
     kd = [t for t in targets if "student_kd" in res["targets"][t]]
     if kd:

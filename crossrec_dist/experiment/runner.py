@@ -92,8 +92,8 @@ class Runner:
     def _env(self) -> dict:
         """A step's environment. With jobs > 1, each of the concurrent steps gets an equal share of the
         CPU cores as its torch thread count (OMP_NUM_THREADS, unless already set): on 2 cores two
-        one-thread fine-tuning runs side by side do 1.56x the work of one two-thread run after the
-        other (benchmarks/RESULTS.md §20). Thread count changes float summation order, so results
+        one-thread fine-tuning runs side by side do 1.30x (a Xeon) to 1.56x (an EPYC) the work of
+        two-thread runs one after the other (benchmarks/parallel_jobs.py, RESULTS.md §20). Thread count changes float summation order, so results
         can differ in the last digits from a run with another --jobs."""
         env = {**os.environ}
         if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:

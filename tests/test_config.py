@@ -49,13 +49,13 @@ def test_optional_fields_are_coerced_and_checked():
 def test_no_and_off_are_strings_for_string_fields_and_booleans_for_bool_fields(tmp_path):
     # PyYAML reads YAML 1.1, where `no` is False: `mixed_precision: no`, a documented value, was refused
     # ("unknown mixed_precision 'False'") from --set and from a YAML file alike.
-    from crossrec_dist.engine.config import TrainConfig, validate_train_config
-    cfg = load_config(TrainConfig, overrides=["mixed_precision=no"])
+    from crossrec_dist.stages.train_config import RecommenderTrainConfig, validate_recommender_train_config
+    cfg = load_config(RecommenderTrainConfig, overrides=["mixed_precision=no"])
     assert cfg.mixed_precision == "no"
-    validate_train_config(cfg)
+    validate_recommender_train_config(cfg)
     y = tmp_path / "t.yaml"
     y.write_text("mixed_precision: no\ntensorboard: off\ntrack_test: yes\n")
-    cfg = load_config(TrainConfig, y)
+    cfg = load_config(RecommenderTrainConfig, y)
     assert (cfg.mixed_precision, cfg.tensorboard, cfg.track_test) == ("no", False, True)
     assert load_config(Outer, overrides=["name=off", "inner.b=on"]) == Outer(inner=Inner(a=7, b=True), name="off")
     assert load_config(Outer, overrides=["inner.b=false"]).inner.b is False

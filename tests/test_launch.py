@@ -98,6 +98,7 @@ def test_accumulation_is_exact(deepspeed, reference, ml100k, tmp_path):
     assert_same_run(tmp_path, reference)
 
 
+@pytest.mark.slow
 def test_accelerate_config_yaml_zero3_with_zero_init(reference, ml100k, tmp_path):
     """(a) ZeRO-3, zero3_init_flag true, the YAML's 2 accumulation steps x 2 processes x micro 16."""
     cfg = tmp_path / "accelerate.yaml"
@@ -123,6 +124,7 @@ def test_accelerate_config_yaml_zero3_with_zero_init(reference, ml100k, tmp_path
         assert all(h["persistent"] < 0.05 * full for h in held.values()), (held, full)
 
 
+@pytest.mark.slow
 def test_accelerate_config_yaml_zero2_with_cpu_offload_distills(tiny_base, ml100k, tmp_path):
     """(a) ZeRO-2 with the optimizer offloaded to CPU, for `crossrec distill`."""
     cfg = tmp_path / "accelerate.yaml"
@@ -136,6 +138,7 @@ def test_accelerate_config_yaml_zero2_with_cpu_offload_distills(tiny_base, ml100
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_flags_zero3_pretrain(reference, ml100k, tmp_path):
     """(b) `--use_deepspeed --zero_stage 3` (accelerate's default: zero3_init on), micro 32 x 2 processes."""
     out = tmp_path / "out"
@@ -146,6 +149,7 @@ def test_flags_zero3_pretrain(reference, ml100k, tmp_path):
     assert_same_run(out, reference)
 
 
+@pytest.mark.slow
 def test_flags_zero2_finetune_with_the_launchers_accumulation(tiny_base, ml100k, tmp_path):
     """(b) `--use_deepspeed --zero_stage 2 --gradient_accumulation_steps 2` for a LoRA fine-tune."""
     from peft import PeftModel
@@ -167,6 +171,7 @@ def test_flags_zero2_finetune_with_the_launchers_accumulation(tiny_base, ml100k,
     assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_plain_ddp_on_cpu_with_the_shipped_config(reference, ml100k, tmp_path):
     """(c) no DeepSpeed: `launch/cpu_ddp_2proc.yaml`, 2 processes x micro 32. On a machine without
     CUDA accelerate settles on DistributedType.NO under torchrun and does not wrap the model in DDP
@@ -187,6 +192,7 @@ ADALORA_RUN = ["--method", "adalora", "--set", "train.max_steps=12", "--set", "t
                "--set", "adalora.table_r=4", "--set", "train_top_items=0"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip, stages", [(0, [2]), (0.05, [0, 2])])
 def test_flags_zero_adalora_prunes_as_plain_ddp(clip, stages, reference, ml100k, tmp_path):
     """(b) AdaLoRA (with its item-table LoRA) under `--use_deepspeed --zero_stage 2` (and 0) against plain DDP
@@ -224,6 +230,7 @@ def test_flags_zero_adalora_prunes_as_plain_ddp(clip, stages, reference, ml100k,
         assert _history(zero, "grad_norm") == pytest.approx(_history(ddp, "grad_norm"), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_conflicting_accumulation_values_stop_before_training(ml100k, tmp_path):
     cfg = tmp_path / "accelerate.yaml"
     cfg.write_text(ACCELERATE_CONFIG_YAML.format(gas=2, offload="none", init="false", stage=2))

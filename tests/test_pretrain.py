@@ -51,6 +51,7 @@ def _history(run_dir: Path, key: str) -> dict:
     return {h["step"]: h[key] for h in json.loads((run_dir / "metrics.json").read_text())["history"] if key in h}
 
 
+@pytest.mark.slow
 def test_zero3_partitions_parameters_and_shards_data(zero3_run):
     r0, r1 = (json.loads((zero3_run / "ranks" / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["world"] == r1["world"] == 2 and (r0["rank"], r1["rank"]) == (0, 1)
@@ -65,6 +66,7 @@ def test_zero3_partitions_parameters_and_shards_data(zero3_run):
         assert abs(len(s0) - len(s1)) <= 1
 
 
+@pytest.mark.slow
 def test_zero3_consolidated_model_reproduces_training_metrics(zero3_run, ml100k):
     from crossrec_dist.data.prepared import PreparedData
     from crossrec_dist.models.model import CrossRecModel
@@ -79,6 +81,7 @@ def test_zero3_consolidated_model_reproduces_training_metrics(zero3_run, ml100k)
     assert ev["valid"]["overall"]["hr@10"] == pytest.approx(during["hr@10"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_one_and_two_processes_agree_on_the_loss_curve(zero3_run, ml100k, tmp_path):
     """Same global batch (64): 1 process x 64 vs 2 processes x 32 under ZeRO-3. The engine averages
     over every target of the update on all ranks, so the curves agree to float rounding (1e-5)."""
@@ -90,6 +93,7 @@ def test_one_and_two_processes_agree_on_the_loss_curve(zero3_run, ml100k, tmp_pa
     assert two == pytest.approx(one, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_two_process_zero3_checkpoint_resumes_on_one_process(zero3_run, ml100k, tmp_path):
     """Resume on another world size: from the consolidated weights of the ZeRO-3 shards, keeping
     step, schedule and data position (Adam's moments restart). The weights are checked through
@@ -118,6 +122,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_machines_train_together_like_one_machine(zero3_run, ml100k, tmp_path):
     """Two "nodes" (machine ranks 0 and 1, one process each, rendezvous on loopback) under ZeRO-3
     give the same run as one node with two processes: same losses and validation."""

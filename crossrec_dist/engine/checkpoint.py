@@ -48,6 +48,10 @@ import shutil
 import sys
 from pathlib import Path
 
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+from safetensors.torch import load_file
+
+from ..errors import InputError
 from . import distributed as dist_info
 
 STATE = "trainer_state.json"
@@ -77,7 +81,6 @@ def resolve_resume(resume: str | None, root: Path) -> Path | None:
         return latest(root)
     path = Path(resume)
     if not (path / STATE).is_file():
-        from ..errors import InputError
         raise InputError(f"not a checkpoint (no {STATE})", path=str(path), field="--resume")
     return path
 
@@ -172,8 +175,6 @@ def verify(path: Path) -> None:
     """Refuse (InputError naming the file) a checkpoint whose files are not exactly those its
     manifest lists, with the same sizes and sha256. Run on every rank before anything is loaded;
     a folder already verified in this process, unchanged since (stat), is not hashed again."""
-    from ..errors import InputError
-
     path = Path(path)
 
     def refuse(file, what):
@@ -225,18 +226,14 @@ def consolidated_weights(path: Path) -> dict:
     shards are laid out per rank and cannot be re-split, the weights can (DeepSpeed's own
     zero_to_fp32 merges the ZeRO-1/2/3 fp32 master shards).
     """
-    from ..errors import InputError
-
     verify(path)
     ds_dir = path / DS_TAG
     if ds_dir.is_dir():
         if any(ds_dir.glob("*optim_states.pt")):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
             return get_fp32_state_dict_from_zero_checkpoint(str(path), tag=DS_TAG)
         raise InputError("a DeepSpeed checkpoint without ZeRO optimizer shards (stage 0) cannot be resumed on "
                          "another number of processes; resume it on the world size that wrote it", path=str(ds_dir))
     weights = path / "model.safetensors"
     if weights.is_file():
-        from safetensors.torch import load_file
         return load_file(str(weights))
     raise InputError("checkpoint holds neither DeepSpeed shards nor model.safetensors", path=str(path))

@@ -1,7 +1,10 @@
-"""Training configuration, shared by all stages (the ``train:`` section of every stage's YAML).
+"""The engine's training configuration: what any task trained by ``engine.trainer.Engine`` is run with.
 
-Ranges are checked by ``engine.trainer.validate_train_config`` before any work starts; how these
-values combine with what an ``accelerate launch`` asks for is in ``engine/deepspeed_config.py``.
+Ranges are checked by :func:`validate_train_config` before any work starts; how these values combine
+with what an ``accelerate launch`` asks for is in ``engine/deepspeed_config.py``. Nothing here is
+about what the model computes: a kind of task that needs more settings subclasses :class:`TrainConfig`
+(the recommender stages' ``train:`` section is ``stages.train_config.RecommenderTrainConfig``) and
+checks its own fields beside :func:`validate_train_config`; the engine accepts any subclass.
 """
 from __future__ import annotations
 
@@ -40,27 +43,23 @@ class TrainConfig:
     zero3_init: bool | None = None      # ZeRO-3: build the model partitioned (deepspeed.zero.Init);
                                         # None = the launcher's zero3_init_flag (accelerate: on for ZeRO-3)
     eval_every: int = 0                 # steps between validations; 0 = once per epoch
-    eval_batch_size: int = 1024
     validate_at_start: bool = False     # validate the initial weights too (fine-tuning: never end worse
                                         # on valid than where it started)
-    track_test: bool = False            # also record test NDCG/HR at each validation (benchmarks' time-to-
-                                        # quality curves); selection and early stopping still use valid only
     patience: int = 10                  # validations without improvement before stopping; 0 = never
     min_steps: int = 0                  # early stopping waits for this many updates: patience counts
-                                        # validations, and on a few dozen users an epoch is 3 updates apart
+                                        # validations, and on a small data set an epoch is a few updates
     checkpoint_every: int = 0           # steps between accelerator.save_state checkpoints; 0 = off
     keep_checkpoints: int = 2
     resume: str | None = None           # auto | PATH
     log_every: int = 20
     tensorboard: bool = True
-    window_stride: int = 0              # training windows per sequence: 0 = non-overlapping max_len chunks
     rank_report: bool = False           # each rank writes ranks/rank{N}.json: its parameter shards and samples
 
 
 def validate_train_config(cfg: TrainConfig, prefix: str = "") -> None:
     """Ranges the dataclass types cannot say; checked before any work starts. ``prefix`` names the
     section in errors (``pretrain.`` in a recipe)."""
-    positive = ("micro_batch_size", "grad_accum", "eval_batch_size", "log_every")
+    positive = ("micro_batch_size", "grad_accum", "log_every")
     for name in positive:
         if getattr(cfg, name) < 1:
             raise InputError(f"must be >= 1, got {getattr(cfg, name)}", field=f"{prefix}train.{name}")
@@ -83,8 +82,6 @@ def validate_train_config(cfg: TrainConfig, prefix: str = "") -> None:
         raise InputError(f"unknown schedule {cfg.schedule!r}; use {', '.join(SCHEDULES)}", field=prefix + "train.schedule")
     if cfg.keep_checkpoints < 1:
         raise InputError(f"must be >= 1, got {cfg.keep_checkpoints}", field=prefix + "train.keep_checkpoints")
-    if cfg.window_stride < 0:
-        raise InputError(f"must be >= 0, got {cfg.window_stride}", field=prefix + "train.window_stride")
     if not (math.isfinite(cfg.max_grad_norm) and cfg.max_grad_norm >= 0):
         raise InputError(f"must be >= 0 (0 = no clipping), got {cfg.max_grad_norm}", field=prefix + "train.max_grad_norm")
     if cfg.mixed_precision not in PRECISIONS:

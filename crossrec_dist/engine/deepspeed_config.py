@@ -29,6 +29,7 @@ Precedence (stated in the README):
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ def resolve(cfg, *, world: int, hidden_size: int) -> RunSettings:
 
 def _plugin(explicit: Path | None):
     """accelerate's DeepSpeedPlugin, built from the explicit JSON or from the launcher's environment."""
+    # Here, not at the top: a recipe check imports this module (resolve_path) and must not pay
+    # accelerate's 2.5 s (tests/test_layers.py: the light layer).
     from accelerate.utils import DeepSpeedPlugin
     if explicit is not None:
         source, hf_ds_config = str(explicit), _read_json(explicit)
@@ -141,7 +144,6 @@ def _plugin(explicit: Path | None):
 
 
 def _read_json(path: Path) -> dict:
-    import json
     if not path.is_file():
         raise InputError("DeepSpeed config not found", path=str(path), field="deepspeed_config_file")
     try:
@@ -191,9 +193,9 @@ def native_bf16() -> bool:
     """Whether this process computes bf16 in hardware: a CUDA GPU with bf16, or (no GPU) a CPU with
     AVX512-BF16 or AMX, where oneDNN runs bf16 matrix products faster than fp32 (pretraining the
     medium preset, same loss to 4 digits: 225 vs 115 samples/s on a 2-core EPYC, 232 vs 184 on a
-    2-core Xeon with AMX; benchmarks/RESULTS.md §20). Elsewhere bf16 on a CPU is emulated and slower
+    2-core Xeon with AMX; benchmarks/RESULTS.md §2.5). Elsewhere bf16 on a CPU is emulated and slower
     than fp32."""
-    import torch
+    import torch   # training only; a recipe check imports this module without torch (2.6 s)
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     cpu = getattr(torch, "cpu", None)
@@ -205,7 +207,7 @@ def _precision(ours: str, launcher: str, ds: str | None) -> str:
     if ours in ("auto", "bf16_if_native"):
         if theirs:
             return theirs
-        import torch
+        import torch   # training only; a recipe check imports this module without torch (2.6 s)
         if ours == "bf16_if_native":
             return "bf16" if native_bf16() else "no"
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"

@@ -1,6 +1,9 @@
 """Stopping cleanly when the cluster asks: SIGUSR1/SIGTERM (Slurm's --signal, scancel, preemption)."""
 from __future__ import annotations
 
+import signal
+import threading
+
 from ..errors import RunStopped
 from . import distributed as dist_info
 
@@ -17,8 +20,6 @@ class PreemptionFlag:
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
     def __init__(self):
-        import signal
-        import threading
         self.flag, self._old = False, {}
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
@@ -35,7 +36,6 @@ class PreemptionFlag:
         return flags[0] > 0, flags[1] > 0
 
     def restore(self) -> None:
-        import signal
         for sig, old in self._old.items():
             signal.signal(sig, old)
         self._old = {}

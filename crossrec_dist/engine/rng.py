@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 
 def save_rng(path: Path, rank: int) -> None:
     """Per-rank torch and numpy RNG state, saved with safetensors (no pickles)."""
-    import numpy as np
-    from safetensors.torch import save_file
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     save_file({"torch": torch.get_rng_state(), "numpy_keys": torch.from_numpy(keys.astype(np.int64)),
                "numpy_pos": torch.tensor([pos, has_gauss]), "numpy_gauss": torch.tensor([gauss])},
@@ -17,8 +17,6 @@ def save_rng(path: Path, rank: int) -> None:
 
 
 def restore_rng(path: Path, rank: int) -> None:
-    import numpy as np
-    from safetensors.torch import load_file
     f = path / f"rng_rank{rank}.safetensors"
     if not f.is_file():
         return

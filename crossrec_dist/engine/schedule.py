@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import math
 
+from ..errors import InputError
+
 
 def lr_lambda(total_steps: int, warmup_steps: int, kind: str, min_ratio: float):
     if kind not in ("cosine", "linear", "constant"):
-        from ..errors import InputError
         raise InputError(f"unknown schedule {kind!r}; use cosine, linear or constant", field="train.schedule")
 
     def f(step: int) -> float:

@@ -1,6 +1,6 @@
 """What a stage hands the engine: the one contract between ``engine/`` and everything that trains.
 
-The engine knows nothing about items, metrics or models beyond this file. A task declares
+The engine knows nothing about the data, the metrics or the model beyond this file. A task declares
 
 * ``selection``: the validation metric that picks the kept checkpoint and its direction;
 * ``build_model()``: the model, built *inside* the engine's construction context (so that under
@@ -11,23 +11,26 @@ The engine knows nothing about items, metrics or models beyond this file. A task
 * ``loss(model, inputs)``: a :class:`LossTerms`;
 * ``validate(engine)``: a :class:`Validation`;
 * ``save(engine, state_dict, out_dir)``: writes the kept model;
+* ``decays(name, param)``: which parameters AdamW's weight decay applies to (default: every
+  trainable parameter of 2 or more dimensions, i.e. weight matrices, not biases or norms);
+* ``flops_per_token`` / ``tokens_per_sample``: for tokens/s and MFU (the engine does the arithmetic);
 * hooks with no-op defaults: ``after_backward`` / ``after_step`` (AdaLoRA reads the gradients in
   one and prunes the updated weights in the other), ``checkpoint_state`` /
   ``restore_checkpoint_state`` (JSON the task needs back on resume beyond weights), ``final_record``
   (metrics.json).
 
 Subclass :class:`TrainTask` and override what you need; nothing is probed with ``getattr``.
+The ``engine`` every method receives is the running :class:`~crossrec_dist.engine.trainer.Engine`
+(not imported here: the engine imports this contract, never the other way round);
+:class:`FitResult` is what its ``fit`` returns.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import Iterator, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .trainer import Engine, FitResult
 
 
 @dataclass
@@ -90,14 +93,34 @@ class Validation:
     Args:
         metrics: flat ``name -> value`` on the selection split; must include ``Selection.metric``.
             Logged to the history as ``valid_<name>``.
-        tracked: other flat figures logged as they are (e.g. ``test_ndcg@10`` for time-to-quality
+        tracked: other flat figures logged as they are (e.g. a test-split metric for time-to-quality
             curves); never used for selection.
-        details: anything the stage wants back at the end (e.g. per-domain breakdowns); kept for
+        details: anything the stage wants back at the end (e.g. per-subset breakdowns); kept for
             the best validation only.
     """
     metrics: dict[str, float]
     tracked: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+
+
+@dataclass
+class FitResult:
+    """What ``Engine.fit`` returns; ``train_record()`` is the ``train`` block of metrics.json."""
+    steps: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    best_step: int = -1
+    best_valid: dict = field(default_factory=dict)   # the best validation's ``Validation.details``
+    history: list = field(default_factory=list)
+    stopped: str = "completed"
+    eval_seconds: float = 0.0           # of ``seconds``, spent in validation (and best-model saving)
+
+    def train_record(self) -> dict:
+        """``samples_per_second`` counts training time only, not validation."""
+        train_time = max(self.seconds - self.eval_seconds, 1e-9)
+        return {"steps": self.steps, "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
+                "samples_per_second": round(self.samples / train_time, 2) if self.seconds else 0.0,
+                "best_step": self.best_step, "stopped": self.stopped}
 
 
 class TrainTask:
@@ -107,9 +130,10 @@ class TrainTask:
     selection: Selection = Selection("loss", "min")
     default_lr: float = 1e-3
     tokens_per_sample: int = 1            # for tokens/s
-    flops_per_token: float | None = None  # for MFU on GPUs with a known peak
+    flops_per_token: float | None = None  # training (forward + backward) FLOPs per token, for MFU on GPUs
+                                          # with a known peak (engine/flops.py); None: no MFU logged
 
-    def build_model(self, engine: "Engine") -> torch.nn.Module:
+    def build_model(self, engine) -> torch.nn.Module:
         raise NotImplementedError
 
     def batches(self) -> Batches:
@@ -118,11 +142,18 @@ class TrainTask:
     def loss(self, model, inputs: dict[str, torch.Tensor]) -> LossTerms:
         raise NotImplementedError
 
-    def validate(self, engine: "Engine") -> Validation:
+    def validate(self, engine) -> Validation:
         raise NotImplementedError
 
-    def save(self, engine: "Engine", state_dict: dict | None, out_dir: Path) -> None:
+    def save(self, engine, state_dict: dict | None, out_dir: Path) -> None:
         raise NotImplementedError
+
+    def decays(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Does AdamW's weight decay (``train.weight_decay``) apply to trainable parameter ``name`` of
+        the model ``build_model`` returned? The engine puts those that do in one parameter group with
+        ``train.weight_decay`` and the rest in one with none. Default: every parameter of 2 or more
+        dimensions (weight matrices; not biases, norms' gains or other vectors)."""
+        return param.ndim >= 2
 
     def after_backward(self, model, step: int) -> None:
         """Called once per optimizer update, after the gradients are complete (reduced over ranks;
@@ -145,6 +176,6 @@ class TrainTask:
     def restore_checkpoint_state(self, model, state: dict) -> None:
         """Put back ``checkpoint_state``'s dict (after the weights are loaded)."""
 
-    def final_record(self, engine: "Engine", result: "FitResult") -> dict:
+    def final_record(self, engine, result: FitResult) -> dict:
         """The stage's metrics.json record, computed on the main rank after training."""
         raise NotImplementedError

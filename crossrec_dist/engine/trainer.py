@@ -17,13 +17,19 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import deepspeed
 import torch
+from accelerate import Accelerator
+from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
 from ..errors import InputError, RunStopped
 from ..progress import Progress, format_seconds, peak_rss_mib
@@ -31,34 +37,15 @@ from . import checkpoint as ckpt
 from . import deepspeed_config as dscfg
 from . import distributed as dist_info
 from .config import TrainConfig, validate_train_config
+from .flops import mfu, peak_flops
 from .loss_window import LossWindow
 from .preemption import Preempted, PreemptionFlag
 from .rng import restore_rng, save_rng
 from .schedule import lr_lambda
 from .state import TrainerState
-from .task import MicroBatch, TrainTask
+from .task import FitResult, MicroBatch, TrainTask
 from .zero3 import (gathered, held_outside_gather, initialize_partitioned, load_full_weights, partition_report,
                     register_tied_parameters)
-
-
-@dataclass
-class FitResult:
-    """What ``Engine.fit`` returns; ``train_record()`` is the ``train`` block of metrics.json."""
-    steps: int = 0
-    seconds: float = 0.0
-    samples: int = 0
-    best_step: int = -1
-    best_valid: dict = field(default_factory=dict)   # the best validation's details (e.g. overall/per_domain)
-    history: list = field(default_factory=list)
-    stopped: str = "completed"
-    eval_seconds: float = 0.0           # of ``seconds``, spent in validation (and best-model saving)
-
-    def train_record(self) -> dict:
-        """``samples_per_second`` counts training time only, not validation."""
-        train_time = max(self.seconds - self.eval_seconds, 1e-9)
-        return {"steps": self.steps, "seconds": round(self.seconds, 3), "eval_seconds": round(self.eval_seconds, 3),
-                "samples_per_second": round(self.samples / train_time, 2) if self.seconds else 0.0,
-                "best_step": self.best_step, "stopped": self.stopped}
 
 
 @dataclass
@@ -98,9 +85,6 @@ class Engine:
     """
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, hidden_size: int = 64, log: Callable = print):
-        from accelerate import Accelerator
-        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
-
         validate_train_config(cfg)
         self.cfg, self.out_dir, self._log = cfg, Path(out_dir), log
         if cfg.deepspeed not in (None, "none", "off") or dscfg.launcher_uses_deepspeed():
@@ -123,7 +107,6 @@ class Engine:
         if self.ds_config is not None and not self.settings.zero3_init:
             # accelerate publishes its DeepSpeed config to transformers, which then builds every
             # from_pretrained model under zero.Init; without zero3_init models are built whole.
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
             unset_hf_deepspeed_config()
         self.device = self.accelerator.device
         self.world, self.rank = dist_info.world_size(), dist_info.rank()
@@ -190,7 +173,6 @@ class Engine:
         parameters gathered at a time."""
         if not self.settings.zero3_init:
             return build()
-        import deepspeed
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config):
             model = build()
         initialize_partitioned(model)
@@ -200,7 +182,6 @@ class Engine:
     def unpartitioned(self):
         """Inside, ``from_pretrained`` builds a whole model even under zero3_init (DeepSpeed then
         partitions it in ``prepare``): for libraries that cannot touch partitioned parameters."""
-        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
         unset_hf_deepspeed_config()
         try:
             yield
@@ -250,7 +231,7 @@ class Engine:
         self.lr = cfg.lr or task.default_lr
         if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = self._build_optimizer(model)
+        optimizer = self._build_optimizer(task, model)
         # The schedule is ours, not accelerate's: its wrapper would step it once per process (and
         # not at all under DeepSpeed with a torch scheduler); we step it once per optimizer update
         # and restore it from the step count on resume (no pickled scheduler state).
@@ -271,11 +252,13 @@ class Engine:
             self.accelerator.init_trackers(task.name, config={k: v for k, v in asdict(cfg).items() if v is not None})
         return _Run(task, model, optimizer, scheduler, batches, plan)
 
-    def _build_optimizer(self, model):
+    def _build_optimizer(self, task: TrainTask, model):
+        """AdamW over the trainable parameters: those the task says decay (``TrainTask.decays``) with
+        ``train.weight_decay``, the rest without."""
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if p.requires_grad:
-                (decay if p.ndim >= 2 and "embeddings" not in name else no_decay).append(p)
+                (decay if task.decays(name, p) else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": self.cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=(0.9, self.cfg.adam_beta2))
@@ -328,8 +311,7 @@ class Engine:
                  f"micro_batch={self.cfg.micro_batch_size} grad_accum={s.grad_accum} clip={s.max_grad_norm} "
                  f"micro-batches/epoch/rank={run.plan.micro_batches_per_epoch} updates={run.plan.total_updates}")
         if self.precision == "bf16" and self.device.type == "cpu":
-            from .deepspeed_config import native_bf16
-            if not native_bf16():
+            if not dscfg.native_bf16():
                 self.log("note: bf16 on a CPU without AVX512-BF16 or AMX is emulated, slower than fp32; "
                          "train.mixed_precision=bf16_if_native picks fp32 on such a CPU")
 
@@ -447,9 +429,9 @@ class Engine:
         if norms:
             rec["grad_norm"] = sum(norms) / len(norms)
         rec["tokens_per_second"] = rec["samples_per_second"] * run.task.tokens_per_sample
-        peak = _peak_flops()
-        if peak and run.task.flops_per_token:
-            rec["mfu"] = rec["tokens_per_second"] * run.task.flops_per_token / (peak * self.world)
+        utilisation = mfu(rec["tokens_per_second"], run.task.flops_per_token, self.world, peak_flops())
+        if utilisation is not None:
+            rec["mfu"] = utilisation
         state.history.append(rec)
         self.accelerator.log({f"train/{k}": v for k, v in rec.items() if k not in ("kind", "step", "epoch")},
                              step=state.step)
@@ -517,7 +499,6 @@ class Engine:
         self.accelerator.end_training()
         if self.ds_config is not None:
             # Later from_pretrained calls in this process must build plain models, not partitioned ones.
-            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
             unset_hf_deepspeed_config()
         seconds = time.perf_counter() - self._t_start
         return FitResult(steps=state.step, seconds=seconds, samples=state.samples, best_step=state.best_step,
@@ -540,7 +521,6 @@ class Engine:
 
     def _note_memory(self, point: str) -> None:
         """Resident and peak resident memory of this process (MiB) when it reached ``point``."""
-        import os
         try:
             with open("/proc/self/statm") as f:     # Linux; elsewhere the report has no memory figures
                 rss_pages = int(f.read().split()[1])
@@ -552,8 +532,6 @@ class Engine:
     def _save_best(self, run: _Run) -> None:
         """The best model to ``best.tmp``, then swapped in for ``best``: a run killed mid-save keeps
         the previous best whole (every rank joins the gather, the main rank writes and renames)."""
-        import os
-        import shutil
         best, tmp, old = (self.out_dir / n for n in ("best", "best.tmp", "best.old"))
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -573,8 +551,6 @@ class Engine:
         temporary name and renamed, so no file there is ever half-written; a subfolder (a second PEFT
         adapter, PEFT's layout for several) likewise, the old one removed only once the new one is
         whole. The stage writes ``metrics.json`` after this: a folder is complete when it has it."""
-        import os
-        import shutil
         best = self.out_dir / "best"
         if self.is_main and best.is_dir():
             for f in best.iterdir():
@@ -599,10 +575,5 @@ def _current_lr(model, optimizer) -> float:
     if hasattr(model, "get_lr"):
         return float(model.get_lr()[0])
     return float(optimizer.param_groups[0]["lr"])
-
-
-def _peak_flops():
-    from .flops import peak_flops
-    return peak_flops()
 
 

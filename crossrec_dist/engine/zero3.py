@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import deepspeed
 import torch
+from transformers import PreTrainedModel
 
 from ..errors import InputError
 from . import distributed as dist_info
@@ -32,7 +34,6 @@ def load_full_weights(model, weights: dict, source: Path) -> None:
 
 def gathered(params, modifier_rank=None):
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
         return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
@@ -44,7 +45,6 @@ def initialize_partitioned(model) -> None:
     ``PreTrainedModel``'s ``post_init`` initialises empty shards. Gather one module's parameters at
     a time, let rank 0 initialise them, and scatter back: the model never exists whole anywhere.
     """
-    from transformers import PreTrainedModel
     owners = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
     seen: set[int] = set()
     for owner in owners:
@@ -86,7 +86,6 @@ def held_outside_gather(model) -> dict:
 def register_tied_parameters(model) -> None:
     """Parameters a module uses outside its own forward (tied output tables) must be registered
     with ZeRO-3, or they are not gathered when used."""
-    import deepspeed
     for module in model.modules():
         tied = getattr(module, "tied_parameters", None)
         if callable(tied):

@@ -6,6 +6,7 @@ the rest the same way for pretraining, fine-tuning and distillation.
 """
 from __future__ import annotations
 
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +16,6 @@ import torch
 from ..data.batches import SequenceBatches, make_windows
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
-from ..engine.config import TrainConfig
 from ..engine.task import LossTerms, Selection, TrainTask, Validation
 from ..engine.trainer import Engine
 from ..errors import InputError
@@ -23,6 +23,7 @@ from ..evaluation.evaluator import EvalOptions, evaluate, model_scorer
 from ..evaluation.record import write_metrics
 from ..evaluation.sharded import sharded_evaluate
 from ..models.sizing import param_counts
+from .train_config import RecommenderTrainConfig
 
 __all__ = ["RecommenderTask", "run_stage", "evaluate_model", "param_counts", "model_scorer", "on_main",
            "resolve_domains", "seed_everything", "training_batches", "target_catalogue", "catalogue_record"]
@@ -32,7 +33,7 @@ class RecommenderTask(TrainTask):
     """A next-item task over a prepared dataset, selected on validation NDCG@10 (full ranking)."""
 
     selection = Selection("ndcg@10", "max")
-    train: TrainConfig
+    train: RecommenderTrainConfig
     data: PreparedData
     max_len: int
     hidden_size: int
@@ -56,6 +57,12 @@ class RecommenderTask(TrainTask):
     def describe(self) -> str:
         """One line for the log before training."""
         return ""
+
+    def decays(self, name: str, param: torch.nn.Parameter) -> bool:
+        """Weight decay on weight matrices, but not on embedding tables (items, domains): a row
+        is only updated when its item is in the batch, while decay would shrink every row at every
+        step, pulling rarely seen items towards zero."""
+        return param.ndim >= 2 and "embeddings" not in name
 
     def batches(self) -> SequenceBatches:
         t = self.train
@@ -161,7 +168,6 @@ def resolve_domains(domains) -> list[str] | None:
 
 
 def seed_everything(seed: int) -> None:
-    import random
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)

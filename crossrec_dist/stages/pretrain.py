@@ -11,6 +11,7 @@ from ..errors import InputError
 from ..evaluation.record import metrics_record
 from ..export.vocab import write_vocab
 from ..models.config import CrossRecConfig
+from ..models.flops import flops_per_token
 from ..models.model import CrossRecModel
 from ..models.presets import PRESETS
 from ..models.sizing import param_counts
@@ -48,7 +49,6 @@ class PretrainTask(RecommenderTask):
         return CrossRecModel(self.model_config)
 
     def build_model(self, engine):
-        from ..engine.flops import flops_per_token
         model = engine.construct(self.new_model)
         self.params = param_counts(model)
         body = param_counts(model.backbone)["total"]

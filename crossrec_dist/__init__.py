@@ -1,6 +1,8 @@
 """crossrec_dist: pretrain, adapt per region, and distil transformer sequential recommenders."""
 from __future__ import annotations
 
+import importlib
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -12,7 +14,6 @@ _LAZY = {
 
 def __getattr__(name):  # torch/transformers load only when a model class is asked for
     if name in _LAZY:
-        import importlib
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(name)

@@ -9,6 +9,13 @@ from __future__ import annotations
 import sys
 import time
 
+from tqdm.auto import tqdm
+
+try:
+    import resource     # Unix only
+except ImportError:
+    resource = None
+
 
 def format_seconds(seconds: float) -> str:
     seconds = max(0, int(seconds))
@@ -29,7 +36,6 @@ class Progress:
         self.interactive = enabled and interactive()
         self.bar = None
         if self.interactive:
-            from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, leave=True)
 
     def advance(self, n: int = 1) -> None:
@@ -56,7 +62,6 @@ def track(iterable, total: int, desc: str, enabled: bool = True, every_seconds: 
     """``iterable`` with progress: a bar on a terminal; otherwise a line at most every
     ``every_seconds`` (so short loops print nothing and long ones show they are alive)."""
     if enabled and interactive():
-        from tqdm.auto import tqdm
         yield from tqdm(iterable, total=total, desc=desc, dynamic_ncols=True, leave=False)
         return
     t0 = last = time.perf_counter()
@@ -71,12 +76,12 @@ def track(iterable, total: int, desc: str, enabled: bool = True, every_seconds: 
 
 def peak_rss_mib() -> float | None:
     """Peak resident memory of this process so far, MiB (None where getrusage is missing)."""
+    if resource is None:
+        return None
     try:
-        import resource
-        import sys
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / (2**20 if sys.platform == "darwin" else 1024)      # bytes on macOS, KiB on Linux
-    except (ImportError, OSError):
+    except OSError:
         return None
 
 

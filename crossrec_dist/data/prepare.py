@@ -6,7 +6,6 @@ k-core filter is repeated ``bincount``s, and the Arrow list column is built from
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -15,14 +14,18 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from ..paths import check_output_dir
+from ..progress import Phases
 from .prepared import ARRAYS, write_arrays
 from .readers import DUPLICATES, Columns
 from .sources import item_sharing, make_sources, read_sources
+from .vocabulary import vocab_hash
 
 FORMAT_VERSION = 1
 
@@ -103,10 +106,7 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
             source_names: list[str] | None = None) -> dict:
     """``input_path``: one input, or a list of inputs (one prepared dataset from several sources;
     ``opts.format`` then is one format for all or a list, one per input; see ``data/sources.py``)."""
-    import datasets  # heavy import, only when preparing
     datasets.disable_progress_bars()
-
-    from ..progress import Phases
     t0 = time.perf_counter()
     inputs = [str(i) for i in input_path] if isinstance(input_path, (list, tuple)) else [str(input_path)]
     formats = list(opts.format) if isinstance(opts.format, (list, tuple)) else [opts.format]
@@ -258,17 +258,6 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     return stats
 
 
-def vocab_hash(item_ids: list[str]) -> str:
-    """Identity of an item vocabulary: SHA-256 of the raw ids in index order (index i+1 = ids[i]).
-
-    Two vocabularies of the same size but other ids (or another order) differ; models, datasets and
-    adapters are matched on this, never on the size alone."""
-    h = hashlib.sha256()
-    for i in item_ids:
-        h.update(str(i).encode("utf-8", "surrogatepass") + b"\0")
-    return "sha256:" + h.hexdigest()
-
-
 def check_prepare_options(opts: PrepareOptions) -> None:
     """Every option's range, before the input is read."""
     if opts.min_user_interactions < 0:
@@ -287,7 +276,6 @@ def check_prepare_options(opts: PrepareOptions) -> None:
 def _check_out(out: Path) -> Path:
     """``--out`` may be new, empty, or an earlier prepared dataset (replaced); anything else is refused,
     so a mistyped path never replaces a folder of the user's."""
-    from ..paths import check_output_dir
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise InputError("output folder is not empty and is not a prepared dataset; choose a new folder",
                          path=str(out), field="--out")

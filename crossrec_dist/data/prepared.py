@@ -18,9 +18,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from ..errors import InputError
+from .vocabulary import vocab_hash
 
 ARRAYS = "arrays"
 ARRAY_NAMES = ("offsets", "items", "train_end", "valid_end", "seq_domain")
@@ -112,8 +114,6 @@ class PreparedData:
 
     def _read_arrow(self) -> None:
         """The loader of folders without ``arrays/``: every column copied into memory from Arrow."""
-        import datasets
-
         table = datasets.load_from_disk(str(self.path / "sequences")).with_format("arrow")[:]
         col = table["item_ids"].combine_chunks()
         self.offsets = col.offsets.to_numpy().astype(np.int64)
@@ -129,7 +129,6 @@ class PreparedData:
     def user_ids(self):
         """Raw user id of each sequence (an Arrow column, memory-mapped), read on first use."""
         if self._user_ids is None:
-            import datasets
             self._user_ids = datasets.load_from_disk(str(self.path / "sequences")).with_format("arrow")[:]["user_id"]
         return self._user_ids
 
@@ -137,9 +136,6 @@ class PreparedData:
     def vocab_hash(self) -> str:
         """Identity of the item vocabulary (recorded by prepare; computed for older folders)."""
         if "vocab_hash" not in self.meta:
-            import datasets
-
-            from .prepare import vocab_hash
             self.meta["vocab_hash"] = vocab_hash(datasets.load_from_disk(str(self.path / "items"))["item_id"])
         return self.meta["vocab_hash"]
 

@@ -15,6 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..errors import InputError
+from ..paths import check_output_dir
+
 
 @dataclass
 class SynthOptions:
@@ -56,7 +59,6 @@ def synthesize_chunks(opts: SynthOptions, chunk_users: int | None = None):
     n_private = int(opts.items * opts.private_items) if d > 1 else 0
     n_shared = opts.items - n_private * d
     if n_shared < c:
-        from ..errors import InputError
         raise InputError(f"{n_shared} shared items cannot fill {c} clusters; raise --items or lower --clusters "
                          f"or --private-items", field="--items")
     # Shared items split into clusters; each domain's private items too (ids after the shared ones).
@@ -100,7 +102,6 @@ def synthesize(opts: SynthOptions) -> pa.Table:
 def write_synth(out: str | Path, opts: SynthOptions, log=print) -> Path:
     """Streams the log to ``interactions.parquet`` one chunk of users at a time (one row group each),
     through a temporary name: a run stopped midway leaves no half-written file behind."""
-    from ..paths import check_output_dir
     out = check_output_dir(out)
     path = out / "interactions.parquet"
     tmp = out / "interactions.parquet.tmp"

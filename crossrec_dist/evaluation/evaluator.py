@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..data.prepared import EvalSet, PreparedData
+from ..progress import track
 from .metrics import DEFAULT_KS, metrics_from_ranks, target_ranks
 
 Scorer = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -104,7 +105,6 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
     ``max_len``; beyond it, the earlier targets see up to k - 1 fewer items than a pass of their own
     would give them (48 or 49 instead of 50 at k = 3), as positions inside a training window do.
     Histories are excluded per target as always. k = 1 (every test set) is one pass per history."""
-    from ..progress import track
     ranks = torch.zeros(len(ev.targets), dtype=torch.long)
     hidden = None if opts.catalogue is None else torch.from_numpy(~opts.catalogue).to(device)  # items never ranked
     batches = eval_batches(ev, opts.batch_size, getattr(scorer, "last_k", None) is not None, opts.max_len)

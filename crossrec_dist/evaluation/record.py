@@ -29,6 +29,14 @@ def metrics_record(*, stage: str, domain: str | None, method: str, params: dict,
     return record
 
 
+def catalogue_record(catalogue, data) -> dict:
+    """``{"catalogue": {"kind": "all" | "target", "items": N}}`` for metrics.json (``catalogue``: a boolean
+    mask over items, or None when all of ``data``'s items were ranked; ``target``: only the evaluated
+    domains' own items were, whichever command asked for it)."""
+    n = data.num_items if catalogue is None else int(catalogue.sum())
+    return {"catalogue": {"kind": "all" if catalogue is None else "target", "items": n}}
+
+
 def write_metrics(out_dir: str | Path, record: dict, name: str = "metrics.json") -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

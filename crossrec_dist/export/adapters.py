@@ -10,6 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from peft import PeftMixedModel, PeftModel
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
 from ..errors import InputError
 from ..jsonfile import read_json
 from .fingerprint import FILE, base_fingerprint
@@ -58,7 +62,6 @@ def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: s
 def attach_adapter(model, adapter_dir: str | Path, name: str = "default"):
     """The adapter on ``model``, for a caller that has already run ``check_base`` (it hashes the
     base's weights: once per load is enough)."""
-    from peft import PeftMixedModel, PeftModel
     if not is_mixed(adapter_dir):
         return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
     model = PeftMixedModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
@@ -73,8 +76,6 @@ def save_mixed_adapter(model, state_dict: dict, out_dir: Path) -> None:
     The AdaLoRA part keeps its trained size (init_r, the pruned singular values zero, so it computes
     what the allocation chose) and no ``rank_pattern``: with one, PEFT would shrink the modules on
     load, which a mixed model cannot do. The chosen ranks go to crossrec_adapter.json instead."""
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
     for name, folder in (("default", out_dir), (TABLE_ADAPTER, out_dir / TABLE_ADAPTER)):
         config = model.peft_config[name]
         pattern, inference = getattr(config, "rank_pattern", None), config.inference_mode

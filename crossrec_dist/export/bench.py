@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from .loading import load_model
+from .onnx import export_model_onnx, onnx_feed
 
 
 def _serving_model(model_dir, adapter=None, allow_unverified_adapter: bool = False):
@@ -52,9 +54,7 @@ class _OrtScorer:
     """An ONNX Runtime session behind the same call as the PyTorch model (for the timers above)."""
 
     def __init__(self, model, workdir: Path, name: str):
-        import onnxruntime as ort
-
-        from .onnx import export_model_onnx, onnx_feed
+        import onnxruntime as ort   # the optional [onnx] extra: only with --onnx
         path = export_model_onnx(model, workdir / f"{name}.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = torch.get_num_threads()
@@ -95,7 +95,6 @@ def bench_serving(student_dir, teacher_dir, adapter=None, history: int = 50, req
     for name, m in (("teacher", teacher), ("student", student)):
         res[name]["params"] = sum(p.numel() for p in m.parameters())
     if onnx:
-        import tempfile
         with tempfile.TemporaryDirectory() as tmp:
             scorers = {name: _OrtScorer(m, Path(tmp), name) for name, m in (("teacher", teacher), ("student", student))}
             res["onnxruntime"] = _compare(scorers, ids, requests, batch)

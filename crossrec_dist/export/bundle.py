@@ -6,10 +6,13 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..errors import InputError
 from ..models.model import CrossRecModel
-from .adapters import apply_adapter
-from .manifest import read_manifest
 from ..paths import inside
+from .adapters import apply_adapter
+from .loading import load_model
+from .manifest import read_manifest
+from .onnx import export_onnx, onnx_parity
 from .vocab import VOCAB
 
 
@@ -20,9 +23,7 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
     ad_root = Path(adapters) if adapters else None
     manifest = read_manifest(ad_root) if ad_root else {"domains": {}}
     if merge and ad_root is None:
-        from ..errors import InputError
         raise InputError("--merge needs --adapters", field="--merge")
-    from .loading import load_model
     load_model(base_dir)  # fail early on a bad base
     out_dir.mkdir(parents=True, exist_ok=True)
     keep = ("config.json", "model.safetensors", "model.safetensors.index.json", VOCAB)
@@ -48,7 +49,6 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
                 shutil.copy2(base_dir / VOCAB, target / VOCAB)
             log(f"merged {domain} -> {target}")
     if onnx:
-        from .onnx import export_onnx, onnx_parity
         targets = [out_dir / "base"] + sorted((out_dir / "merged").glob("*")) if merge else [out_dir / "base"]
         for model_dir in targets:
             f = export_onnx(model_dir, model_dir / "model.onnx")

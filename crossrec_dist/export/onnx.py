@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .loading import load_model
 
 
 class _ScoreGraph(torch.nn.Module):
@@ -30,8 +31,6 @@ def example_inputs(num_items: int, max_len: int, batch: int = 2, seed: int = 0):
 
 
 def export_onnx(model_dir: str | Path, out_file: str | Path) -> Path:
-    from .loading import load_model
-
     return export_model_onnx(load_model(model_dir), out_file)
 
 
@@ -52,9 +51,7 @@ def export_model_onnx(model, out_file: str | Path) -> Path:
 
 def onnx_parity(model_dir: str | Path, onnx_file: str | Path, batch: int = 8) -> float:
     """Max |score difference| between ONNX Runtime and PyTorch on random left-padded histories."""
-    import onnxruntime as ort
-
-    from .loading import load_model
+    import onnxruntime as ort   # the optional [onnx] extra, not installed by default
 
     if not Path(onnx_file).is_file():
         raise InputError("no such ONNX file", path=str(onnx_file))

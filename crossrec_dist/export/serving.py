@@ -10,12 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from ..errors import InputError
 from ..models.model import CrossRecModel
+from ..paths import inside
 from .adapters import attach_adapter, check_base, is_mixed
 from .manifest import read_manifest
-from ..paths import inside
 from .vocab import read_vocab
 
 
@@ -51,7 +52,6 @@ class Recommender:
         # names (module keys, where '.' is not allowed) are our own, one per domain.
         self._adapter_name = {d: f"region{i}" for i, d in enumerate(self.adapter_domains)}
         if self.adapter_domains:
-            from peft import PeftModel
             for i, d in enumerate(self.adapter_domains):
                 folder = folders[d]
                 check_base(self.base_dir, folder)

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
+
+from ..data.vocabulary import vocab_hash
 from ..errors import InputError
 from ..jsonfile import read_json
+from ..models.loading import check_model_dir
 
 VOCAB = "items.json"
 
 
 def write_vocab(data, out_dir: str | Path) -> None:
-    import datasets
     ids = datasets.load_from_disk(str(Path(data.path) / "items"))["item_id"]
     (Path(out_dir) / VOCAB).write_text(json.dumps(list(ids)))
 
@@ -29,8 +32,6 @@ def read_vocab(model_dir: str | Path) -> list[str] | None:
 
 def check_same_vocabulary(model_dir: str | Path, data, what: str = "model") -> None:
     """``model_dir``'s items.json lists exactly ``data``'s items, in the same order."""
-    from ..data.prepare import vocab_hash
-    from ..models.loading import check_model_dir
     check_model_dir(model_dir)          # first: "not a model folder" says more than "no items.json"
     path = Path(model_dir) / VOCAB
     ids = read_vocab(model_dir)

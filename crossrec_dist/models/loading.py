@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import safe_open
+
 from ..errors import InputError
 from ..jsonfile import read_json
+from .config import CrossRecConfig
+from .model import CrossRecModel
 
 
 def check_model_dir(model_dir: str | Path) -> Path:
@@ -27,7 +31,6 @@ def check_model_dir(model_dir: str | Path) -> Path:
 def check_safetensors(path: Path) -> None:
     """The file's header parses and its tensors cover the file exactly (a truncated copy fails here,
     naming the file, instead of deep inside from_pretrained). Reads the header only."""
-    from safetensors import safe_open
     try:
         with safe_open(str(path), "pt") as f:
             f.keys()
@@ -36,7 +39,6 @@ def check_safetensors(path: Path) -> None:
 
 
 def load_model_config(model_dir: str | Path):
-    from .config import CrossRecConfig
     path = check_model_dir(model_dir)
     try:
         return CrossRecConfig.from_pretrained(path)
@@ -46,7 +48,6 @@ def load_model_config(model_dir: str | Path):
 
 def load_base_model(model_dir: str | Path):
     """A plain-process model, safetensors weights only, in eval mode."""
-    from .model import CrossRecModel
     config = load_model_config(model_dir)
     try:
         return CrossRecModel.from_pretrained(Path(model_dir), config=config, use_safetensors=True).eval()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
+from .model import CrossRecModel
 from .presets import DEFAULT_CATALOGUE, PRESETS, preset_config
 
 
@@ -21,7 +23,6 @@ def param_counts(model) -> dict:
 
 
 def count_parameters(config) -> int:
-    from .model import CrossRecModel
     with torch.device("meta"):
         model = CrossRecModel(config)
     return sum(p.numel() for p in model.parameters())
@@ -39,7 +40,6 @@ def model_state_bytes(n: int, stage: int, world: int, mixed: bool = True) -> flo
 
 
 def describe_presets(names=None, num_items: int | None = None, world_sizes=(1, 2, 8)) -> str:
-    from ..errors import InputError
     names = names or list(PRESETS)
     unknown = [n for n in names if n not in PRESETS]
     if unknown:

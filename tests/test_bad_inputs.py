@@ -232,7 +232,7 @@ CASES = [
          "--set adalora.tfinal_ratio=0.5", ["adalora"], needs=("data", "model")),
     Case("valid-targets-zero", FT + " --method lora --set valid_targets=0", ["valid_targets"], needs=("data", "model")),
     Case("train-fraction-zero", FT + " --method lora --set train_fraction=0", ["train_fraction"], needs=("data", "model")),
-    Case("l2sp-negative", FT + " --method l2sp --set l2sp_weight=-1", ["l2sp_weight"], needs=("data", "model")),
+    Case("l2sp-negative", FT + " --method l2sp --set l2sp.weight=-1", ["l2sp.weight"], needs=("data", "model")),
     Case("unknown-catalogue", FT + " --method none --set catalogue=platform", ["catalogue", "platform"],
          needs=("data", "model")),
     Case("top-items-negative", FT + " --method lora --set train_top_items=-1", ["train_top_items"],

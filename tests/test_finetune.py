@@ -227,6 +227,7 @@ def test_new_target_items_get_trainable_rows(synth_data, tmp_path):
     assert not torch.allclose(delta[0], original[rows])  # the new items' rows were trained
 
 
+@pytest.mark.slow
 def test_lora_under_zero3_saves_the_trained_adapter(tiny_base, ml100k, tmp_path):
     """PITFALLS #1/#2: under ZeRO-3 an un-gathered save writes empty tensors; lora_B must move.
     Launched with `--use_deepspeed --zero_stage 3`, so zero3_init is on (accelerate's default) and

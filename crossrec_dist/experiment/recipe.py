@@ -17,8 +17,10 @@ from pathlib import Path
 
 from ..config import deep_merge, from_dict, load_config
 from ..data.fetch import SOURCES as FETCH_SOURCES
+from ..engine.deepspeed_config import resolve_path
 from ..errors import InputError
-from ..stages.configs import (METHODS, DistillConfig, FinetuneConfig, PretrainConfig, check_distill_config,
+from ..methods import get_method, method_names
+from ..stages.configs import (DistillConfig, FinetuneConfig, PretrainConfig, check_distill_config,
                               check_finetune_config, check_pretrain_config)
 
 FETCHABLE = tuple(FETCH_SOURCES)         # `crossrec data fetch` names
@@ -148,6 +150,19 @@ def _check_data(data: DataRecipe, path: str) -> None:
 
 def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
     _check_data(recipe.data, path)
+    _check_domains(recipe, path)
+    _check_runs(recipe, path)
+    _check_methods(recipe, path)
+    check_pretrain_config(recipe.pretrain, "pretrain.")
+    if recipe.distill is not None:
+        check_distill_config(recipe.distill, "distill.")
+        if recipe.distill_from not in recipe.methods:
+            raise InputError(f"distill_from {recipe.distill_from!r} is not among the methods {recipe.methods}",
+                             path=path, field="distill_from")
+    _check_files(recipe, path, repo or Path.cwd())
+
+
+def _check_domains(recipe: Recipe, path: str) -> None:
     if not recipe.targets:
         raise InputError("the recipe names no target domains", path=path, field="targets")
     for key, names in (("targets", recipe.targets), ("sources", recipe.sources or [])):
@@ -158,6 +173,10 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
         twice = sorted({str(n) for n in names if list(map(str, names)).count(str(n)) > 1})
         if twice:
             raise InputError(f"domain(s) {twice} listed more than once", path=path, field=key)
+
+
+def _check_runs(recipe: Recipe, path: str) -> None:
+    """Seeds and data fractions of a study."""
     if not recipe.seeds or len(set(recipe.seeds)) != len(recipe.seeds) or min(recipe.seeds) < 0:
         raise InputError(f"seeds must be distinct integers >= 0, at least one; got {recipe.seeds}", path=path,
                          field="seeds")
@@ -170,9 +189,14 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
         if stray:
             raise InputError(f"fraction_methods {stray} are not among the methods {recipe.methods}", path=path,
                              field="fraction_methods")
-    unknown = [m for m in recipe.methods if m not in METHODS]
+
+
+def _check_methods(recipe: Recipe, path: str) -> None:
+    """Every method is registered, and its fine-tuning config (with its overrides) is valid."""
+    unknown = [m for m in recipe.methods if m not in method_names()]
     if unknown or not recipe.methods:
-        raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}", path=path, field="methods")
+        raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(method_names())}", path=path,
+                         field="methods")
     for method in recipe.method_overrides:
         if method not in recipe.methods:
             raise InputError(f"override for method {method!r}, which the recipe does not run", path=path,
@@ -180,24 +204,20 @@ def _check(recipe: Recipe, path: str, repo: Path | None) -> None:
     for method in recipe.methods:
         try:
             cfg = recipe.finetune_config(method)
-            if method != "none":
+            if get_method(method).trains:
                 check_finetune_config(cfg, "finetune.")
         except InputError as e:
             field = e.field if e.field != "--method" else "methods"
             raise InputError(e.message, path=path, field=field) from None
-    check_pretrain_config(recipe.pretrain, "pretrain.")
-    if recipe.distill is not None:
-        check_distill_config(recipe.distill, "distill.")
-        if recipe.distill_from not in recipe.methods:
-            raise InputError(f"distill_from {recipe.distill_from!r} is not among the methods {recipe.methods}",
-                             path=path, field="distill_from")
-    base = repo or Path.cwd()
+
+
+def _check_files(recipe: Recipe, path: str, base: Path) -> None:
+    """The DeepSpeed configs and the launch config a recipe names exist."""
     sections = [("pretrain", recipe.pretrain.train), ("finetune", recipe.finetune.train)]
     if recipe.distill is not None:
         sections.append(("distill", recipe.distill.train))
     for name, train in sections:
         if train.deepspeed not in (None, "none", "off"):
-            from ..engine.deepspeed_config import resolve_path
             try:
                 resolve_path(train.deepspeed)
             except InputError:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..errors import InputError
+from ..methods import get_method
 from ..paths import safe_name
 from .fingerprint import base_fingerprint
 
@@ -17,7 +19,7 @@ def update_manifest(root: str | Path, base_dir: str | Path, domain: str, record:
         "base": str(Path(base_dir).resolve()), "base_fingerprint": base_fingerprint(base_dir), "domains": {}}
     manifest["domains"][domain] = {
         "path": safe_name(domain), "method": record["method"],
-        "kind": "adapter" if record["method"] in ("lora", "adalora") else ("none" if record["method"] == "none" else "model"),
+        "kind": get_method(record["method"]).output,     # adapter | model | none
         "params": record["params"], "valid": record["valid"], "test": record["test"],
         "new_items": record.get("new_items", 0),
     }
@@ -29,7 +31,6 @@ def update_manifest(root: str | Path, base_dir: str | Path, domain: str, record:
 
 
 def read_manifest(root: str | Path) -> dict:
-    from ..errors import InputError
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise InputError(f"no {MANIFEST}: not an adapters folder written by 'crossrec finetune --domains'",

@@ -23,6 +23,9 @@ ZeRO-3 partitions the weights themselves, which PEFT's masking writes in place: 
 from __future__ import annotations
 
 import torch
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad, safe_set_full_fp32_param
+from peft.tuners.adalora.layer import RankAllocator
+from peft.tuners.adalora.model import AdaLoraModel
 
 ADAPTER = "default"
 
@@ -62,7 +65,6 @@ class AdaLoraBudget:
             return
         for name, p in self.params:
             if _deepspeed_managed(p):
-                from deepspeed.utils import safe_get_full_grad
                 g = safe_get_full_grad(p)
             else:
                 g = p.grad
@@ -96,7 +98,6 @@ class AdaLoraBudget:
             if "lora_E" in name and _deepspeed_managed(p):
                 pruned = p.detach() == 0      # the same on every rank (replicated weights): so is the skip
                 if bool(pruned.any()):
-                    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
                     master = safe_get_full_fp32_param(p)
                     safe_set_full_fp32_param(p, master.masked_fill(pruned.to(master.device), 0.0))
 
@@ -109,11 +110,9 @@ class MixedRankAllocation:
     trainable_adapter_name = ADAPTER
 
     def __init__(self, peft_model):
-        from peft.tuners.adalora.layer import RankAllocator
         self.model = peft_model.base_model.model
         self.peft_config = peft_model.peft_config
         self.rankallocator = RankAllocator(self.model, self.peft_config[ADAPTER], ADAPTER)
 
     def update_and_allocate(self, step: int) -> None:
-        from peft.tuners.adalora.model import AdaLoraModel
         AdaLoraModel.update_and_allocate(self, step)

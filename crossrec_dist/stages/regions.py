@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 
+from accelerate.state import AcceleratorState
+
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..errors import InputError
 from ..export.manifest import update_manifest
-from ..paths import inside
 from ..models.config import CrossRecConfig
+from ..paths import inside
 from .finetune import FinetuneConfig, run_finetune
 
 
@@ -29,7 +31,6 @@ def finetune_regions(cfg: FinetuneConfig, base_dir: str, data_dir: str, spec: st
     data = PreparedData(data_dir)
     records = {}
     for domain in target_domains(data, base_dir, spec):
-        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state()  # a fresh engine per region; the process group stays
         # The domain name is data: its folder is a sanitised name proved to stay inside OUT.
         record = run_finetune(copy.deepcopy(cfg), base_dir, data, domain, inside(out, domain), log=log)

@@ -7,6 +7,8 @@ import pytest
 
 from conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow      # the real pipeline end to end (a few minutes on 2 cores)
+
 TINY = ["--set", "data.synth.users=300", "--set", "data.synth.items=120", "--set", "pretrain.train.max_steps=4",
         "--set", "finetune.train.max_steps=3", "--set", "methods=[none,full,lora]"]
 

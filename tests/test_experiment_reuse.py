@@ -3,6 +3,7 @@ step upstream of it, are what they were when the output was made. Fast: the step
 replaced by a fake that writes the files each command would (the real pipeline is in test_experiment.py)."""
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -341,12 +342,13 @@ def test_a_changed_source_reruns_its_fetch_and_everything_after_the_data(fake, m
     assert '    --source-name: ["ml1m", "ml100k"] -> ["ml100k", "ml1m"]\n' in msg
 
 
-# Step hashes of the single-source form as crossrec computed them before data.sources existed: the
-# same recipe must keep reusing the output it made then.
-SYNTH_HASHES = {"synth": "a53cdac50b8f3b0499108037f1451d83564f675826055b6a0a8e3efea781919b",
-                "prepare": "269faa09e875f09606903baf017dc6f9e578b93022ae47adeaf69a3ccddfec71"}
-ML100K_HASHES = {"fetch": "8aac926146a04a74864fcf621be97f34ff057718bc5a1b09ac119c1497f16bf3",
-                 "prepare": "635d0cc5454a1dc00bfd4350427ed4f9d16a8ab984d760dcadcf20d4891dec39"}
+# Step hashes of the single-source form, pinned: a crossrec that computes other hashes for the same
+# recipe cannot reuse the folders this one wrote, so changing them means bumping records.VERSION
+# (folders of another version are then refused as a whole; see test_a_folder_of_an_older_version...).
+SYNTH_HASHES = {"synth": "d622bbf6969abb78c1ee6e7f036bbad075dec66b0e5fe6ca8daf162a95fccf05",
+                "prepare": "dc70b931efa260b044db645e7c9ce77fe8a7cd793c94659a0fca704da4c27fa0"}
+ML100K_HASHES = {"fetch": "be31711107f6ffc1819827e8695b8a7fb35d8cf2ff5d0ebf25bd06d49c4cf949",
+                 "prepare": "56cb5455123798de97a85aec5b5299cd11f227dcf60e7e5ed43560cf6bdadf12"}
 
 
 @pytest.mark.parametrize("data, pinned", [
@@ -472,36 +474,28 @@ def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake
     assert "## How much target data do you need?" in report_md and "| full |" in report_md
 
 
-def _forget(out: Path, step_file: str, key: str, rehash: bool = True) -> None:
-    """Make a step's record look written by an older crossrec that did not have ``key`` yet."""
-    path = out / "steps" / step_file
-    rec = json.loads(path.read_text())
-    section, field = key.split(".", 1)
-    del rec["settings"][section][field]
-    rec["hash"] = "older-" + rec["hash"][:10]
-    path.write_text(json.dumps(rec))
-
-
-def test_a_setting_added_since_at_its_default_upgrades_the_record_instead_of_rerunning(fake, recipe, tmp_path,
-                                                                                        capsys):
+def test_a_folder_of_an_older_version_is_refused_naming_force(fake, recipe, tmp_path, capsys):
+    """Records of another format, or outputs with no records at all, were written by an older crossrec:
+    the run stops before running anything, with one message that names --force (or another --out)."""
     out = tmp_path / "out"
     experiment(recipe, out, capsys)
-    _forget(out, "finetune/d3/lora.json", "finetune.train_fraction")
-    _forget(out, "pretrain.json", "pretrain.domains")          # upstream of every finetune: followed through
-    ran = experiment(recipe, out, capsys)
-    assert ran == []
-    rec = json.loads((out / "steps" / "finetune" / "d3" / "lora.json").read_text())
-    assert rec["settings"]["finetune"]["train_fraction"] == 1.0 and not rec["hash"].startswith("older-")
+    path = out / "steps" / "pretrain.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "version": 1}))
+    del fake.calls[:]
+    for flags in ({}, {"rerun_changed": True}):
+        with pytest.raises(InputError, match=r"written by another version of crossrec \(step records of format 1; "
+                                             r"this one writes 2\).*re-run with --force.*another --out"):
+            experiment(recipe, out, capsys, **flags)
+    assert fake.calls == [] and "[run]" not in capsys.readouterr().out
+    assert experiment(recipe, out, capsys, force=True) == ALL
     assert experiment(recipe, out, capsys) == []
-    # Not at its default now: that is a real change, named.
-    _forget(out, "finetune/d3/lora.json", "finetune.valid_targets")
-    _forget(out, "pretrain.json", "pretrain.domains")     # only upgraded upstream: not reported as a change
-    older = json.loads((out / "steps" / "pretrain.json").read_text())["hash"]
-    lora = json.loads((out / "steps" / "finetune" / "d3" / "lora.json").read_text())
-    lora["upstream"]["pretrain"] = older                    # as written when pretrain's record was older
-    (out / "steps" / "finetune" / "d3" / "lora.json").write_text(json.dumps(lora))
-    msg = changed(recipe, out, capsys, "finetune.valid_targets=3")
-    assert "finetune.valid_targets: (unset) -> 3" in msg and "upstream step 'pretrain'" not in msg
+
+    shutil.rmtree(out / "steps")                   # outputs and no records: before step records existed
+    del fake.calls[:]
+    with pytest.raises(InputError, match=r"crossrec \(step outputs without step records\).*--force"):
+        experiment(recipe, out, capsys)
+    assert fake.calls == []
+    assert experiment(recipe, out, capsys, force=True) == ALL
 
 
 class _Done:

@@ -13,7 +13,7 @@ import os
 import tempfile
 from pathlib import Path
 
-VERSION = 1          # part of every hash: a record of another format never matches
+VERSION = 2          # part of every hash; a folder with records of another format is refused as a whole
 _UNSET = object()
 
 
@@ -79,38 +79,12 @@ def _show(value) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def only_new_defaults(record: dict, settings: dict, upstream: dict[str, str], defaults: dict,
-                      upgraded: dict[str, str]) -> list[str] | None:
-    """The settings a newer crossrec added since ``record`` was written, when that is all that differs
-    and each of them is at its default (the behaviour the step already had: an option is added with a
-    default that keeps the old behaviour). None when anything else differs. ``upgraded`` maps a step
-    whose record was upgraded this way to its old hash, so its downstream steps still match."""
-    if record.get("version") != VERSION or record.get("state") != "complete":
-        return None
-    was = record.get("upstream") or {}
-    if set(was) != set(upstream) or any(was[d] not in (h, upgraded.get(d)) for d, h in upstream.items()):
-        return None
-    old, new, dflt = flatten(record.get("settings") or {}), flatten(settings), flatten(defaults)
-    if any(k not in new for k in old) or any(old[k] != new[k] for k in old):
-        return None
-    added = [k for k in new if k not in old]
-    if any(k not in dflt or dflt[k] != new[k] for k in added):
-        return None
-    return added
-
-
-def differences(record: dict, settings: dict, upstream: dict[str, str],
-                upgraded: dict[str, str] | None = None) -> list[str]:
-    """What differs between a step's record and its settings now, one ``key: old -> new`` per line.
-    An upstream step whose record was only upgraded (``upgraded``: its old hash) is not a change."""
-    if record.get("version") != VERSION:
-        return [f"its record has format version {record.get('version')!r}, this crossrec writes {VERSION}"]
+def differences(record: dict, settings: dict, upstream: dict[str, str]) -> list[str]:
+    """What differs between a step's record and its settings now, one ``key: old -> new`` per line."""
     old, new = flatten(record.get("settings") or {}), flatten(settings)
     lines = [f"{k}: {_show(old.get(k, _UNSET))} -> {_show(new.get(k, _UNSET))}"
              for k in [*new, *(k for k in old if k not in new)] if old.get(k, _UNSET) != new.get(k, _UNSET)]
     was = record.get("upstream") or {}
-    upgraded = upgraded or {}
-    lines += [f"upstream step '{dep}' changed" for dep, h in upstream.items()
-              if was.get(dep) not in (h, upgraded.get(dep))]
+    lines += [f"upstream step '{dep}' changed" for dep, h in upstream.items() if was.get(dep) != h]
     lines += [f"no longer reads from step '{dep}'" for dep in was if dep not in upstream]
     return lines or ["its recorded hash differs from its settings' hash"]

@@ -1,37 +1,36 @@
 """``crossrec experiment``: fetch -> prepare -> pretrain -> per target: methods -> distil -> report.
 
-Every step runs the same CLI command a user would, in its own process (optionally under
-``accelerate launch``), writing straight into its output folder (``--resume auto`` needs that).
-Its record, ``OUT/steps/.../<step>.json``, says "started" before the command and "complete" only
-once the command succeeded (each written atomically), so a step that died never looks finished.
-A record holds the step's settings -- its arguments (paths inside OUT as ``<out>/...``), its launch
-config and the full config YAML it read, as a dict -- and a hash of them chained with the hashes of
-the steps it reads from (prepare <- fetch/synth, pretrain <- prepare, finetune <- pretrain + prepare,
-distil <- its teacher's finetune, serving benchmark <- distil), plus the run ids of those steps'
-outputs it was made from. A recipe with several data ``sources`` has one fetch step per source
-(``fetch NAME``, into ``OUT/raw/NAME/``), and prepare reads from all of them.
+Every step (declared in :mod:`.plan`) runs the same CLI command a user would, in its own process
+(under ``accelerate launch`` when it trains and the recipe names a launch config), writing straight
+into its output folder (``--resume auto`` needs that). Its record, ``OUT/steps/.../<step>.json``, says
+"started" before the command and "complete" only once the command succeeded (each written
+atomically), so a step that died never looks finished. A record holds the step's settings and
+hash (see plan.py), the hashes of the steps it reads from, and the run ids of their outputs it was
+made from.
 
-A step is skipped only when its output marker exists (metrics.json; stats.json, fetch.json or the
-synthetic log for data; serving.json), its record is complete, its hash is the hash of the settings
-the recipe gives it now, and the upstream outputs it was made from are the ones in place. Otherwise
-it runs; a step started earlier with the same settings resumes its own output, so re-running after a
-crash continues where it stopped. An output that no longer matches the recipe -- its settings or an
-upstream step's changed, an upstream step was or is about to be re-run, or it has no record (an older
-crossrec wrote it) -- is never reused and never resumed: the run stops with exit status 2 (before
-running anything, when the steps before it are finished) naming each such step and each changed
-setting as ``key: old -> new``. ``--rerun-changed`` then deletes the output of exactly those steps and
-re-runs them and every step downstream of them; ``--force`` redoes every step.
+One loop walks the steps in order. A step is skipped only when its output marker exists
+(metrics.json; stats.json, fetch.json or the synthetic log for data; serving.json), its record is
+complete, its hash is the hash of the settings the recipe gives it now, and the upstream outputs it
+was made from are the ones in place. Otherwise it runs; a step started earlier with the same
+settings resumes its own output, so re-running after a crash continues where it stopped. An output
+that no longer matches the recipe -- its settings or an upstream step's changed, an upstream step was
+or is about to be re-run, or its record is gone -- is never reused and never resumed: before running
+anything, the declared steps are walked once without running any, and the run stops with exit
+status 2 naming each such step and each changed setting as ``key: old -> new`` (steps that can only
+be declared once the data is prepared are checked again then, before any of them runs).
+``--rerun-changed`` then deletes the output of exactly those steps and re-runs them and every step
+downstream of them; ``--force`` redoes every step. A folder written by a crossrec whose records
+have another format is refused as a whole (``--force`` redoes it).
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
@@ -39,16 +38,34 @@ import yaml
 from ..errors import InputError, RunStopped
 from ..paths import inside
 from . import records
+from .layout import log_path, record_path
+from .plan import ConfigFile, Plan, Step, pretrain_sources, unknown_domains
 from .recipe import Recipe, load_recipe
+from .report import write_report
 
 
 class StepFailed(RunStopped):
     """A step's command failed (its own output says why above); re-running the experiment resumes it."""
 
 
-class _CheckEnds(Exception):
-    """Looking for changed steps without running any cannot go further (a later step needs an output
-    that only running an earlier one would make)."""
+@dataclass
+class Verdict:
+    """What a step needs: "skip" (its output is reused), "run", or "changed" (its output no longer
+    matches the recipe, for ``reasons``); ``run`` is the id of the reused run."""
+    action: str
+    reasons: list[str] = field(default_factory=list)
+    run: str | None = None
+
+
+@dataclass
+class _Job:
+    """A step's command, ready to run: its record (written complete when it succeeds) and log file."""
+    name: str
+    args: list
+    train: bool
+    record: Path
+    doc: dict
+    log: Path
 
 
 class Runner:
@@ -64,11 +81,9 @@ class Runner:
         self.jobs = jobs
         self.pending: list[_Job] = []                  # steps queued to run side by side (jobs > 1)
         self.timings: dict[str, float] = {}
-        self.hashes: dict[str, str] = {}               # step -> hash of its settings now, chained
         self.runs: dict[str, str | None] = {}          # step -> id of the run whose output is in place
-        self.changed: list[tuple[str, list[str]]] = []  # steps whose output no longer matches the recipe
-        self.checking = False                          # True: find changed steps, run none
-        self.upgraded: dict[str, str] = {}             # step -> its hash before its record was upgraded
+
+    # -- commands -------------------------------------------------------------------------------
 
     def _cli(self, *args, train: bool = False) -> None:
         """Run one step's command in the foreground (its output on ours)."""
@@ -93,7 +108,7 @@ class Runner:
         """A step's environment. With jobs > 1, each of the concurrent steps gets an equal share of the
         CPU cores as its torch thread count (OMP_NUM_THREADS, unless already set): on 2 cores two
         one-thread fine-tuning runs side by side do 1.30x (a Xeon) to 1.56x (an EPYC) the work of
-        two-thread runs one after the other (benchmarks/parallel_jobs.py, RESULTS.md §20). Thread count changes float summation order, so results
+        two-thread runs one after the other (benchmarks/parallel_jobs.py, RESULTS.md §2.5). Thread count changes float summation order, so results
         can differ in the last digits from a run with another --jobs."""
         env = {**os.environ}
         if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
@@ -105,145 +120,168 @@ class Runner:
         return StepFailed(f"error: step failed with status {code}: {' '.join(cmd)}\n"
                           f"run the same experiment command again to resume from there")
 
-    # -- settings and records -------------------------------------------------------------------
-
-    def _arg(self, value) -> str:
-        """A command-line value as recorded: a path inside OUT as ``<out>/...`` (so the hash does not
-        depend on where OUT is), anything else as the string the command receives."""
-        if isinstance(value, Path):
-            try:
-                return "<out>/" + value.resolve().relative_to(self.out.resolve()).as_posix()
-            except ValueError:
-                pass
-        return str(value)
-
-    def _settings(self, args, config, train: bool) -> dict:
-        """Everything the step's command depends on besides its inputs' content."""
-        words, options, items, i = [], {}, list(args), 0
-        while i < len(items):
-            a = items[i]
-            if isinstance(a, str) and a.startswith("--"):
-                key, eq, value = a.partition("=")
-                if not eq:
-                    nxt = items[i + 1] if i + 1 < len(items) else None
-                    if nxt is None or (isinstance(nxt, str) and nxt.startswith("--")):
-                        value = True
-                    else:
-                        value, i = self._arg(nxt), i + 1
-                if key in options:
-                    # A repeated option (prepare's --input/--source-name per source): every value, in
-                    # order. An option given once stays a plain value, so older records keep their hash.
-                    was = options[key]
-                    options[key] = [*(was if isinstance(was, list) else [was]), value]
-                else:
-                    options[key] = value
-            else:
-                words.append(self._arg(a))
-            i += 1
-        settings: dict = {"command": " ".join(words), "options": options}
-        if train:
-            settings["launch"] = self.r.launch
-        if config is not None:
-            section, _, cfg = config
-            settings[section] = yaml.safe_load(yaml.safe_dump(asdict(cfg), sort_keys=False))
-        return records.plain(settings)
-
-    def _config(self, name: str, cfg) -> Path:
-        """The step's typed config, written in full as the YAML its command reads."""
-        path = inside(self.out / "configs", f"{name}.yaml")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        records.write_atomic(path, yaml.safe_dump(asdict(cfg), sort_keys=False))
-        return path
-
     def _rel(self, path: Path) -> str:
         try:
             return path.relative_to(self.out).as_posix()
         except ValueError:
             return str(path)
 
-    def _step(self, name: str, parts: tuple[str, ...], args: list, *, done: Path, output: Path,
-              deps: tuple[str, ...] = (), config: tuple | None = None, train: bool = False,
-              side_by_side: bool = False) -> None:
-        """Run one step unless its ``done`` marker exists and its record matches its settings now.
+    # -- the pipeline ---------------------------------------------------------------------------
 
-        ``parts`` name its record (``OUT/steps/<parts>.json``); ``output`` is what it writes (deleted
-        before a re-run of a changed step); ``config`` is ``(recipe section, file name, typed config)``,
-        passed as ``--config``. ``side_by_side``: with jobs > 1 the step is queued and runs beside
-        other queued steps at the next ``_drain`` (steps that need none of each other's outputs).
-        """
-        if not (side_by_side and self.jobs > 1):
-            self._drain()        # a step that runs alone waits for the queued ones (it may read their output)
-        settings = self._settings(args, config, train)
-        upstream = {d: self.hashes[d] for d in deps}
-        upstream_runs = {d: self.runs.get(d) for d in deps}   # None: that step runs again now
-        digest = records.digest(settings, upstream)
-        self.hashes[name], self.runs[name] = digest, None
-        path = inside(self.out / "steps", *parts[:-1], f"{parts[-1]}.json")
-        rec = records.read_json(path)
-        rec = rec if isinstance(rec, dict) else None
-        marker = done.is_file()
-        action, reasons = "run", []
+    def run(self) -> Path:
+        t_all = time.perf_counter()
+        self._open_folder()
+        plan = Plan(self.r, self.out, self.jobs)
+        data = plan.data()
+        self._refuse_older_folder(data)
+        domains = self._domains()
+        later = plan.models(domains) if domains is not None and not unknown_domains(self.r, domains) else []
+        self._check(data + later)       # everything that can be declared now, before anything runs
+        self._execute(data)
+        domains = self._domains() or []
+        unknown = unknown_domains(self.r, domains)
+        if unknown:
+            raise InputError(f"recipe names domain(s) {unknown} the data does not have ({domains})", field="targets")
+        later = plan.models(domains)
+        self._check(later)
+        self._execute(later)
+        timings = {**self.timings, "all steps": round(sum(self.timings.values()), 2),
+                   "this run": round(time.perf_counter() - t_all, 2)}
+        return write_report(self.out, self.r, pretrain_sources(self.r, domains), timings)
+
+    def _open_folder(self) -> None:
         if self.force:
-            pass
-        elif rec is None:
-            if marker:
-                action, reasons = "changed", [f"{self._rel(done)} exists but has no step record (made by an older "
-                                              "crossrec, or by a step that did not finish): its settings are unknown"]
-        elif rec.get("hash") == digest or (marker and self._upgrade(name, path, rec, settings, upstream, config, digest)):
-            was = rec.get("upstream_runs") or {}
-            stale = [d for d in deps if was.get(d) != upstream_runs[d]]
-            if stale and (marker or output.exists()):
-                # Same settings, but an upstream output it was made from has been (or is about to be) replaced.
-                action = "changed"
-                reasons = [f"upstream step '{d}' " + ("runs again" if upstream_runs[d] is None else
-                                                      "was re-run after this step ran") for d in stale]
-            elif marker and rec.get("state") == "complete":
-                action = "skip"
-        elif marker or output.exists():
-            action, reasons = "changed", records.differences(rec, settings, upstream, self.upgraded)
+            for sub in ("pretrain", "targets", "data", "steps"):
+                shutil.rmtree(self.out / sub, ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved = None if self.force else records.read_json(self.out / "timings.json")
+        self.timings = saved if isinstance(saved, dict) else {}
+
+    def _domains(self) -> list[str] | None:
+        """The prepared data's domains (data/stats.json), None before it is prepared."""
+        stats = records.read_json(self.out / "data" / "stats.json")
+        return list(stats.get("domains") or []) if isinstance(stats, dict) else None
+
+    def _refuse_older_folder(self, data: list[Step]) -> None:
+        """An older crossrec's folder (records of another format, or outputs and no records) is not
+        reused step by step: settings it did not record cannot be compared."""
+        if self.force:
+            return
+        docs = [records.read_json(p) for p in (self.out / "steps").rglob("*.json")]
+        versions = {d.get("version") for d in docs if isinstance(d, dict)}
+        others = sorted(map(str, versions - {records.VERSION}))
+        if others:
+            why = f"step records of format {', '.join(others)}; this one writes {records.VERSION}"
+        elif not versions and any(step.done.is_file() for step in data):
+            why = "step outputs without step records"
+        else:
+            return
+        raise InputError(f"{self.out} was written by another version of crossrec ({why}), so its steps cannot be "
+                         "reused; re-run with --force to redo every step in this folder, or give another --out")
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def _verdict(self, step: Step, runs: dict[str, str | None]) -> Verdict:
+        """What ``step`` needs, given the runs in place upstream (``runs``; None: that step runs again)."""
+        if self.force:
+            return Verdict("run")
+        rec = records.read_json(record_path(self.out, step.parts))
+        marker, made = step.done.is_file(), step.done.is_file() or step.output.exists()
+        if not isinstance(rec, dict):
+            return Verdict("changed", [f"{self._rel(step.done)} exists but has no step record (removed, or its "
+                                       "step was queued and did not start): its settings are unknown"]) \
+                if marker else Verdict("run")
+        if rec.get("hash") != step.hash:
+            if not made:
+                return Verdict("run")
+            reasons = records.differences(rec, step.settings, step.upstream)
             if rec.get("state") != "complete":
                 reasons.append("(its output is an unfinished run with the old settings)")
+            return Verdict("changed", reasons)
+        was = rec.get("upstream_runs") or {}
+        stale = [d for d in step.reads if was.get(d) != runs.get(d)]
+        if stale and made:
+            # Same settings, but an upstream output it was made from has been (or is about to be) replaced.
+            return Verdict("changed", [f"upstream step '{d}' " + ("runs again" if runs.get(d) is None else
+                                                                  "was re-run after this step ran") for d in stale])
+        if marker and rec.get("state") == "complete":
+            return Verdict("skip", run=rec.get("run"))
+        return Verdict("run")
 
-        if action == "skip":
-            self.runs[name] = rec.get("run")
-            if not self.checking:
-                self.log(f"[skip] {name}: {self._rel(done)} exists and its settings are unchanged")
+    def _check(self, steps: list[Step]) -> None:
+        """Walk ``steps`` without running any; stop (exit 2) naming every step whose output no longer
+        matches the recipe. Nothing to check with --force or --rerun-changed (both re-run such steps)."""
+        if self.force or self.rerun_changed:
             return
-        if action == "changed":
-            if self.checking or not self.rerun_changed:
-                self.changed.append((name, reasons))
-                self.checking = True          # run nothing more; only look for further changes
-                return
-            self.log(f"[rerun] {name}: changed ({'; '.join(reasons)}); deleting {self._rel(output)}")
-            if output.is_dir():
-                shutil.rmtree(output)
-            elif output.exists():
-                output.unlink()
-        if self.checking:
-            return
-        run_id = uuid.uuid4().hex
-        doc = {"version": records.VERSION, "step": name, "hash": digest, "run": run_id, "settings": settings,
-               "upstream": upstream, "upstream_runs": upstream_runs}
-        path.unlink(missing_ok=True)
-        cmd = list(args) + (["--config", self._config(config[1], config[2])] if config else [])
-        job = _Job(name, cmd, train, path, doc, inside(self.out / "logs", *parts[:-1], f"{parts[-1]}.log"))
-        if side_by_side and self.jobs > 1:
-            self.pending.append(job)
-            return
-        self.log(f"[run] {name}")
+        runs, changed = dict(self.runs), []
+        for step in steps:
+            verdict = self._verdict(step, runs)
+            runs[step.id] = verdict.run
+            if verdict.action == "changed":
+                changed.append((step.id, verdict.reasons))
+        if changed:
+            raise InputError(self._changed_message(changed))
+
+    def _execute(self, steps: list[Step]) -> None:
+        """Run the steps that need it, in order. With jobs > 1 a side-by-side step is queued and runs
+        beside the other queued ones at the next ``_drain``: before a step that runs alone, or one that
+        reads a queued step's output."""
+        for step in steps:
+            beside = step.side_by_side and self.jobs > 1
+            if not beside or any(job.name in step.reads for job in self.pending):
+                self._drain()
+            verdict = self._verdict(step, self.runs)
+            if verdict.action == "skip":
+                self.runs[step.id] = verdict.run
+                self.log(f"[skip] {step.id}: {self._rel(step.done)} exists and its settings are unchanged")
+                continue
+            if verdict.action == "changed":      # only with --rerun-changed: _check stopped otherwise
+                self.log(f"[rerun] {step.id}: changed ({'; '.join(verdict.reasons)}); "
+                         f"deleting {self._rel(step.output)}")
+                if step.output.is_dir():
+                    shutil.rmtree(step.output)
+                elif step.output.exists():
+                    step.output.unlink()
+            job = self._job(step)
+            if beside:
+                self.pending.append(job)
+            else:
+                self._run_alone(job)
+        self._drain()
+
+    def _job(self, step: Step) -> _Job:
+        """The step's command with its config file written, and its record-to-be (the old one removed)."""
+        doc = {"version": records.VERSION, "step": step.id, "hash": step.hash, "run": uuid.uuid4().hex,
+               "settings": step.settings, "upstream": step.upstream,
+               "upstream_runs": {d: self.runs.get(d) for d in step.reads}}
+        self.runs[step.id] = None
+        record = record_path(self.out, step.parts)
+        record.unlink(missing_ok=True)
+        args = step.argv() + (["--config", self._config(step.config)] if step.config else [])
+        return _Job(step.id, args, step.trains, record, doc, log_path(self.out, step.parts))
+
+    def _config(self, config: ConfigFile) -> Path:
+        """The step's typed config, written in full as the YAML its command reads."""
+        path = inside(self.out / "configs", f"{config.file}.yaml")
+        records.write_atomic(path, yaml.safe_dump(asdict(config.value), sort_keys=False))
+        return path
+
+    def _run_alone(self, job: _Job) -> None:
+        self.log(f"[run] {job.name}")
         t0 = time.perf_counter()
-        records.write_json(path, {**doc, "state": "started"})
-        self._cli(*cmd, train=train)
+        records.write_json(job.record, {**job.doc, "state": "started"})
+        self._cli(*job.args, train=job.train)
         self._finish(job, time.perf_counter() - t0)
 
-    def _finish(self, job: "_Job", seconds: float) -> None:
+    def _finish(self, job: _Job, seconds: float) -> None:
         # Only now, with the command succeeded, does the output count as this step's.
         seconds = round(seconds, 2)
         records.write_json(job.record, {**job.doc, "state": "complete", "seconds": seconds,
                                         "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         self.runs[job.name] = job.doc["run"]
         self.timings[job.name] = seconds
-        self._save_timings()
+        # Seconds per step as measured when the step last ran: a re-run that skips a step keeps its time.
+        records.write_json(self.out / "timings.json", self.timings)
 
     def _drain(self) -> None:
         """Run the queued steps, ``jobs`` at a time, each one's output in its own log file (OUT/logs/);
@@ -254,61 +292,41 @@ class Runner:
         failed: list[tuple[_Job, int]] = []
         while queue or running:
             while queue and len(running) < self.jobs and not failed:
-                job = queue.pop(0)
-                records.write_json(job.record, {**job.doc, "state": "started"})
-                proc = self._spawn(job.args, job.train, job.log)
-                self.log(f"[run] {job.name} (beside {len(running)} other; log {self._rel(job.log)})")
-                running.append((job, proc, time.perf_counter()))
+                running.append(self._start(queue.pop(0), beside=len(running)))
             if failed and not running:
                 break
             time.sleep(0.2)
-            for entry in list(running):
-                job, proc, t0 = entry
+            for job, proc, t0 in list(running):
                 code = proc.poll()
                 if code is None:
                     continue
-                running.remove(entry)
+                running.remove((job, proc, t0))
                 if code == 0:
                     self._finish(job, time.perf_counter() - t0)
                     self.log(f"[done] {job.name} in {time.perf_counter() - t0:.0f} s")
                 else:
                     failed.append((job, code))
         if failed:
-            lines = []
-            for job, code in failed:
-                tail = "".join(job.log.read_text(errors="replace").splitlines(True)[-15:])
-                lines.append(f"step '{job.name}' failed with status {code}; the end of {self._rel(job.log)}:\n{tail}")
-            raise StepFailed("\n".join(lines) + "run the same experiment command again to resume from there "
-                             f"({len(queue)} queued step(s) did not start)")
+            raise self._failed_beside(failed, len(queue))
 
-    def _upgrade(self, name, path, rec, settings, upstream, config, digest) -> bool:
-        """A finished step whose record lacks only settings added since, at their defaults, is the same
-        step: its record is rewritten with today's settings and hash (and said so), instead of
-        making every step of an older folder look changed after an upgrade."""
-        defaults = {}
-        if config is not None:
-            section, _, cfg = config
-            defaults = {section: yaml.safe_load(yaml.safe_dump(asdict(type(cfg)()), sort_keys=False))}
-        added = records.only_new_defaults(rec, settings, upstream, records.plain(defaults), self.upgraded)
-        if added is None:
-            return False
-        if not self.checking:
-            self.log(f"[upgrade] {name}: record gains {', '.join(added)} at the default"
-                     if added else f"[upgrade] {name}: record follows its upgraded upstream steps")
-            records.write_json(path, {**rec, "hash": digest, "settings": settings, "upstream": upstream})
-        self.upgraded[name] = rec.get("hash")
-        return True
+    def _start(self, job: _Job, beside: int) -> tuple[_Job, subprocess.Popen, float]:
+        records.write_json(job.record, {**job.doc, "state": "started"})
+        proc = self._spawn(job.args, job.train, job.log)
+        self.log(f"[run] {job.name} (beside {beside} other; log {self._rel(job.log)})")
+        return job, proc, time.perf_counter()
 
-    def _save_timings(self) -> None:
-        """Seconds per step as measured when the step last ran: a re-run that skips a step keeps its time."""
-        records.write_json(self.out / "timings.json", self.timings)
+    def _failed_beside(self, failed: list[tuple[_Job, int]], not_started: int) -> StepFailed:
+        lines = []
+        for job, code in failed:
+            tail = "".join(job.log.read_text(errors="replace").splitlines(True)[-15:])
+            lines.append(f"step '{job.name}' failed with status {code}; the end of {self._rel(job.log)}:\n{tail}")
+        return StepFailed("\n".join(lines) + "run the same experiment command again to resume from there "
+                          f"({not_started} queued step(s) did not start)")
 
-    def _stop_if_changed(self) -> None:
-        if not self.changed:
-            return
+    def _changed_message(self, changed: list[tuple[str, list[str]]]) -> str:
         lines = [f"the output of these steps in {self.out} does not match what the recipe asks for now, "
                  "so it is not reused:"]
-        for name, reasons in self.changed:
+        for name, reasons in changed:
             if len(reasons) == 1:
                 lines.append(f"  step '{name}': {reasons[0]}")
             else:
@@ -316,149 +334,7 @@ class Runner:
         lines += ["to proceed, add --rerun-changed (deletes the output of exactly these steps, then re-runs them "
                   "and every step downstream of them), or --force (redoes every step); to keep these results, "
                   "run the old recipe or give another --out"]
-        raise InputError("\n".join(lines))
-
-    # -- the pipeline ---------------------------------------------------------------------------
-
-    def run(self) -> Path:
-        r, out = self.r, self.out
-        if self.force:
-            for sub in ("pretrain", "targets", "data", "steps"):
-                shutil.rmtree(out / sub, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-        if not self.force:
-            saved = records.read_json(out / "timings.json")
-            self.timings = saved if isinstance(saved, dict) else {}
-        t_all = time.perf_counter()
-        if not (self.force or self.rerun_changed):
-            # First look for changed steps without running any, so the run stops before doing work.
-            self.checking = True
-            try:
-                self._steps()
-            except _CheckEnds:
-                pass
-            self._stop_if_changed()
-            self.checking = False
-        try:
-            sources = self._steps()
-        except _CheckEnds:
-            sources = None
-        self._stop_if_changed()     # a change found only once the steps before it had run
-        timings = {**self.timings, "all steps": round(sum(self.timings.values()), 2),
-                   "this run": round(time.perf_counter() - t_all, 2)}
-        from .report import write_report
-        return write_report(out, r, sources, timings)
-
-    def _steps(self) -> list[str]:
-        """Every step in order; returns the source domains. While ``self.checking`` nothing runs."""
-        r, out = self.r, self.out
-        data = out / "data"
-        raw = out / "raw"
-        if r.data.sources is not None:
-            # Several sources: one fetch step each, into OUT/raw/<name>/; prepare reads them all, in order.
-            fetched, inputs, names = [], [], []
-            for src in r.data.inputs():
-                dest, step = inside(raw, src.name), f"fetch {src.name}"
-                self._step(step, ("fetch", src.name), ["data", "fetch", src.fetch, "--out", dest],
-                           done=dest / "fetch.json", output=dest)
-                fetched.append(step)
-                inputs += ["--input", dest]
-                names += ["--source-name", src.name]
-            prep = [*inputs, "--format", "auto", *names]
-        elif r.data.single() == "synth":
-            args = [f"--{k.replace('_', '-')}={v}" for k, v in r.data.synth.items()]
-            fetched = ["synth"]
-            self._step("synth", ("synth",), ["data", "synth", "--out", raw, *args],
-                       done=raw / "interactions.parquet", output=raw)
-            prep = ["--input", raw / "interactions.parquet", "--format", "parquet"]
-        else:
-            fetched = ["fetch"]
-            self._step("fetch", ("fetch",), ["data", "fetch", r.data.single(), "--out", raw],
-                       done=raw / "fetch.json", output=raw)
-            prep = ["--input", raw, "--format", "auto"]
-        if r.data.domain_from:
-            prep += ["--domain-from", r.data.domain_from]
-        if r.data.domain_col:
-            prep += ["--domain-col", r.data.domain_col]
-        prep += ["--min-user", r.data.min_user, "--min-item", r.data.min_item]
-        self._step("prepare", ("prepare",), ["prepare", *prep, "--out", data], done=data / "stats.json",
-                   output=data, deps=tuple(fetched))
-
-        if self.checking and not (data / "stats.json").is_file():
-            raise _CheckEnds
-        stats = json.loads((data / "stats.json").read_text())
-        domains = list(stats["domains"])
-        unknown = [d for d in r.targets + (r.sources or []) if d not in domains]
-        if unknown:
-            if self.checking:
-                raise _CheckEnds
-            raise InputError(f"recipe names domain(s) {unknown} the data does not have ({domains})", field="targets")
-        sources = r.sources or [d for d in domains if d not in r.targets]
-        base = out / "pretrain"
-        self._step("pretrain", ("pretrain",), [
-            "pretrain", "--data", data, "--out", base, "--domains", ",".join(sources), "--resume", "auto"],
-            done=base / "metrics.json", output=base, deps=("prepare",), config=("pretrain", "pretrain", r.pretrain),
-            train=True)
-
-        for target in r.targets:
-            for method in r.methods:
-                # The first seed keeps the plain names (targets/T/METHOD); others are METHOD.seedS.
-                # Zero-shot is deterministic: it runs once.
-                for fraction, seed in runs_of(r, method):
-                    cfg = r.finetune_config(method)
-                    if seed != cfg.train.seed:
-                        cfg = replace(cfg, train=replace(cfg.train, seed=seed))
-                    if fraction != 1.0:
-                        cfg = replace(cfg, train_fraction=fraction)
-                    name = run_folder(method, r.seeds, seed, fraction)
-                    dest = inside(out, "targets", target, name)
-                    self._step(f"finetune {target} {method}" + ("" if fraction == 1.0 else f" fraction {fraction:g}")
-                               + ("" if seed == r.seeds[0] else f" seed {seed}"), ("finetune", target, name), [
-                        "finetune", "--base", base, "--data", data, "--domain", target, "--method", method,
-                        "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
-                        deps=("pretrain", "prepare"), config=("finetune", f"finetune_{name}", cfg),
-                        train=method != "none", side_by_side=True)
-            self._drain()
-            if r.distill is not None:
-                self._distill(target, base, data)
-        self._drain()
-        return sources
-
-    def _distill(self, target: str, base: Path, data: Path) -> None:
-        teacher = inside(self.out, "targets", target, self.r.distill_from)
-        teacher_step = f"finetune {target} {self.r.distill_from}"
-        if self.checking and not (teacher / "metrics.json").is_file():
-            raise _CheckEnds       # whether the teacher is an adapter is known once it has run
-        adapter = ["--adapter", teacher] if (teacher / "adapter_config.json").is_file() else []
-        teacher_model = base if adapter else teacher
-        kinds = (("student_kd", self.r.distill), ("student_ce", replace(self.r.distill, alpha=1.0)))
-        # With jobs > 1 both students train side by side, then each serving benchmark runs alone (it
-        # times requests); one at a time, each student is followed by its benchmark.
-        order = ([("distill", k) for k in kinds] + [("serving", k) for k in kinds] if self.jobs > 1 else
-                 [(step, k) for k in kinds for step in ("distill", "serving")])
-        for step, (kind, doc) in order:
-            dest = inside(self.out, "targets", target, kind)
-            if step == "distill":
-                self._step(f"distill {target} {kind}", ("distill", target, kind), [
-                    "distill", "--teacher", teacher_model, *adapter, "--data", data, "--domain", target,
-                    "--out", dest, "--resume", "auto"], done=dest / "metrics.json", output=dest,
-                    deps=(teacher_step,), config=("distill", kind, doc), train=True, side_by_side=True)
-                continue
-            bench = dest / "serving.json"
-            self._step(f"serving benchmark {target} {kind}", ("serving", target, kind), [
-                "bench-serve", "--student", dest, "--teacher", teacher_model, *adapter, "--onnx", "--out", bench],
-                done=bench, output=bench, deps=(f"distill {target} {kind}",))
-
-
-@dataclass
-class _Job:
-    """A step's command, ready to run: its record (written complete when it succeeds) and log file."""
-    name: str
-    args: list
-    train: bool
-    record: Path
-    doc: dict
-    log: Path
+        return "\n".join(lines)
 
 
 def available_cores() -> int:
@@ -466,23 +342,6 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:       # not on Linux
         return os.cpu_count() or 1
-
-
-def run_folder(method: str, seeds: list[int], seed: int, fraction: float = 1.0) -> str:
-    """``METHOD`` for all users and the first seed (what every recipe wrote before seeds and fractions),
-    then ``.fracF`` for a share of the users and ``.seedS`` for another seed."""
-    return method + ("" if fraction == 1.0 else f".frac{fraction:g}") + ("" if seed == seeds[0] else f".seed{seed}")
-
-
-def runs_of(recipe, method: str) -> list[tuple[float, int]]:
-    """(fraction, seed) of every fine-tuning run of ``method``: zero-shot once (it neither trains nor
-    draws); other methods at every seed, and at the fractions below 1 when in ``fraction_methods``."""
-    if method == "none":
-        return [(1.0, recipe.seeds[0])]
-    fractions = [f for f in recipe.fractions if f == 1.0 or method in recipe.fraction_methods]
-    if 1.0 not in fractions:
-        fractions.append(1.0)
-    return [(f, s) for f in sorted(fractions, reverse=True) for s in recipe.seeds]
 
 
 def run_experiment(config: str, out: str, force: bool = False, overrides=(), rerun_changed: bool = False,

@@ -33,7 +33,7 @@ test: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -q -p no:cacheprovider tests
 
 bench: setup
-	DS_ACCELERATOR=cpu $(PY) -m benchmarks.run_all
+	DS_ACCELERATOR=cpu $(PY) -m benchmarks.run_all --tier $(or $(TIER),quick)
 
 clean:
 	rm -rf $(VENV) runs

@@ -1,14 +1,25 @@
-"""Shared set-up for benchmarks: the prepared MovieLens-100K they all use, and result recording."""
+"""Shared set-up for benchmarks: the prepared MovieLens-100K they all use, result recording, and the
+machine description every dated result carries (benchmarks/README.md).
+
+Every script's raw output goes under ``OUT`` (benchmarks/out/, not committed; ``CROSSREC_BENCH_OUT``
+moves it: the quick tier uses benchmarks/out/quick/ so that its small artefacts are never reused by a
+full-size run). ``record`` writes ``OUT/<name>.json`` and, when ``CROSSREC_BENCH_RECORDS`` names a file
+(``benchmarks.run_all`` sets it), appends the record there too, so the runner can file it as
+``benchmarks/results/<name>/<date>-<tier>.json``.
+"""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+BENCH = Path(__file__).resolve().parent
+OUT = Path(os.environ["CROSSREC_BENCH_OUT"]).resolve() if os.environ.get("CROSSREC_BENCH_OUT") else BENCH / "out"
+RESULTS = BENCH / "results"
 
 
 def crossrec(*args: str) -> None:
@@ -26,10 +37,70 @@ def ml100k(domain_rule: str | None = "user.zip_code:prefix1") -> Path:
 
 
 def machine() -> str:
-    import os
     import torch
     return (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU features that change what a CPU benchmark measures (bf16, AMX, AVX-512)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
+    return sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+
+
+def machine_info() -> dict:
+    """What a dated result needs to be compared with another: CPU, cores, memory, GPU, library versions,
+    the load when it started (a shared machine times its neighbours too), the code's commit."""
+    import importlib.metadata as md
+
+    import torch
+
+    def version(pkg: str) -> str | None:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    mem = None
+    try:
+        kb = next(int(ln.split()[1]) for ln in Path("/proc/meminfo").read_text().splitlines()
+                  if ln.startswith("MemTotal:"))
+        mem = round(kb / 2**20, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    commit = dirty = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH.parent, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCH.parent,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {
+        "cpu_model": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_gib": mem, "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(), "python": platform.python_version(),
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+        **{pkg: version(pkg) for pkg in ("deepspeed", "accelerate", "transformers", "peft", "datasets")},
+        "git_commit": commit, "git_dirty": dirty,
+    }
 
 
 def record(name: str, result: dict) -> Path:
@@ -38,6 +109,10 @@ def record(name: str, result: dict) -> Path:
     path = OUT / f"{name}.json"
     path.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+    collect = os.environ.get("CROSSREC_BENCH_RECORDS")
+    if collect:   # benchmarks.run_all files every record of a script run as one dated result
+        with open(collect, "a") as f:
+            f.write(json.dumps(result) + "\n")
     return path
 
 
@@ -65,7 +140,6 @@ class RankMemory:
 
     @staticmethod
     def rank_pids() -> list[int]:
-        import os
         pids = []
         for pid in os.listdir("/proc"):
             if not pid.isdigit():
@@ -101,7 +175,6 @@ class RankMemory:
     def signal(self, sig: int) -> None:
         """Send ``sig`` to every rank, never to the launcher (torchrun's agent has no USR1 handler
         and would die of it, taking the ranks with it)."""
-        import os
         for pid in self.rank_pids():
             try:
                 os.kill(pid, sig)

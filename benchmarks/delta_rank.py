@@ -16,6 +16,7 @@ large loss at rank r says full fine-tuning's solution is not a rank-r one.
 usage: python -m benchmarks.delta_rank --base B --full F --data D --domain ml100k
        [--cuts full:full 0:full full:0 2:full 8:full 16:full full:2 full:8 2:2 8:8]
        (each cut is BODY_RANK:TABLE_RANK, ``full`` = the whole change, 0 = none of it)
+The arithmetic (changes, energy, low-rank cuts) lives in ``crossrec_dist.analysis.delta_rank``.
 """
 from __future__ import annotations
 
@@ -27,53 +28,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from crossrec_dist.analysis.delta_rank import TABLE, changes, energy_rows, low_rank, parse_cut
 from crossrec_dist.data.prepared import PreparedData
 from crossrec_dist.errors import InputError
 from crossrec_dist.evaluation.evaluator import EvalOptions, evaluate, model_scorer
 from crossrec_dist.export.vocab import check_same_vocabulary
 from crossrec_dist.models.loading import load_base_model
-
-TABLE = "item_embeddings.weight"
-
-
-def low_rank(factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor], rank: int | None) -> torch.Tensor:
-    """From a change's SVD ``(u, s, vh)``: its best rank-``rank`` approximation (None: all of it)."""
-    u, s, vh = factors
-    if rank is None:
-        rank = len(s)
-    return (u[:, :rank] * s[:rank]) @ vh[:rank]
-
-
-def changes(base: dict, full: dict) -> dict[str, torch.Tensor]:
-    """``W_full - W_base`` per weight (float32), after checking the two are the same model's weights."""
-    if set(base) != set(full):
-        raise InputError("is not a fine-tune of --base: different weight names "
-                         f"({sorted(set(base) ^ set(full))[:3]} ...)", field="--full")
-    bad = [n for n in base if base[n].shape != full[n].shape]
-    if bad:
-        raise InputError(f"is not a fine-tune of --base: {bad[0]} is {tuple(full[bad[0]].shape)} in --full, "
-                         f"{tuple(base[bad[0]].shape)} in --base", field="--full")
-    return {n: full[n].float() - base[n].float() for n in sorted(base)}
-
-
-def energy_rows(base: dict, deltas: dict, factors: dict) -> list[dict]:
-    rows = []
-    for name, (_, s, _) in factors.items():
-        d = deltas[name]
-        s2 = s ** 2
-        cum = (s2.cumsum(0) / s2.sum()).tolist()
-        rows.append({"weight": name, "shape": list(d.shape),
-                     "relative_change": float(d.norm() / base[name].float().norm()),
-                     "energy_top": {k: cum[min(k, len(cum)) - 1] for k in (1, 2, 8)},
-                     "rank_50": next(i + 1 for i, c in enumerate(cum) if c >= 0.5),
-                     "rank_90": next(i + 1 for i, c in enumerate(cum) if c >= 0.9)})
-    return rows
-
-
-def parse_cut(text: str) -> tuple[int | None, int | None]:
-    body, table = text.split(":")
-    return tuple(None if x == "full" else int(x) for x in (body, table))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

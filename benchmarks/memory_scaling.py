@@ -155,7 +155,10 @@ def worker(a) -> None:
     import torch
     from crossrec_dist.data.prepared import PreparedData
     from crossrec_dist.engine import distributed as dist_info
-    from crossrec_dist.engine.config import TrainConfig
+    try:   # the stages' training settings (the engine's plus window_stride, ...) where the package splits them
+        from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
+    except ImportError:
+        from crossrec_dist.engine.config import TrainConfig
     from crossrec_dist.engine.trainer import Engine
     from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
 
@@ -197,8 +200,8 @@ def worker(a) -> None:
             from crossrec_dist.engine.task import Validation
             return Validation(metrics={"ndcg@10": 0.0, "hr@10": 0.0}, details={"overall": {}, "per_domain": {}})
 
-        def save(self, engine, state_dict, out_dir):
-            pass
+        def save(self, engine, state_dict, out_dir):   # no weights written; the engine renames the folder
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
 
     train = TrainConfig(max_steps=a.steps, epochs=10**6, micro_batch_size=a.micro_batch, deepspeed=a.ds_config,
                         grad_accum=a.grad_accum,

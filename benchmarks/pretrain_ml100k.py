@@ -6,7 +6,8 @@ SASRec measured on this machine (shared/anchors/recbole.md: test NDCG@10 0.0629,
 Time to quality: every run also records test NDCG@10 at each validation (``train.track_test``; model
 selection still uses valid only), and the wall-clock seconds of training until test NDCG@10 first
 reaches RecBole's best are reported beside RecBole's 3,578 s.
-usage: python -m benchmarks.pretrain_ml100k [--seeds 0 1 2] [--preset small]
+usage: python -m benchmarks.pretrain_ml100k [--seeds 0 1 2] [--preset small] [--set KEY=VALUE ...]
+(``--set``: extra overrides of every pretraining run, e.g. the quick tier's ``train.epochs=15``.)
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     ap.add_argument("--preset", default="small")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="an extra override of every pretraining run (repeatable)")
     a = ap.parse_args()
     data = ml100k(domain_rule=None)
     pop_file = OUT / "ml100k_popularity.json"
@@ -34,7 +37,8 @@ def main() -> None:
         out = OUT / f"pretrain_{a.preset}_seed{seed}"
         t0 = time.perf_counter()
         crossrec("pretrain", "--preset", a.preset, "--data", data, "--out", out, "--set", f"train.seed={seed}",
-                 "--set", "train.tensorboard=false", "--set", "train.log_every=100", "--set", "train.track_test=true")
+                 "--set", "train.tensorboard=false", "--set", "train.log_every=100", "--set", "train.track_test=true",
+                 *(x for kv in a.sets for x in ("--set", kv)))
         wall = time.perf_counter() - t0
         m = json.loads((out / "metrics.json").read_text())
         curve = [h for h in m["history"] if "test_ndcg@10" in h]
@@ -46,7 +50,8 @@ def main() -> None:
                      "samples_per_second": m["train"]["samples_per_second"], "params": m["params"]["total"]})
     med = {k: statistics.median(r["test"][k] for r in runs) for k in ("ndcg@10", "hr@10", "mrr@10")}
     record(f"pretrain_ml100k_{a.preset}", {
-        "command": f"python -m benchmarks.pretrain_ml100k --preset {a.preset} --seeds {' '.join(map(str, a.seeds))}",
+        "command": f"python -m benchmarks.pretrain_ml100k --preset {a.preset} --seeds {' '.join(map(str, a.seeds))}"
+                   + "".join(f" --set {kv}" for kv in a.sets),
         "protocol": "leave-one-out by time, full ranking over 1,682 items, history excluded, ties against target",
         "median_test": med,
         "median_seconds_to_recbole_quality": statistics.median(

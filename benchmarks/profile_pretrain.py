@@ -1,7 +1,7 @@
 """Where a pretraining step's time goes: batch building, attention, the loss over all items, backward,
 optimizer, and the full-ranking validation pass, measured with ``torch.profiler`` on MovieLens-100K.
 
-The step is the bare loop of ``engine_overhead`` (the engine adds < 1 % on top, RESULTS §2), split
+The step is the bare loop of ``engine_overhead`` (the engine adds < 1 % on top, RESULTS §4.1), split
 into labelled phases with ``record_function``; the backbone's attention is the time of the
 ``LlamaAttention`` modules (hooks open a labelled range around each). One validation pass over the
 source regions is timed the same way. Prints and records phase shares and the top operators.
@@ -17,12 +17,15 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from benchmarks.common import ml100k, record
 from crossrec_dist.data.prepared import PreparedData
-from crossrec_dist.engine.config import TrainConfig
 from crossrec_dist.models.losses import full_softmax
 from crossrec_dist.evaluation.evaluator import EvalOptions, evaluate
 from crossrec_dist.evaluation.evaluator import model_scorer
 from crossrec_dist.stages.common import evaluate_model
 from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
+try:   # the stages' training settings (the engine's plus window_stride, track_test, ...) where the package splits them
+    from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
+except ImportError:
+    from crossrec_dist.engine.config import TrainConfig
 
 PHASES = ("batch", "forward.backbone", "forward.attention", "forward.loss", "backward", "optimizer")
 

@@ -1,6 +1,6 @@
 """Wall times of Slurm jobs, from slurmctld's log: submitted, each start (allocation), a requeue or a
 kill request, and the end with its exit status. The test cluster keeps no accounting database, so
-this is where `tests/test_slurm.py`'s job timings (benchmarks/RESULTS.md §15) come from:
+this is where `tests/test_slurm.py`'s job timings (benchmarks/RESULTS.md §5.6) come from:
 
     DS_ACCELERATOR=cpu .venv/bin/python -m pytest -q -s tests/test_slurm.py
     python -m benchmarks.slurm_job_times --since 2026-11-24T06:17   # the minute the tests started

@@ -23,6 +23,7 @@ differences vs zero-shot, scratch and full) and ``OUT/summary.json``.
 usage: python -m benchmarks.transfer_probes --study runs/ml_cross_platform
        [--probes base_seed1 base_seed2 shared_source] [--methods none full head lora lora_r8 lora_r8.seed1 full+train.lr=0.0002 ...]
        [--out benchmarks/out/transfer_probes]
+Probe and method-variant names are read by ``crossrec_dist.analysis.probes``.
 """
 from __future__ import annotations
 
@@ -38,10 +39,11 @@ from pathlib import Path
 
 import numpy as np
 
+from crossrec_dist.analysis.probes import BODY, method_variant, methods_order, scratch_runs_in, seedless
+from crossrec_dist.errors import InputError
 from crossrec_dist.evaluation.bootstrap import aligned, bootstrap_mean, paired_difference
 
 TARGET, SOURCE = "ml100k", "ml1m"
-BODY = re.compile(r"body_l(\d+)_f(\d+)(?:_h(\d+))?(?:_s(\d+))?")
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -130,54 +132,9 @@ def probe_steps(name: str, study: Path, out: Path, methods: list[str]) -> dict[s
     return records
 
 
-def method_variant(method: str) -> tuple[str, list[str]]:
-    """``lora_rN``: the study's LoRA config at rank N (alpha 2N, the study's ratio); ``adalora_rNtoM[_topK]``:
-    its AdaLoRA config from rank N to M (alpha 2N), with whole rows for the K most frequent titles; a ``.seedN`` suffix:
-    fine-tuning seed N (``train.seed``); ``+KEY=VALUE`` suffixes: any other ``--set`` of the fine-tuning config
-    (``full+train.lr=0.0002``); else the method as is."""
-    if m := re.fullmatch(r"(.+)\.seed(\d+)", method):
-        kind, extra = method_variant(m.group(1))
-        return kind, [*extra, "--set", f"train.seed={m.group(2)}"]
-    if "+" in method:
-        head, *sets = method.split("+")
-        if not all(re.fullmatch(r"[a-z_][a-z0-9_.]*=[A-Za-z0-9_.\-]+", x) for x in sets):
-            sys.exit(f"method variant {method!r}: each +suffix is KEY=VALUE (letters, digits, . _ -)")
-        kind, extra = method_variant(head)
-        return kind, [*extra, *(a for x in sets for a in ("--set", x))]
-    if m := re.fullmatch(r"lora_r(\d+)", method):
-        r = int(m.group(1))
-        return "lora", ["--set", f"lora.r={r}", "--set", f"lora.alpha={2 * r}"]
-    if m := re.fullmatch(r"adalora_r(\d+)to(\d+)(?:_top(\d+))?", method):
-        r = int(m.group(1))
-        extra = ["--set", f"adalora.init_r={r}", "--set", f"adalora.target_r={m.group(2)}", "--set", f"lora.alpha={2 * r}"]
-        return "adalora", extra + (["--set", f"train_top_items={m.group(3)}"] if m.group(3) else [])
-    return method, []
-
-
-def seedless(method: str) -> str:
-    """The method a run belongs to, its seed suffix dropped (``lora_r8.seed1`` -> ``lora_r8``)."""
-    return re.sub(r"\.seed\d+$", "", method)
-
-
-def methods_order(m: str) -> tuple:
-    order = ["none", "scratch", "full", "head", "l2sp", "lora", "adalora"]
-    kind = method_variant(m)[0]
-    return (order.index(kind) if kind in order else len(order), seedless(m), m)
-
-
 def study_scratch(study: Path) -> dict[str, dict]:
     """The study's own scratch runs on all the target's users (every seed it has)."""
     return scratch_runs_in(study / "targets" / TARGET)
-
-
-def scratch_runs_in(folder: Path) -> dict[str, dict]:
-    """Finished scratch runs (every seed) in a folder of fine-tuning runs, data fractions left out."""
-    runs = {}
-    for run_dir in sorted(folder.glob("scratch*")):
-        if "frac" in run_dir.name or not (run_dir / "metrics.json").exists():
-            continue
-        runs[run_dir.name] = json.loads((run_dir / "metrics.json").read_text())
-    return runs
 
 
 def table(name: str, records: dict[str, dict], references: dict[str, dict],
@@ -276,4 +233,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as e:     # a method variant that does not parse: say which, as crossrec does
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,11 +1,14 @@
-"""The arithmetic that benchmark scripts' conclusions rest on (RESULTS.md §14.4-14.5)."""
-import torch
+"""The arithmetic that benchmark scripts' conclusions rest on (benchmarks/RESULTS.md §2.3.4-2.3.5), in
+crossrec_dist.analysis; and the benchmark suite's runner (benchmarks/run_all.py: tiers, dated results)."""
+import json
 
 import pytest
+import torch
 
-from benchmarks.delta_rank import changes, low_rank, parse_cut
+from crossrec_dist.analysis.delta_rank import changes, low_rank, parse_cut
+from crossrec_dist.analysis.paired import compare
+from crossrec_dist.analysis.probes import BODY, method_variant, methods_order, scratch_runs_in, seedless
 from crossrec_dist.errors import InputError
-from benchmarks.transfer_probes import method_variant, methods_order
 
 
 def test_low_rank_is_the_best_approximation_of_its_rank():
@@ -31,7 +34,6 @@ def test_cut_and_variant_parsing():
 
 
 def test_seed_variants():
-    from benchmarks.transfer_probes import seedless
     assert method_variant("lora_r8.seed2") == ("lora", ["--set", "lora.r=8", "--set", "lora.alpha=16",
                                                         "--set", "train.seed=2"])
     assert method_variant("full.seed1") == ("full", ["--set", "train.seed=1"])
@@ -52,7 +54,7 @@ def test_set_suffix_variants():
     assert method_variant("adalora_r8to4_top86+train_new_items=true.seed1") == ("adalora", [
         "--set", "adalora.init_r=8", "--set", "adalora.target_r=4", "--set", "lora.alpha=16",
         "--set", "train_top_items=86", "--set", "train_new_items=true", "--set", "train.seed=1"])
-    with pytest.raises(SystemExit):          # a folder name must not smuggle a path in
+    with pytest.raises(InputError, match="KEY=VALUE"):   # a folder name must not smuggle a path in
         method_variant("full+train.lr=../x")
 
 
@@ -73,9 +75,6 @@ def test_cuts_share_one_svd_and_refuse_other_models():
 def test_body_probe_names_and_scratch_references(tmp_path):
     """``body_l2_f1024_h256_s1``: the same shape pretrained with seed 1; its scratch reference is read from
     the unseeded probe's runs (every seed, data fractions left out)."""
-    import json
-
-    from benchmarks.transfer_probes import BODY, scratch_runs_in
     assert BODY.fullmatch("body_l2_f1024_h256_s1").groups() == ("2", "1024", "256", "1")
     assert BODY.fullmatch("body_l4_f1024").groups() == ("4", "1024", None, None)
     assert BODY.fullmatch("body_l4_f1024_x") is None
@@ -89,8 +88,6 @@ def test_body_probe_names_and_scratch_references(tmp_path):
 def test_paired_runs_averages_seeds_per_user_and_pairs(tmp_path):
     """Two users. A: ranks 0 and 20 in one seed, 0 and 0 in the other (per-user mean NDCG 1.0, 0.5);
     B: ranks 1 and 0 (1/log2(3), 1.0). A - B per user: 1 - 0.6309 and 0.5 - 1.0 -> mean -0.0655."""
-    import json
-    from benchmarks.paired_runs import compare
 
     def run(name, ranks):
         d = tmp_path / name
@@ -101,3 +98,33 @@ def test_paired_runs_averages_seeds_per_user_and_pairs(tmp_path):
     line = compare([run("a0", [0, 20]), run("a1", [0, 0])], [run("b", [1, 0])])
     assert line.startswith("2 users; A 0.7500") and "(2 run(s))" in line and "B 0.8155" in line
     assert "A - B -0.0655" in line
+
+
+def test_paired_runs_names_a_folder_that_is_not_a_finished_run(tmp_path):
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "metrics.json").write_text(json.dumps({"test_ranks": {"seq_index": [1], "rank": [0]}}))
+    with pytest.raises(InputError, match="metrics.json"):
+        compare([tmp_path / "done"], [tmp_path / "missing"])
+
+
+def test_every_benchmark_script_is_in_a_tier_and_in_the_readme():
+    """benchmarks/README.md documents every script and ``benchmarks.run_all`` runs each in one tier; the
+    quick tier is what ``make bench`` runs."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    scripts = {p.stem for p in bench.glob("*.py")} - {"__init__", "common", "run_all"}
+    listed: dict[str, set[str]] = {}
+    for tier in ("quick", "full", "study", "scale", "cluster"):
+        out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--tier", tier, "--list"], cwd=bench.parent,
+                             capture_output=True, text=True, check=True).stdout
+        listed[tier] = set(re.findall(r"-m benchmarks\.(\w+)", out))
+    assert listed["quick"] == listed["full"]
+    in_tiers = set().union(*listed.values())
+    assert scripts <= in_tiers, f"in no tier of run_all: {sorted(scripts - in_tiers)}"
+    readme = (bench / "README.md").read_text()
+    assert not [s for s in scripts if f"`{s}.py`" not in readme], "README.md misses a script"
+    assert "--tier $(or $(TIER),quick)" in (bench.parent / "Makefile").read_text()

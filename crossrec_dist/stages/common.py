@@ -20,7 +20,7 @@ from ..engine.task import LossTerms, Selection, TrainTask, Validation
 from ..engine.trainer import Engine
 from ..errors import InputError
 from ..evaluation.evaluator import EvalOptions, evaluate, model_scorer
-from ..evaluation.record import write_metrics
+from ..evaluation.record import catalogue_record, write_metrics
 from ..evaluation.sharded import sharded_evaluate
 from ..models.sizing import param_counts
 from .train_config import RecommenderTrainConfig
@@ -143,13 +143,6 @@ def target_catalogue(cfg, data: PreparedData, domain: str) -> np.ndarray | None:
     """Items ranked when evaluating on ``domain``: every item (``catalogue: all``), or only those of
     the domain's own log (``target``; a cross-platform base also knows items the target never offers)."""
     return data.catalogue([domain]) if cfg.catalogue == "target" else None
-
-
-def catalogue_record(catalogue: np.ndarray | None, data: PreparedData) -> dict:
-    """``{"catalogue": {"kind": "all" | "target", "items": N}}`` for metrics.json (``target``: only the
-    evaluated domains' own items were ranked, whichever command asked for it)."""
-    n = data.num_items if catalogue is None else int(catalogue.sum())
-    return {"catalogue": {"kind": "all" if catalogue is None else "target", "items": n}}
 
 
 def on_main(fn, *args, **kwargs):

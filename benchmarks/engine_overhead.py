@@ -19,10 +19,7 @@ from crossrec_dist.data.prepared import PreparedData
 from crossrec_dist.engine.schedule import lr_lambda
 from crossrec_dist.engine.trainer import Engine
 from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
-try:   # the stages' training settings (the engine's plus window_stride, track_test, ...) where the package splits them
-    from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
-except ImportError:
-    from crossrec_dist.engine.config import TrainConfig
+from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
 
 
 def bare_loop(task: PretrainTask, cfg: TrainConfig, steps: int) -> float:

@@ -155,10 +155,7 @@ def worker(a) -> None:
     import torch
     from crossrec_dist.data.prepared import PreparedData
     from crossrec_dist.engine import distributed as dist_info
-    try:   # the stages' training settings (the engine's plus window_stride, ...) where the package splits them
-        from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
-    except ImportError:
-        from crossrec_dist.engine.config import TrainConfig
+    from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
     from crossrec_dist.engine.trainer import Engine
     from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
 

@@ -22,10 +22,7 @@ from crossrec_dist.evaluation.evaluator import EvalOptions, evaluate
 from crossrec_dist.evaluation.evaluator import model_scorer
 from crossrec_dist.stages.common import evaluate_model
 from crossrec_dist.stages.pretrain import PretrainConfig, PretrainTask
-try:   # the stages' training settings (the engine's plus window_stride, track_test, ...) where the package splits them
-    from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
-except ImportError:
-    from crossrec_dist.engine.config import TrainConfig
+from crossrec_dist.stages.train_config import RecommenderTrainConfig as TrainConfig
 
 PHASES = ("batch", "forward.backbone", "forward.attention", "forward.loss", "backward", "optimizer")
 

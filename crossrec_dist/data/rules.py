@@ -1,7 +1,7 @@
 """Input rules: how each column type becomes an id or a time, and which rows are bad or repeated.
 
 Every reader's table goes through these, whatever its format, so a rule holds for csv, Parquet and
-JSON lines alike (README "Input rules" lists them). Vectorised in Arrow / numpy: no Python object
+JSON lines alike (docs/data.md, "Input rules", lists them). Vectorised in Arrow / numpy: no Python object
 per row.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ For a-c accelerate puts the settings in ``ACCELERATE_*`` environment variables; 
 with the run's real numbers. Accelerate would fill them from its own process count, which is wrong
 on CPU (PITFALLS.md #9), and DeepSpeed refuses ``train_batch_size != micro * accum * world``.
 
-Precedence (stated in the README):
+Precedence (stated in docs/distributed.md):
 * ``train.deepspeed`` (d) names the JSON explicitly and wins over a launcher's JSON or fields.
 * Accumulation steps and gradient clipping: both accelerate and ``train.*`` default to 1 step and a
   norm of 1.0; whichever source differs from that default wins; two different non-default values

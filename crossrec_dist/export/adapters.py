@@ -4,7 +4,7 @@ An AdaLoRA adapter with ``adalora.table_r`` is two PEFT adapters in one folder, 
 several adapters: AdaLoRA on the linear layers at the top (adapter ``default``) and a LoRA adapter on
 the item table, with the per-item offsets, in ``item_table/``. PEFT's AdaLoRA has no embedding layer and
 a ``PeftModel`` holds one adapter type, so the two load together as a ``PeftMixedModel``
-(``apply_adapter`` below; the README, section "Studies", shows it in plain peft).
+(``apply_adapter`` below; docs/studies.md shows it in plain peft).
 """
 from __future__ import annotations
 

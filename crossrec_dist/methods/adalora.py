@@ -25,7 +25,7 @@ class AdaLoraOptions:
     # PEFT's AdaLoRA has no embedding layer, so on its own it never changes the item table -- the part of
     # full fine-tuning's change that matters most across platforms (benchmarks/RESULTS.md, Transfer).
     # table_r > 0 puts a plain LoRA adapter of that rank on the item table beside AdaLoRA on the linear
-    # layers (PEFT's mixed-adapter model; saved as two PEFT adapters, README "Studies"); table_alpha:
+    # layers (PEFT's mixed-adapter model; saved as two PEFT adapters, docs/studies.md); table_alpha:
     # None is 2 * table_r. AdaLoRA also reads lora.alpha, lora.dropout and lora.target_modules.
     table_r: int = 0
     table_alpha: int | None = None

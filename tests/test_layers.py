@@ -348,11 +348,6 @@ def _graph() -> Graph:
     return Graph.build(sources_in_tree())
 
 
-def test_summary(capsys):
-    with capsys.disabled():
-        print("\n" + summary(_graph()))
-
-
 def test_no_import_cycles():
     """No two modules import each other, directly or through others, at any level."""
     cycles = _graph().cycles()

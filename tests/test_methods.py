@@ -4,7 +4,6 @@ applied in-process)."""
 import re
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 # heavy imports inside functions (torch, peft, the model via ._training): the registry is read by --help
 # and recipe checks, which must not pay import torch (2.6 s) and peft (5.9 s) on the 2-core CI machine
 
-import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import InputError
@@ -41,11 +40,6 @@ def need(ok: bool, field: str, message: str) -> None:
     """Raise the config error ``message`` about ``field`` unless ``ok``."""
     if not ok:
         raise InputError(message, field=field)
-
-
-def finite_at_least(value, low: float, field: str) -> None:
-    need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= low,
-         field, f"must be >= {low:g}, got {value}")
 
 
 class Method:

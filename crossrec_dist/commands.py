@@ -237,7 +237,13 @@ def add_commands(sub) -> None:
     p.add_argument("--domains", default=None, help="source domains (comma-separated); default all")
     p.set_defaults(func=_cmd_pretrain)
 
-    f = sub.add_parser("finetune", help=f"adapt the base to a target domain ({', '.join(method_names())})")
+    f = sub.add_parser(
+        "finetune", help=f"adapt the base to a target domain ({', '.join(method_names())})",
+        description="Adapt the base to a target domain. By default a trained step is kept only if it beats the "
+                    "base on validation (each user's last 3 items) by a paired 95% interval over users, else the "
+                    "base is kept and the log says so (--set must_beat_base=false keeps the best mean). Every run's "
+                    "metrics.json records its paired difference to zero-shot and to the region's popularity list "
+                    "('vs'). Methods and options: docs/methods.md.")
     _add_common_train(f)
     f.add_argument("--base", required=True, help="pretrained model DIR")
     f.add_argument("--data", required=True, help="prepared dataset DIR (same vocabulary as the base)")

@@ -75,8 +75,9 @@ class ToyTask(TrainTask):
     default_lr = 0.05
 
     def __init__(self, train: TrainConfig, n: int = 16, scores: list[float] | None = None, mode: str = "max",
-                 crash_after: int | None = None, no_decay: tuple[str, ...] = ()):
+                 crash_after: int | None = None, no_decay: tuple[str, ...] = (), eligible: list[bool] | None = None):
         self.train, self.n, self.scores, self.crash_after, self.no_decay = train, n, scores, crash_after, no_decay
+        self.eligible = eligible
         self.selection = Selection("score", mode)
         self.updates = 0
         self.validations = 0
@@ -104,7 +105,8 @@ class ToyTask(TrainTask):
         self.snapshots[self.updates] = weights(engine)
         self.validations += 1
         score = self.scores[self.validations - 1] if self.scores else -float(self.updates)
-        return Validation(metrics={"score": score})
+        ok = self.eligible[self.validations - 1] if self.eligible else True
+        return Validation(metrics={"score": score}, eligible=ok, note="" if ok else "scripted no")
 
     def save(self, engine, state_dict, out_dir: Path) -> None:
         if engine.is_main:
@@ -209,6 +211,21 @@ def test_the_kept_model_is_the_best_validations(tmp_path, mode, scores, best):
     last = run.task.snapshots[6]
     assert (kept["linear.weight"] - last["linear.weight"]).abs().max().item() > 1e-3   # not the final weights
     assert [h["valid_score"] for h in run.result.history if h["kind"] == "valid"] == scores
+
+
+def test_an_ineligible_validation_is_progress_but_never_the_kept_model(tmp_path):
+    """A task's guard (fine-tuning: must beat the base) can refuse a validation: the run goes on while
+    the metric improves (patience is reset by steps 2 and 5), but only eligible ones are saved. With
+    every validation eligible, patience 2 would stop at step 7 too, but keep step 5."""
+    scores = [0.1, 0.2, 0.5, 0.3, 0.6, 0.4, 0.35, 0.3, 0.2, 0.1]
+    eligible = [True, False, True, False, False, False, False, False, False, False]
+    run = fit(tmp_path, config(eval_every=1, patience=2, max_steps=10), scores=scores, eligible=eligible)
+    assert (run.result.stopped, run.result.steps, run.result.best_step) == ("early_stop", 7, 3)
+    assert_same_weights(load_file(str(tmp_path / "toy.safetensors")), run.task.snapshots[3], tol=0.0)
+    refused = [h["step"] for h in run.result.history if h["kind"] == "valid" and "not_kept" in h]
+    assert refused == [2, 4, 5, 6, 7]
+    plain = fit(tmp_path / "plain", config(eval_every=1, patience=2, max_steps=10), scores=scores)
+    assert (plain.result.steps, plain.result.best_step) == (7, 5)
 
 
 def test_the_task_decides_which_parameters_decay(tmp_path):

@@ -17,7 +17,8 @@ class TrainerState:
     samples: int = 0                # training samples seen, all ranks together
     seconds: float = 0.0            # wall time of training so far, resumes included
     eval_seconds: float = 0.0       # of ``seconds``, spent validating (and saving the best model)
-    best: float | None = None       # best value of the selection metric
+    best: float | None = None       # best value of the selection metric among eligible (kept) states
+    best_seen: float | None = None  # best value of any validation, kept or not (drives patience)
     best_step: int = -1
     best_metrics: dict = field(default_factory=dict)   # the best validation's metrics and details
     bad_evals: int = 0              # validations since the best one (patience)
@@ -35,6 +36,8 @@ class TrainerState:
         state = cls(**{k: v for k, v in data.items() if k in known})
         if state.best is not None and state.best in (float("inf"), float("-inf")):
             state.best = None       # checkpoints of older versions stored -inf for "none yet"
+        if state.best_seen is None and "best_seen" not in data:
+            state.best_seen = state.best     # checkpoints before eligibility: every validation was eligible
         return state
 
     def validated_after_start(self) -> bool:

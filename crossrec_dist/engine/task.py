@@ -97,10 +97,17 @@ class Validation:
             curves); never used for selection.
         details: anything the stage wants back at the end (e.g. per-subset breakdowns); kept for
             the best validation only.
+        eligible: may this state be kept as the run's model? A task's guard says no (e.g. fine-tuning:
+            not better than the base it started from by a paired interval over users). An ineligible
+            validation that improves the metric still counts as progress for early stopping -- the
+            run goes on while it improves -- but is never saved as ``best``.
+        note: why it is not eligible, for the log.
     """
     metrics: dict[str, float]
     tracked: dict[str, float] = field(default_factory=dict)
     details: dict = field(default_factory=dict)
+    eligible: bool = True
+    note: str = ""
 
 
 @dataclass
@@ -128,6 +135,8 @@ class TrainTask:
 
     name: str = "task"
     selection: Selection = Selection("loss", "min")
+    validates_start: bool = False   # validate the model as built (step 0) even without train.validate_at_start
+                                    # (a task that judges later steps against the start needs it)
     default_lr: float = 1e-3
     tokens_per_sample: int = 1            # for tokens/s
     flops_per_token: float | None = None  # training (forward + backward) FLOPs per token, for MFU on GPUs

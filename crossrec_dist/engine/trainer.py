@@ -111,6 +111,7 @@ class Engine:
         self.device = self.accelerator.device
         self.world, self.rank = dist_info.world_size(), dist_info.rank()
         self.lr = cfg.lr
+        self.step = 0                   # optimizer updates done when the task last validated
         self.model: torch.nn.Module | None = None
         self._built_report: dict = {}
         self._t_start: float | None = None
@@ -200,7 +201,7 @@ class Engine:
         run = self._prepare(task)
         state = self._resume(run)
         self._announce(run, state)
-        if self.cfg.validate_at_start and state.step == 0 and state.best_step < 0:
+        if (self.cfg.validate_at_start or task.validates_start) and state.step == 0 and state.best_step < 0:
             self._validate(run, state)
         stop, window = None, LossWindow(self.device)
         self._t_start = time.perf_counter() - state.seconds
@@ -456,6 +457,7 @@ class Engine:
     def _validate(self, run: _Run, state: TrainerState, note: dict | None = None) -> str | None:
         t0 = time.perf_counter()
         run.model.eval()
+        self.step = state.step          # what a task's validate may read (0: the model as built)
         v = run.task.validate(self)
         run.model.train()
         sel = run.task.selection
@@ -468,13 +470,22 @@ class Engine:
                "seconds": round(time.perf_counter() - self._t_start, 3) if self._t_start else 0.0, **(note or {})}
         state.history.append(rec)
         self.accelerator.log({f"valid/{k}": x for k, x in v.metrics.items()}, step=state.step)
-        improved = sel.better(value, state.best)
-        self.log(f"valid step {state.step}: " + " ".join(f"{k} {x:.4f}" for k, x in v.metrics.items())
-                 + (" (best)" if improved else ""))
+        # Progress (the best value seen) drives patience; only an eligible validation is kept as the
+        # model. Without a task guard the two are the same.
+        progress = sel.better(value, state.best_seen)
+        kept = v.eligible and sel.better(value, state.best)
+        if progress:
+            state.best_seen = value
+        if not v.eligible:
+            rec["not_kept"] = v.note or "not eligible"
+        mark = " (best)" if kept else (f" (best seen, not kept: {v.note})" if progress and v.note else "")
+        self.log(f"valid step {state.step}: " + " ".join(f"{k} {x:.4f}" for k, x in v.metrics.items()) + mark)
         stop = None
-        if improved:
-            state.best, state.best_step, state.bad_evals, state.best_metrics = value, state.step, 0, v.details
+        if kept:
+            state.best, state.best_step, state.best_metrics = value, state.step, v.details
             self._save_best(run)
+        if progress or kept:
+            state.bad_evals = 0
         else:
             state.bad_evals += 1
             if self.cfg.patience and state.bad_evals >= self.cfg.patience and state.step >= self.cfg.min_steps:

@@ -64,6 +64,30 @@ def paired_difference(a, b, **kw) -> Interval:
     return bootstrap_mean(a - b, **kw)
 
 
+def per_user_ndcg(seq_index, ranks, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """(users, NDCG@k per user): a user with several targets (validation's last K items) counts once,
+    with the mean over their targets -- the unit a bootstrap resamples is the user, not the target."""
+    seqs = np.asarray(seq_index, dtype=np.int64)
+    values = ndcg_at(ranks, k)
+    users, inverse = np.unique(seqs, return_inverse=True)
+    return users, np.bincount(inverse, weights=values, minlength=len(users)) / np.bincount(inverse, minlength=len(users))
+
+
+def paired_on_users(users_a, values_a, users_b, values_b, **kw) -> Interval:
+    """Paired difference mean(a - b) over the users both sides have (sorted user ids on each side)."""
+    common, ia, ib = np.intersect1d(users_a, users_b, assume_unique=True, return_indices=True)
+    return paired_difference(np.asarray(values_a)[ia], np.asarray(values_b)[ib], **kw)
+
+
+def interval_record(iv: Interval, digits: int = 6) -> dict:
+    """An interval as metrics.json holds it, with its verdict: better | worse | no significant difference."""
+    if iv.n == 0:
+        return {"diff": None, "low": None, "high": None, "users": 0, "verdict": "no users in common"}
+    verdict = "better" if iv.low > 0 else "worse" if iv.high < 0 else "no significant difference"
+    return {"diff": round(iv.mean, digits), "low": round(iv.low, digits), "high": round(iv.high, digits),
+            "users": iv.n, "verdict": verdict}
+
+
 def aligned(records: dict[str, dict]) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
     """Per-user NDCG@10 of each record's ``test_ranks``, aligned on the sequences all of them share."""
     per = {}

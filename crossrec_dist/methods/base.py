@@ -33,7 +33,7 @@ ITEM_TABLE = "item_embeddings"
 
 # Roles a method can play as a reference in a study's report (paired differences are taken against
 # each present reference; the "full" reference is the 100% of "share of full").
-ROLES = ("zero-shot", "target-only", "full")
+ROLES = ("zero-shot", "popularity", "target-only", "full")
 
 
 def need(ok: bool, field: str, message: str) -> None:
@@ -51,7 +51,9 @@ class Method:
     summary: ClassVar[str] = ""            # one line for --help and the docs
     options: ClassVar[type | None] = None  # dataclass of the method's own options: FinetuneConfig.<name>
     output: ClassVar[str] = "model"        # adapter (a PEFT adapter over the base) | model (whole weights) | none
-    trains: ClassVar[bool] = True          # False: evaluates the base as it is (zero-shot)
+    trains: ClassVar[bool] = True          # False: evaluated as it is (zero-shot: the base; popularity)
+    starts_from_base: ClassVar[bool] = True   # step 0 is the base itself (so must_beat_base can keep it);
+                                              # False for a fresh model (scratch)
     seeded: ClassVar[bool] = True          # depends on the seed: a study runs it once per seed (and fraction)
     role: ClassVar[str | None] = None      # a reference in reports (ROLES), or None
     default_lr: ClassVar[float] = 1e-3     # train.lr when the config leaves it null

@@ -11,6 +11,7 @@ class Scratch(Method):
     name = "scratch"
     summary = "same architecture, random initialisation, target data only"
     role = "target-only"
+    starts_from_base = False
 
     def build(self, task, engine):
         from ._training import fresh_model

@@ -92,8 +92,11 @@ def finetune_config_class(methods) -> type:
         ("train_fraction", float, field(default=1.0)),    # share of the target's users whose histories train and
                                                           # validate (a seeded sample, the same for every method at
                                                           # one seed); test users: all of them
-        ("valid_targets", int, field(default=1)),         # validation targets per target user: the last K items
+        ("valid_targets", int, field(default=3)),         # validation targets per target user: the last K items
                                                           # before the test item (K - 1 of them leave training)
+        ("must_beat_base", bool, field(default=True)),    # keep a step only if it beats the base (step 0) on
+                                                          # validation by a paired 95% interval over users;
+                                                          # otherwise the base is kept (and exported as such)
         ("catalogue", str, field(default="all")),         # items ranked in validation and test: all (the base's
                                                           # vocabulary) | target (items of the target's own log)
         ("train", RecommenderTrainConfig, field(default_factory=lambda: RecommenderTrainConfig(

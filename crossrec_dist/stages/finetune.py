@@ -30,6 +30,7 @@ from ..models.sizing import param_counts
 from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
                      target_catalogue)
 from .configs import FinetuneConfig, check_finetune_config
+from .references import paired_vs, reference_evaluations, selection_line, selection_record, verdict_lines
 
 
 def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
@@ -90,6 +91,8 @@ class FinetuneTask(RecommenderTask):
         self.token_rows = trainable_rows(cfg, data, domain, self.new_items, self.train_users)
         self.fingerprint = base_fingerprint(base_dir)
         self.catalogue = target_catalogue(cfg, data, domain)
+        # Step 0 is the base itself for every method that starts from it: keep it unless beaten.
+        self.must_beat_start = cfg.must_beat_base and self.method.starts_from_base
 
     def train_domains(self):
         return [self.domain]
@@ -118,9 +121,10 @@ class FinetuneTask(RecommenderTask):
         self.method.after_step(model, step, grad_scale)
 
     def checkpoint_state(self, model) -> dict:
-        return self.method.checkpoint_state(model)
+        return {**self.method.checkpoint_state(model), **super().checkpoint_state(model)}
 
     def restore_checkpoint_state(self, model, state: dict) -> None:
+        super().restore_checkpoint_state(model, state)
         self.method.restore_checkpoint_state(model, state)
 
     def save(self, engine, state_dict, out_dir: Path) -> None:
@@ -134,6 +138,13 @@ class FinetuneTask(RecommenderTask):
         ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
                             catalogue=self.catalogue)
         extra = {**self.method.record(self, model, engine.out_dir), **catalogue_record(self.catalogue, self.data)}
+        refs = reference_evaluations(self.base_dir, self.data, self.domain, self.train.eval_batch_size,
+                                     self.catalogue, self.train_users)
+        vs = paired_vs(ev, refs)
+        selection = selection_record(result, self.must_beat_start)
+        for line in filter(None, [selection_line(self.cfg.method, self.domain, selection, self.method.output),
+                                  *verdict_lines(self.cfg.method, self.domain, vs)]):
+            engine.log(line)
         return metrics_record(
             stage="finetune", domain=self.domain, method=self.cfg.method, params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),
@@ -143,7 +154,8 @@ class FinetuneTask(RecommenderTask):
             base_fingerprint=self.fingerprint, config=_jsonable(asdict(self.cfg)),
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
-            train_users=None if self.train_users is None else len(self.train_users), **extra)
+            train_users=None if self.train_users is None else len(self.train_users), vs=vs, selection=selection,
+            **extra)
 
 
 def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str, out: str, log=print) -> dict:
@@ -151,25 +163,34 @@ def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str,
     check_same_vocabulary(base_dir, data, "base model")
     method = get_method(cfg.method)
     if not method.trains:
-        return on_main(_zero_shot, cfg, base_dir, data, domain, Path(out), log)
+        return on_main(_reference_run, cfg, base_dir, data, domain, Path(out), log)
     for precision in (cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")):
         method.refuse(precision=precision)    # before the engine: accelerate would set fp16 up first
     return run_stage(FinetuneTask(cfg, data, base_dir, domain), out, log=log)
 
 
-def _zero_shot(cfg, base_dir, data, domain, out, log):
-    model = CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
+def _reference_run(cfg, base_dir, data, domain, out, log):
+    """A method that trains nothing is one of the references (zero-shot: the base as it is; popularity:
+    the region's own counts): evaluated as such, and compared with the other references."""
+    method = get_method(cfg.method)
     t0 = time.perf_counter()
+    users = sample_users(data, domain, cfg.train_fraction, cfg.train.seed)
     catalogue = target_catalogue(cfg, data, domain)
-    ev = evaluate_model(model, data, [domain], model.config.max_len, cfg.train.eval_batch_size, catalogue=catalogue)
-    params = param_counts(model)
+    refs = reference_evaluations(base_dir, data, domain, cfg.train.eval_batch_size, catalogue, users)
+    ev = refs.pop(method.role)
+    vs = paired_vs(ev, refs)
+    params = param_counts(CrossRecModel.from_pretrained(base_dir, use_safetensors=True)) \
+        if method.role == "zero-shot" else {"total": 0}
     record = metrics_record(stage="finetune", domain=domain, method=cfg.method, params={**params, "trainable": 0},
                             valid=ev["valid"]["overall"], test=ev["test"]["overall"],
                             train={"steps": 0, "seconds": round(time.perf_counter() - t0, 3), "samples_per_second": 0.0},
                             base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir),
-                            test_ranks=ev["test"]["examples"], **catalogue_record(catalogue, data))
+                            test_ranks=ev["test"]["examples"], vs=vs,
+                            train_users=None if users is None else len(users), **catalogue_record(catalogue, data))
     write_metrics(out, record)
-    log(f"zero-shot {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} -> {out}")
+    for line in verdict_lines(cfg.method, domain, vs):
+        log(line)
+    log(f"{cfg.method} {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} -> {out}")
     return record
 
 

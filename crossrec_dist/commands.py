@@ -70,8 +70,20 @@ def _cmd_prepare(a):
         domains=[d for d in a.domains.split(",") if d] if a.domains else None,
         min_user_interactions=a.min_user, min_item_interactions=a.min_item, split=a.split,
         temporal_valid=a.temporal_valid, temporal_test=a.temporal_test, on_bad_rows=a.on_bad_rows,
-        duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs)
+        duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs,
+        vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None)
     prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name)
+
+
+def _base_vocabulary(model_dir) -> list[str]:
+    from .export.vocab import VOCAB, read_vocab
+    ids = read_vocab(model_dir) if Path(model_dir).is_dir() else None
+    if ids is None:
+        raise InputError(f"not a model folder with an item vocabulary ({VOCAB})", path=str(model_dir),
+                         field="--vocab-from")
+    if len(set(map(str, ids))) != len(ids):
+        raise InputError(f"{VOCAB} lists an item id twice", path=str(Path(model_dir) / VOCAB), field="--vocab-from")
+    return [str(i) for i in ids]
 
 
 def _auto_format(path):
@@ -212,6 +224,10 @@ def add_commands(sub) -> None:
     pr.add_argument("--duplicates", default="drop", choices=["drop", "keep", "error"],
                     help="exact repeats of a (user, item, timestamp[, domain]) row: drop them (counted in "
                          "stats.json), keep them, or stop naming the line")
+    pr.add_argument("--vocab-from", default=None, metavar="MODEL_DIR",
+                    help="a base model (or any crossrec model folder with items.json): its items keep their "
+                         "indices and items new to it are appended, so a region that arrives after "
+                         "pretraining can be adapted from that base")
     pr.set_defaults(func=_cmd_prepare)
 
     ev = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR@K as metrics.json")

@@ -250,7 +250,8 @@ def test_lora_under_zero3_saves_the_trained_adapter(tiny_base, ml100k, tmp_path)
     from conftest import REPO
     cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--use_deepspeed",
            "--zero_stage", "3", "-m", "crossrec_dist", "finetune", "--base", str(tiny_base), "--data", str(ml100k),
-           "--domain", TARGET_REGIONS[1], "--method", "lora", "--out", str(tmp_path), *QUICK]
+           "--domain", TARGET_REGIONS[1], "--method", "lora", "--out", str(tmp_path), *QUICK,
+           "--set", "valid_targets=1"]      # validated as the final record is: one target per user
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
                           env=child_env({"DS_ACCELERATOR": "cpu"}))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -399,6 +400,26 @@ def test_every_run_records_its_paired_difference_to_zero_shot_and_popularity(lor
     assert none["vs"]["popularity"]["test"]["diff"] == pytest.approx(
         none["test"]["ndcg@10"] - pop["test"]["ndcg@10"], abs=1e-6)
     assert "vs the region's popularity list: test NDCG@10" in proc.stdout
+
+
+def test_every_run_breaks_test_users_down_by_history_length_and_new_items(lora_run, ml100k, tiny_base):
+    """metrics.json ``cohorts``: the buckets of known events before the test item partition the test
+    users, each with its mean NDCG@10 (checked by hand) inside its interval; ``new_items`` counts the
+    test users whose test item no source region's training part holds."""
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.evaluation.bootstrap import ndcg_at
+    m = json.loads((lora_run / "metrics.json").read_text())
+    data = PreparedData(ml100k)
+    c, ranks = m["cohorts"], m["test_ranks"]
+    assert sum(c[k]["users"] for k in ("history<=5", "history6-20", "history>20")) == len(ranks["rank"])
+    known = data.valid_end[ranks["seq_index"]]
+    long = [r for r, n in zip(ranks["rank"], known) if n > 20]
+    assert c["history>20"]["users"] == len(long) and c["history>20"]["ndcg@10"] == pytest.approx(ndcg_at(long).mean(), abs=1e-6)
+    assert c["history>20"]["low"] <= c["history>20"]["ndcg@10"] <= c["history>20"]["high"]
+    base = json.loads((tiny_base / "config.json").read_text())["pretrain_domains"]
+    seen = data.item_counts(base) > 0
+    targets = data.items[data.offsets[ranks["seq_index"]] + known]
+    assert c["new_items"]["users"] == int((~seen[targets]).sum())
 
 
 def test_defaults_keep_the_base_on_a_small_region_where_adaptation_does_not_pay(tiny_base, ml100k, tmp_path):

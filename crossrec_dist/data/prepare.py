@@ -46,6 +46,10 @@ class PrepareOptions:
     duplicates: str = "drop"                   # exact repeats of a (user, item, time[, domain]) row
     user_attrs: str | None = None
     item_attrs: str | None = None
+    # A base model's item vocabulary (its items.json, raw ids in index order): its items keep their
+    # indices 1..N, whether this log holds them or not, and the log's other items follow from N + 1 in
+    # first-seen order. A region that arrives after pretraining is prepared this way.
+    vocab_from: list[str] | None = None
 
 
 def _kcore(seq: np.ndarray, item: np.ndarray, n_seq: int, n_item: int, min_u: int, min_i: int) -> np.ndarray:
@@ -178,7 +182,19 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     used_items = np.flatnonzero(used)
     del used
     remap = np.zeros(len(item_dict), dtype=np.int32)
-    remap[used_items] = np.arange(1, len(used_items) + 1, dtype=np.int32)
+    if opts.vocab_from is None:
+        remap[used_items] = np.arange(1, len(used_items) + 1, dtype=np.int32)
+        vocab_ids = pc.cast(item_dict, pa.string()).take(pa.array(used_items))
+        extension = None
+    else:
+        used_ids = pc.cast(item_dict, pa.string()).take(pa.array(used_items)).to_pylist()
+        known = {item_id: k + 1 for k, item_id in enumerate(opts.vocab_from)}
+        new_ids = [i for i in used_ids if i not in known]
+        known.update({item_id: len(opts.vocab_from) + 1 + k for k, item_id in enumerate(new_ids)})
+        remap[used_items] = np.array([known[i] for i in used_ids], dtype=np.int32)
+        vocab_ids = pa.array(list(opts.vocab_from) + new_ids, pa.string())
+        extension = {"base_items": len(opts.vocab_from), "new_items": len(new_ids),
+                     "base_items_in_log": len(used_ids) - len(new_ids)}
     items_sorted = remap[item_of_row]
     del item_of_row, remap
     seq_user = user[order[starts]]
@@ -201,7 +217,8 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
         "valid_end": pa.array(valid_end, pa.int32()),
     })
     del ts_sorted
-    vocab = pa.table({"item_id": pc.cast(item_dict, pa.string()).take(pa.array(used_items))})
+    vocab = pa.table({"item_id": vocab_ids})
+    num_items = vocab.num_rows
     phases.done("sequences")
 
     item_ids = vocab["item_id"].to_pylist()
@@ -225,6 +242,8 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
         "input_rules": {"stripped_whitespace_ids": combined.note("stripped_whitespace_ids"),
                         "duplicate_rows": combined.note("duplicate_rows"), "duplicates": opts.duplicates},
     }
+    if extension is not None:
+        stats["vocab_from"] = extension
     if len(sources) > 1:
         src_of_row = combined.source_code[order]
         src_shared, src_private = item_sharing(items_sorted, src_of_row, len(sources))
@@ -235,7 +254,7 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     meta = {
         "format_version": FORMAT_VERSION, "input": inputs[0] if len(inputs) == 1 else inputs,
         "sources": [asdict(s) for s in sources], "options": _jsonable(asdict(opts)),
-        "domains": [dom_names[d] for d in present], "num_items": int(len(used_items)),
+        "domains": [dom_names[d] for d in present], "num_items": int(num_items),
         "vocab_hash": vocab_hash(item_ids), **split_info,
         "seconds": round(time.perf_counter() - t0, 3),
     }
@@ -247,7 +266,7 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
         code = np.full(n_dom, -1, dtype=np.int64)
         code[present] = np.arange(len(present))
         write_arrays(folder / ARRAYS, offsets, items_sorted, train_end, valid_end,
-                     code[seq_dom], len(used_items))
+                     code[seq_dom], num_items)
         (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
     write_atomically(out, write)
@@ -255,6 +274,10 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     phases.close()
     log(f"prepared {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items, "
         f"{len(present)} domain(s) in {meta['seconds']:.1f}s -> {out}")
+    if extension is not None:
+        log(f"vocabulary from the base: its {extension['base_items']:,} items keep their indices "
+            f"({extension['base_items_in_log']:,} of them in this log), {extension['new_items']:,} item(s) new "
+            f"to the base appended after them")
     return stats
 
 

@@ -7,10 +7,11 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputError
+from ..models.extend import extend_items
 from ..models.model import CrossRecModel
 from ..paths import inside
 from .adapters import apply_adapter
-from .loading import load_model
+from .loading import adapter_items, load_model
 from .manifest import read_manifest
 from .onnx import export_onnx, onnx_parity
 from .vocab import VOCAB
@@ -40,13 +41,16 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
         for domain, entry in manifest["domains"].items():
             if entry["kind"] != "adapter":
                 continue
-            model = apply_adapter(CrossRecModel.from_pretrained(base_dir, use_safetensors=True), base_dir,
-                                  inside(ad_root, entry["path"]))
-            merged = model.merge_and_unload()
+            folder = inside(ad_root, entry["path"])
+            base_model = CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
+            if adapter_items(folder):           # trained on the base's table grown to the region's items
+                extend_items(base_model, adapter_items(folder))
+            merged = apply_adapter(base_model, base_dir, folder).merge_and_unload()
             target = inside(out_dir / "merged", domain)
             merged.save_pretrained(target, safe_serialization=True)
-            if (base_dir / VOCAB).is_file():
-                shutil.copy2(base_dir / VOCAB, target / VOCAB)
+            vocab = folder / VOCAB if adapter_items(folder) else base_dir / VOCAB
+            if vocab.is_file():
+                shutil.copy2(vocab, target / VOCAB)
             log(f"merged {domain} -> {target}")
     if onnx:
         targets = [out_dir / "base"] + sorted((out_dir / "merged").glob("*")) if merge else [out_dir / "base"]

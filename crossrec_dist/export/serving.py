@@ -15,7 +15,9 @@ from peft import PeftModel
 from ..errors import InputError
 from ..models.model import CrossRecModel
 from ..paths import inside
+from ..models.extend import extend_items
 from .adapters import attach_adapter, check_base, is_mixed
+from .loading import adapter_items
 from .manifest import read_manifest
 from .vocab import read_vocab
 
@@ -44,9 +46,19 @@ class Recommender:
         folders = {d: inside(self.adapters_root, e["path"]) for d, e in self.manifest["domains"].items()
                    if e["kind"] == "adapter"}
         self._mixed = {d: f for d, f in folders.items() if is_mixed(f)}
-        for folder in self._mixed.values():
+        # Adapters of regions prepared after the base (--vocab-from) hold rows of items the base never
+        # saw: each is its own model (the base's table grown, the adapter merged) with its own items.json.
+        self._extended = {d: f for d, f in folders.items() if adapter_items(f) and d not in self._mixed}
+        self._vocabs = {}
+        for d, folder in self._extended.items():
+            ids = read_vocab(folder)
+            if ids is None or ids[:len(self.vocab or [])] != list(self.vocab or []):
+                raise InputError("an adapter that extends the base's vocabulary needs its items.json, starting with "
+                                 "the base's items", path=str(folder), field=f"manifest.domains.{d}")
+            self._vocabs[d] = (ids, {v: i + 1 for i, v in enumerate(ids)})
+        for folder in [*self._mixed.values(), *self._extended.values()]:
             check_base(self.base_dir, folder)        # now, not at the first request
-        self.adapter_domains = [d for d in folders if d not in self._mixed]
+        self.adapter_domains = [d for d in folders if d not in self._mixed and d not in self._extended]
         self._full_models: dict[str, CrossRecModel] = {}
         # Domain names are data: folders come from the manifest through paths.inside, and PEFT adapter
         # names (module keys, where '.' is not allowed) are our own, one per domain.
@@ -65,11 +77,16 @@ class Recommender:
     def domains(self) -> list[str]:
         return list(self.manifest["domains"])
 
-    def _encode(self, history) -> list[int]:
-        if self.index is None:
+    def _vocab(self, domain: str | None):
+        """(ids, id -> index) of ``domain``: its own when its adapter extends the base's vocabulary."""
+        return self._vocabs.get(domain, (self.vocab, self.index))
+
+    def _encode(self, history, domain: str | None = None) -> list[int]:
+        _, index = self._vocab(domain)
+        if index is None:
             return [int(h) for h in history]
         try:
-            return [self.index[str(h)] for h in history]
+            return [index[str(h)] for h in history]
         except KeyError as e:
             raise InputError(f"unknown item id {e.args[0]!r}", field="history") from None
 
@@ -82,10 +99,13 @@ class Recommender:
                 self._full_models[domain] = CrossRecModel.from_pretrained(
                     inside(self.adapters_root, entry["path"]), use_safetensors=True).to(self.device).eval()
             return self._full_models[domain], None
-        if domain in self._mixed:
+        if domain in self._mixed or domain in self._extended:
             if domain not in self._full_models:
-                model = attach_adapter(CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True),
-                                       self._mixed[domain])        # checked against the base in __init__
+                folder = self._mixed.get(domain) or self._extended[domain]
+                base = CrossRecModel.from_pretrained(self.base_dir, use_safetensors=True)
+                if adapter_items(folder):
+                    extend_items(base, adapter_items(folder))
+                model = attach_adapter(base, folder)        # checked against the base in __init__
                 self._full_models[domain] = model.merge_and_unload().to(self.device).eval()
             return self._full_models[domain], None
         if entry and entry["kind"] == "adapter":
@@ -96,7 +116,7 @@ class Recommender:
     @torch.no_grad()
     def scores(self, histories: list[list], domain: str | None = None) -> torch.Tensor:
         """Scores over every item (B, N+1) after each history, for one domain."""
-        ids = [self._encode(h)[-self.max_len:] for h in histories]
+        ids = [self._encode(h, domain)[-self.max_len:] for h in histories]
         batch = torch.zeros(len(ids), self.max_len, dtype=torch.long)
         for row, seq in enumerate(ids):
             if seq:
@@ -116,8 +136,9 @@ class Recommender:
                   exclude_history: bool = True) -> list[tuple[str | int, float]]:
         s = self.scores([history], domain)[0]
         if exclude_history and history:
-            s[torch.tensor(self._encode(history))] = -torch.inf
+            s[torch.tensor(self._encode(history, domain))] = -torch.inf
         top = torch.topk(s, k)
         ids = top.indices.tolist()
-        names = [self.vocab[i - 1] for i in ids] if self.vocab else ids
+        vocab, _ = self._vocab(domain)
+        names = [vocab[i - 1] for i in ids] if vocab else ids
         return list(zip(names, top.values.tolist()))

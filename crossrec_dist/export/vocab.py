@@ -30,9 +30,11 @@ def read_vocab(model_dir: str | Path) -> list[str] | None:
     return read_json(path, list, "a JSON list of item ids") if path.is_file() else None
 
 
-def check_same_vocabulary(model_dir: str | Path, data, what: str = "model") -> None:
-    """``model_dir``'s items.json lists exactly ``data``'s items, in the same order."""
-    check_model_dir(model_dir)          # first: "not a model folder" says more than "no items.json"
+def check_same_vocabulary(model_dir: str | Path, data, what: str = "model", is_model: bool = True) -> None:
+    """``model_dir``'s items.json lists exactly ``data``'s items, in the same order (``is_model``: False
+    for an adapter folder, which carries items.json when it extends its base's vocabulary)."""
+    if is_model:
+        check_model_dir(model_dir)      # first: "not a model folder" says more than "no items.json"
     path = Path(model_dir) / VOCAB
     ids = read_vocab(model_dir)
     if ids is None:
@@ -44,5 +46,22 @@ def check_same_vocabulary(model_dir: str | Path, data, what: str = "model") -> N
         size = (f"same size ({len(ids):,} items) but other ids or another order" if len(ids) == data.num_items
                 else f"{len(ids):,} items vs the dataset's {data.num_items:,}")
         raise InputError(f"the {what}'s item vocabulary is not the dataset's ({size}): it was trained on another "
-                         f"preparation; evaluate and adapt it on the prepared folder it was trained on",
+                         f"preparation; evaluate and adapt it on the prepared folder it was trained on, or "
+                         f"prepare a new region's log with 'crossrec prepare --vocab-from {model_dir}'",
                          path=str(path))
+
+
+def check_vocabulary_starts_with(model_dir: str | Path, data, what: str = "base model") -> int:
+    """``data``'s vocabulary is ``model_dir``'s, or starts with it (``prepare --vocab-from``: items new to
+    the model follow its own). Returns the model's item count."""
+    check_model_dir(model_dir)
+    ids = read_vocab(model_dir)
+    if ids is not None and len(ids) < data.num_items:
+        data_ids = datasets.load_from_disk(str(Path(data.path) / "items"))["item_id"][:len(ids)]
+        if vocab_hash(list(data_ids)) == vocab_hash(ids):
+            return len(ids)
+        raise InputError(f"the dataset has more items than the {what} ({data.num_items:,} vs {len(ids):,}) but its "
+                         f"vocabulary does not start with the {what}'s: prepare the new region with "
+                         f"'crossrec prepare --vocab-from {model_dir}'", path=str(Path(model_dir) / VOCAB))
+    check_same_vocabulary(model_dir, data, what)
+    return data.num_items

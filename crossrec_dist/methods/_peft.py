@@ -25,7 +25,7 @@ class AdapterMethod(Method):
         # heavy half on first use (see base.py: the registry must not import torch/peft)
         from ._training import load_base, peft_base_context
         with peft_base_context(engine, bool(task.token_rows)):
-            return self.adapt(task, load_base(task.base_dir), engine)
+            return self.adapt(task, load_base(task.base_dir, task.num_items), engine)
 
     @staticmethod
     def token_rows(task) -> dict | None:
@@ -39,12 +39,17 @@ class AdapterMethod(Method):
 
     def adapter_info(self, task) -> dict:
         """crossrec_adapter.json: the base it was trained on (fingerprint), domain and method."""
-        return {"base": str(Path(task.base_dir).resolve()), "base_fingerprint": task.fingerprint,
+        info = {"base": str(Path(task.base_dir).resolve()), "base_fingerprint": task.fingerprint,
                 "domain": task.domain, "method": self.name, "new_items": len(task.new_items)}
+        if task.num_items != task.base_items:     # the base's table grown to the target's vocabulary
+            info.update(num_items=task.num_items, base_items=task.base_items)
+        return info
 
     def save(self, task, engine, model, state_dict, out_dir: Path) -> None:
-        from ._training import save_adapter
+        from ._training import save_adapter, write_vocab
         save_adapter(model, state_dict, out_dir, self.adapter_info(task), mixed=self.mixed)
+        if task.num_items != task.base_items:
+            write_vocab(task.data, out_dir)     # the region's vocabulary: the base's items, then its new ones
 
     @classmethod
     def load(cls, out_dir: Path, base_dir: str):

@@ -13,16 +13,21 @@ from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
 from ..export.adapters import TABLE_ADAPTER, apply_adapter, save_mixed_adapter
 from ..export.fingerprint import FILE as ADAPTER_INFO
+from ..export.loading import adapter_items
 from ..export.vocab import write_vocab
+from ..models.extend import extend_items
 from ..models.model import CrossRecModel
 
 __all__ = ["AdaLoraConfig", "LoraConfig", "get_peft_model", "TABLE_ADAPTER", "ADAPTER_INFO",
            "load_base", "fresh_model", "save_whole_model", "load_whole_model", "save_adapter", "load_adapter",
-           "peft_base_context", "orthogonality"]
+           "peft_base_context", "orthogonality", "write_vocab", "adapter_items"]
 
 
-def load_base(base_dir: str) -> CrossRecModel:
-    return CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
+def load_base(base_dir: str, num_items: int | None = None) -> CrossRecModel:
+    """The base; with ``num_items`` above its own, its item table grown to the target's vocabulary
+    (``prepare --vocab-from``: the target's items the base never saw follow the base's)."""
+    return extend_items(CrossRecModel.from_pretrained(base_dir, use_safetensors=True), num_items) \
+        if num_items else CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
 
 
 def fresh_model(config) -> CrossRecModel:
@@ -48,7 +53,7 @@ def save_adapter(model, state_dict, out_dir: Path, info: dict, mixed: bool) -> N
 
 
 def load_adapter(out_dir: Path, base_dir: str):
-    return apply_adapter(load_base(base_dir), base_dir, out_dir)
+    return apply_adapter(load_base(base_dir, adapter_items(out_dir)), base_dir, out_dir)
 
 
 def peft_base_context(engine, whole_rows: bool):

@@ -95,7 +95,7 @@ class Method:
     def build(self, task, engine):
         """The model to fine-tune: by default the base, loaded, then :meth:`adapt`-ed."""
         from ._training import load_base
-        return self.adapt(task, load_base(task.base_dir), engine)
+        return self.adapt(task, load_base(task.base_dir, task.num_items), engine)
 
     def adapt(self, task, base, engine):
         """Which of the base's weights train, and how (default: all of them, as they are)."""

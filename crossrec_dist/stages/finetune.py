@@ -19,13 +19,14 @@ from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..engine.task import LossTerms
+from ..evaluation.cohorts import cohorts, unseen_items
+from ..methods._training import load_base
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.fingerprint import base_fingerprint
-from ..export.vocab import check_same_vocabulary
+from ..export.vocab import check_vocabulary_starts_with
 from ..methods import get_method
 from ..methods.base import Method
 from ..models.loading import load_model_config
-from ..models.model import CrossRecModel
 from ..models.sizing import param_counts
 from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
                      target_catalogue)
@@ -33,11 +34,13 @@ from .configs import FinetuneConfig, check_finetune_config
 from .references import paired_vs, reference_evaluations, selection_line, selection_record, verdict_lines
 
 
-def new_item_indices(data: PreparedData, source_domains, target: str) -> list[int]:
-    """Items in the target's training part that no source domain's training part contains."""
-    src = data.item_counts(source_domains)
+def new_item_indices(data: PreparedData, source_domains, target: str, base_items: int | None = None) -> list[int]:
+    """Items in the target's training part that no source domain's training part contains (the
+    sources in ``data``; items past the base's ``base_items``, from ``prepare --vocab-from``, are new
+    whatever the sources held)."""
+    unseen = unseen_items(data, source_domains, base_items)
     tgt = data.item_counts([target])
-    return np.flatnonzero((tgt > 0) & (src == 0)).tolist()
+    return np.flatnonzero((tgt > 0) & unseen).tolist()
 
 
 def trainable_rows(cfg, data: PreparedData, domain: str, new_items: list[int],
@@ -84,10 +87,14 @@ class FinetuneTask(RecommenderTask):
         self.train_users = sample_users(data, domain, cfg.train_fraction, cfg.train.seed)
         data.domain_codes([domain])
         self.base_config = load_model_config(base_dir)
-        check_same_vocabulary(base_dir, data, "base model")
+        # The target's vocabulary is the base's, or the base's followed by items new to it (--vocab-from):
+        # the base's item table is then grown to it (models/extend.py) before the method adapts it.
+        self.base_items = check_vocabulary_starts_with(base_dir, data, "base model")
+        self.num_items = data.num_items
+        self.base_config.num_items = self.num_items         # scratch builds this size
         self.max_len, self.hidden_size = self.base_config.max_len, self.base_config.hidden_size
         self.default_lr = self.method.default_lr
-        self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain)
+        self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain, self.base_items)
         self.token_rows = trainable_rows(cfg, data, domain, self.new_items, self.train_users)
         self.fingerprint = base_fingerprint(base_dir)
         self.catalogue = target_catalogue(cfg, data, domain)
@@ -155,12 +162,14 @@ class FinetuneTask(RecommenderTask):
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
             train_users=None if self.train_users is None else len(self.train_users), vs=vs, selection=selection,
+            cohorts=cohorts(self.data, ev["test"]["examples"],
+                            unseen_items(self.data, self.base_config.pretrain_domains, self.base_items)),
             **extra)
 
 
 def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str, out: str, log=print) -> dict:
     data = data_dir if isinstance(data_dir, PreparedData) else PreparedData(data_dir)
-    check_same_vocabulary(base_dir, data, "base model")
+    check_vocabulary_starts_with(base_dir, data, "base model")
     method = get_method(cfg.method)
     if not method.trains:
         return on_main(_reference_run, cfg, base_dir, data, domain, Path(out), log)
@@ -179,19 +188,24 @@ def _reference_run(cfg, base_dir, data, domain, out, log):
     refs = reference_evaluations(base_dir, data, domain, cfg.train.eval_batch_size, catalogue, users)
     ev = refs.pop(method.role)
     vs = paired_vs(ev, refs)
-    params = param_counts(CrossRecModel.from_pretrained(base_dir, use_safetensors=True)) \
-        if method.role == "zero-shot" else {"total": 0}
+    params = param_counts(load_base(base_dir, data.num_items)) if method.role == "zero-shot" else {"total": 0}
     record = metrics_record(stage="finetune", domain=domain, method=cfg.method, params={**params, "trainable": 0},
                             valid=ev["valid"]["overall"], test=ev["test"]["overall"],
                             train={"steps": 0, "seconds": round(time.perf_counter() - t0, 3), "samples_per_second": 0.0},
                             base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir),
                             test_ranks=ev["test"]["examples"], vs=vs,
+                            cohorts=cohorts(data, ev["test"]["examples"], unseen_items(
+                                data, _base_domains(base_dir), check_vocabulary_starts_with(base_dir, data))),
                             train_users=None if users is None else len(users), **catalogue_record(catalogue, data))
     write_metrics(out, record)
     for line in verdict_lines(cfg.method, domain, vs):
         log(line)
     log(f"{cfg.method} {domain}: test ndcg@10={record['test']['ndcg@10']:.4f} -> {out}")
     return record
+
+
+def _base_domains(base_dir) -> list[str]:
+    return list(load_model_config(base_dir).pretrain_domains)
 
 
 def _jsonable(d):

@@ -14,7 +14,7 @@ from ..data.prepared import PreparedData
 from ..evaluation.bootstrap import interval_record, paired_on_users, per_user_ndcg
 from ..evaluation.evaluator import EvalOptions, evaluate
 from ..evaluation.popularity import popularity_scorer
-from ..models.model import CrossRecModel
+from ..methods._training import load_base
 from .common import evaluate_model
 
 # What the log calls each reference.
@@ -26,7 +26,7 @@ def reference_evaluations(base_dir: str, data: PreparedData, domain: str, batch_
     """``{"zero-shot": ev, "popularity": ev}``, each ``{"valid": ..., "test": ...}`` as
     :func:`evaluate_model` returns them. Popularity counts the training histories of ``users`` (the
     sampled training users; None: all of the domain's) -- what the region's data says, nothing more."""
-    base = CrossRecModel.from_pretrained(base_dir, use_safetensors=True)
+    base = load_base(base_dir, data.num_items)     # items new to the base (--vocab-from) as average ones
     refs = {"zero-shot": evaluate_model(base, data, [domain], base.config.max_len, batch_size, catalogue=catalogue)}
     counts_scorer = popularity_scorer(data, [domain], only=users)
     refs["popularity"] = {split: evaluate(data, counts_scorer, EvalOptions(

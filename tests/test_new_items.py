@@ -1,0 +1,105 @@
+"""A region that arrives after pretraining, with items the base never saw: ``prepare --vocab-from``,
+fine-tuning on the base's item table grown to the region's vocabulary, the adapter loaded by plain
+peft, evaluated, exported (merged) and served with the new items ranked."""
+import csv
+import json
+
+import datasets
+import pytest
+import torch
+
+from conftest import TARGET_REGIONS, run_cli
+
+NEW_SKUS = 30
+
+
+@pytest.fixture(scope="module")
+def new_market(tiny_base, ml100k, tmp_path_factory):
+    """Region 3's log as a new market's CSV, 30 of its frequent items renamed to SKUs the base never
+    saw; prepared against the base's vocabulary, then adapted with LoRA (one adapter folder per region
+    and a manifest, as `finetune --domains` writes them)."""
+    root = tmp_path_factory.mktemp("new_market")
+    seqs = datasets.load_from_disk(str(ml100k / "sequences"))
+    ids = datasets.load_from_disk(str(ml100k / "items"))["item_id"]
+    rows = [(r["user_id"], ids[i - 1], int(t)) for r in seqs if r["domain"] == TARGET_REGIONS[1]
+            for i, t in zip(r["item_ids"], r["timestamps"])]
+    counts = {}
+    for _, item, _ in rows:
+        counts[item] = counts.get(item, 0) + 1
+    renamed = {item: f"sku-{item}" for item in sorted(counts, key=lambda i: -counts[i])[10:10 + NEW_SKUS]}
+    with open(root / "market.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["user_id", "item_id", "timestamp", "country"])
+        for user, item, t in rows:
+            w.writerow([user, renamed.get(item, item), t, "ES"])
+    run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
+            "--out", root / "data", "--vocab-from", tiny_base)
+    run_cli("finetune", "--base", tiny_base, "--data", root / "data", "--domains", "ES", "--method", "lora",
+            "--out", root / "adapters", "--set", "train.max_steps=30", "--set", "train.eval_every=10",
+            "--set", "train.tensorboard=false", "--set", "must_beat_base=false", "--set", "train.lr=0.01")
+    return root, renamed
+
+
+def test_the_new_markets_vocabulary_is_the_bases_followed_by_its_new_items(new_market, tiny_base):
+    root, renamed = new_market
+    base_ids = json.loads((tiny_base / "items.json").read_text())
+    ids = datasets.load_from_disk(str(root / "data" / "items"))["item_id"]
+    assert ids[:len(base_ids)] == base_ids and sorted(ids[len(base_ids):]) == sorted(renamed.values())
+    stats = json.loads((root / "data" / "stats.json").read_text())
+    assert stats["vocab_from"]["base_items"] == len(base_ids) and stats["vocab_from"]["new_items"] == NEW_SKUS
+
+
+def test_the_adapter_trains_the_new_items_rows_and_plain_peft_loads_it(new_market, tiny_base):
+    from peft import PeftModel
+
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.models.extend import extend_items
+    from crossrec_dist.models.model import CrossRecModel
+    from crossrec_dist.stages.common import evaluate_model
+    root, _ = new_market
+    run = root / "adapters" / "ES"
+    m = json.loads((run / "metrics.json").read_text())
+    info = json.loads((run / "crossrec_adapter.json").read_text())
+    base_items = len(json.loads((tiny_base / "items.json").read_text()))
+    assert (info["num_items"], info["base_items"]) == (base_items + NEW_SKUS, base_items)
+    assert m["new_items"] == NEW_SKUS and m["trainable_rows"] >= NEW_SKUS and m["train"]["best_step"] > 0
+    assert m["cohorts"]["new_items"]["users"] > 0
+    # plain peft: grow the base's table (models/extend.py), then PeftModel.from_pretrained
+    model = PeftModel.from_pretrained(extend_items(CrossRecModel.from_pretrained(tiny_base), info["num_items"]), str(run))
+    delta = model.base_model.model.item_embeddings.token_adapter.trainable_tokens_delta["default"]
+    assert delta.shape[0] >= NEW_SKUS and float(delta.abs().sum()) > 0      # the new rows moved
+    ev = evaluate_model(model.eval(), PreparedData(root / "data"), ["ES"], model.config.max_len)
+    assert ev["test"]["overall"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
+    out = root / "eval.json"
+    run_cli("evaluate", "--model", tiny_base, "--adapter", run, "--data", root / "data", "--out", out)
+    assert json.loads(out.read_text())["test"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-9)
+
+
+def test_the_exported_region_ranks_items_the_base_never_saw(new_market, tiny_base):
+    from crossrec_dist import Recommender
+    from crossrec_dist.models.model import CrossRecModel
+    root, renamed = new_market
+    run_cli("export", "--base", tiny_base, "--adapters", root / "adapters", "--out", root / "bundle", "--merge")
+    merged = root / "bundle" / "merged" / "ES"
+    assert json.loads((merged / "items.json").read_text())[-NEW_SKUS:] == \
+        json.loads((root / "adapters" / "ES" / "items.json").read_text())[-NEW_SKUS:]
+    rec = Recommender(root / "bundle" / "base", root / "bundle" / "adapters")
+    history = [next(iter(renamed.values())), "50", "172"]
+    ranked = rec.recommend(history, "ES", k=200)
+    assert any(str(item).startswith("sku-") for item, _ in ranked)
+    model = CrossRecModel.from_pretrained(merged).eval()
+    ids = json.loads((merged / "items.json").read_text())
+    index = {v: i + 1 for i, v in enumerate(ids)}
+    x = torch.tensor([[0] * (model.config.max_len - 3) + [index[h] for h in history]])
+    expected = model(input_ids=x, domain_ids=torch.zeros(1, dtype=torch.long), return_scores=True)[0]
+    served = rec.scores([history], "ES")[0]
+    assert torch.allclose(expected[1:], served[1:], atol=1e-4)
+    with pytest.raises(Exception, match="unknown item id"):
+        rec.recommend(["sku-does-not-exist"], "ES")
+
+
+def test_vocab_from_a_folder_without_a_vocabulary_names_the_option(tmp_path):
+    (tmp_path / "market.csv").write_text("user_id,item_id,timestamp\nu,i,1\nu,j,2\nu,k,3\n")
+    proc = run_cli("prepare", "--input", tmp_path / "market.csv", "--format", "csv", "--out", tmp_path / "d",
+                   "--vocab-from", tmp_path, check=False)
+    assert proc.returncode == 2 and "--vocab-from" in proc.stderr and "items.json" in proc.stderr

@@ -71,7 +71,7 @@ def _cmd_prepare(a):
         min_user_interactions=a.min_user, min_item_interactions=a.min_item, split=a.split,
         temporal_valid=a.temporal_valid, temporal_test=a.temporal_test, on_bad_rows=a.on_bad_rows,
         duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs,
-        vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None)
+        vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None, until=a.until)
     prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name)
 
 
@@ -118,8 +118,12 @@ def _cmd_pretrain(a):
 
 
 def _cmd_finetune(a):
+    from .stages.configs import check_finetune_config
     from .stages.finetune import load_finetune_config, run_finetune
     cfg = load_finetune_config(a.config, a.method, _overrides(a))
+    if a.init_adapter:
+        cfg.init_adapter = a.init_adapter
+        check_finetune_config(cfg)
     _check_out(a)
     if bool(a.domain) == bool(a.domains):
         raise InputError("give exactly one of --domain NAME or --domains all|A,B", field="--domain")
@@ -224,6 +228,9 @@ def add_commands(sub) -> None:
     pr.add_argument("--duplicates", default="drop", choices=["drop", "keep", "error"],
                     help="exact repeats of a (user, item, timestamp[, domain]) row: drop them (counted in "
                          "stats.json), keep them, or stop naming the line")
+    pr.add_argument("--until", type=float, default=None, metavar="TIME",
+                    help="keep only interactions at or before TIME (the timestamps' unit, e.g. epoch seconds): "
+                         "a region's log as it stood at the end of a period")
     pr.add_argument("--vocab-from", default=None, metavar="MODEL_DIR",
                     help="a base model (or any crossrec model folder with items.json): its items keep their "
                          "indices and items new to it are appended, so a region that arrives after "
@@ -268,6 +275,9 @@ def add_commands(sub) -> None:
                    help="several targets: 'all' (every domain the base was not pretrained on) or A,B; "
                         "writes OUT/<domain>/ and OUT/manifest.json")
     f.add_argument("--method", default=None, help=f"one of: {', '.join(method_names())}")
+    f.add_argument("--init-adapter", default=None, metavar="ADAPTER_DIR",
+                   help="start from this adapter of the same base (the region's current one) instead of from "
+                        "zero: re-adaptation as a region's data grows (= --set init_adapter=DIR)")
     f.add_argument("--out", required=True)
     f.set_defaults(func=_cmd_finetune)
 

@@ -103,3 +103,62 @@ def test_vocab_from_a_folder_without_a_vocabulary_names_the_option(tmp_path):
     proc = run_cli("prepare", "--input", tmp_path / "market.csv", "--format", "csv", "--out", tmp_path / "d",
                    "--vocab-from", tmp_path, check=False)
     assert proc.returncode == 2 and "--vocab-from" in proc.stderr and "items.json" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def periods(new_market, tiny_base):
+    """The new market in two periods (--until the median timestamp; then all of it), each prepared
+    against the base's vocabulary, and period 1's adapter."""
+    root, _ = new_market
+    times = sorted(int(line.split(",")[2]) for line in (root / "market.csv").read_text().splitlines()[1:])
+    cut = times[len(times) // 2]
+    for name, until in (("p1", ["--until", str(cut)]), ("p2", [])):
+        run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
+                "--out", root / name, "--vocab-from", tiny_base, *until)
+    run_cli("finetune", "--base", tiny_base, "--data", root / "p1", "--domain", "ES", "--method", "lora",
+            "--out", root / "a1", "--set", "train.max_steps=20", "--set", "train.eval_every=10",
+            "--set", "train.tensorboard=false", "--set", "must_beat_base=false", "--set", "train.lr=0.01")
+    return root, cut
+
+
+def test_until_keeps_the_log_up_to_a_time(periods):
+    root, cut = periods
+    p1, p2 = (json.loads((root / p / "stats.json").read_text()) for p in ("p1", "p2"))
+    assert p1["interactions"] < p2["interactions"]
+    stamps = datasets.load_from_disk(str(root / "p1" / "sequences"))["timestamps"]
+    assert max(max(t) for t in stamps) <= cut
+    proc = run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--out", root / "none",
+                   "--until", "5", check=False)
+    assert proc.returncode == 2 and "--until" in proc.stderr
+
+
+def test_a_warm_start_that_learns_nothing_is_exactly_the_adapter_it_started_from(periods, tiny_base):
+    """--init-adapter: period 2's run starts from period 1's adapter (every LoRA matrix and whole item
+    row copied). With lr 1e-9 nothing can beat the start, it is kept, and the result ranks period 2's test users
+    exactly as the period-1 adapter does (crossrec evaluate)."""
+    root, _ = periods
+    run_cli("finetune", "--base", tiny_base, "--data", root / "p2", "--domain", "ES", "--method", "lora",
+            "--init-adapter", root / "a1", "--out", root / "warm0", "--set", "train.max_steps=4",
+            "--set", "train.eval_every=2", "--set", "train.lr=1e-9", "--set", "train.tensorboard=false")
+    run_cli("evaluate", "--model", tiny_base, "--adapter", root / "a1", "--data", root / "p2", "--domain", "ES",
+            "--out", root / "stale.json")
+    warm, stale = (json.loads(p.read_text()) for p in (root / "warm0" / "metrics.json", root / "stale.json"))
+    saved = load_adapter_tensors(root / "a1")
+    assert warm["warm_start"]["tensors"] == len(saved) and warm["warm_start"]["item_rows"] > 0
+    assert warm["selection"]["start"] == "init_adapter" and warm["train"]["best_step"] == 0
+    assert warm["test_ranks"] == stale["test_ranks"]
+
+
+def test_a_warm_start_refuses_what_it_cannot_continue(periods, tiny_base):
+    root, _ = periods
+    common = ["finetune", "--base", tiny_base, "--data", root / "p2", "--domain", "ES", "--init-adapter", root / "a1",
+              "--set", "train.max_steps=2"]
+    full = run_cli(*common, "--method", "full", "--out", root / "x1", check=False)
+    assert full.returncode == 2 and "init_adapter" in full.stderr
+    other_rank = run_cli(*common, "--method", "lora", "--set", "lora.r=3", "--out", root / "x2", check=False)
+    assert other_rank.returncode == 2 and "lora.r" in other_rank.stderr and "Traceback" not in other_rank.stderr
+
+
+def load_adapter_tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "adapter_model.safetensors"))

@@ -50,6 +50,9 @@ class PrepareOptions:
     # indices 1..N, whether this log holds them or not, and the log's other items follow from N + 1 in
     # first-seen order. A region that arrives after pretraining is prepared this way.
     vocab_from: list[str] | None = None
+    # Keep only interactions at or before this time (the log's own unit, e.g. epoch seconds): a region's
+    # data as it stood at the end of a period, for re-adaptation studies (finetune --init-adapter).
+    until: float | None = None
 
 
 def _kcore(seq: np.ndarray, item: np.ndarray, n_seq: int, n_item: int, min_u: int, min_i: int) -> np.ndarray:
@@ -142,6 +145,8 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
         wanted = np.isin(dom_code, [dom_names.index(d) for d in opts.domains])
     else:
         wanted = np.ones(len(user), dtype=bool)
+    if opts.until is not None:
+        wanted &= np.asarray(ts) <= opts.until
 
     seq_key = user.astype(np.int64) * n_dom + dom_code
     if opts.min_user_interactions > 1 or opts.min_item_interactions > 1:
@@ -152,6 +157,9 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     else:
         keep = wanted
     if not keep.any():
+        if opts.until is not None and not (np.asarray(ts) <= opts.until).any():
+            raise InputError(f"no interaction is at or before {opts.until:g} (the log starts at {float(np.min(ts)):g})",
+                             field="--until")
         raise InputError("no interactions left after filtering (check --min-user/--min-item and --domains)",
                          field="--min-user" if opts.min_user_interactions > 1 else "--min-item")
     n_read = len(user)

@@ -16,12 +16,16 @@ from .bootstrap import bootstrap_mean, ndcg_at
 HISTORY_BUCKETS = (("history<=5", 0, 5), ("history6-20", 6, 20), ("history>20", 21, None))
 
 
-def unseen_items(data: PreparedData, base_domains, base_items: int | None = None) -> np.ndarray:
-    """Boolean mask over item indices: items no training part of the base's domains holds -- those of
-    the base's domains that are in ``data``, and every item past the base's own ``base_items`` (a
-    vocabulary extended by ``prepare --vocab-from``)."""
+def unseen_items(data: PreparedData, base_domains, base_items: int | None = None,
+                 untrained: list[int] | None = None) -> np.ndarray:
+    """Boolean mask over item indices: items no training part of the base's domains holds -- counted in
+    ``data`` when it holds those domains, else the base's own record (``untrained``: its
+    untrained_items.json) -- and every item past the base's ``base_items`` (a vocabulary extended by
+    ``prepare --vocab-from``)."""
     present = [d for d in base_domains if d in data.domain_names]
     seen = data.item_counts(present) > 0 if present else np.ones(data.num_items + 1, dtype=bool)
+    if not present and untrained:
+        seen[np.asarray(untrained, dtype=np.int64)] = False
     if base_items is not None:
         seen[base_items + 1:] = False
     seen[0] = True

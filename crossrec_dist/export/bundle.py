@@ -14,7 +14,7 @@ from .adapters import apply_adapter
 from .loading import adapter_items, load_model
 from .manifest import read_manifest
 from .onnx import export_onnx, onnx_parity
-from .vocab import VOCAB
+from .vocab import UNTRAINED, VOCAB
 
 
 def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False, onnx: bool = False,
@@ -27,7 +27,7 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
         raise InputError("--merge needs --adapters", field="--merge")
     load_model(base_dir)  # fail early on a bad base
     out_dir.mkdir(parents=True, exist_ok=True)
-    keep = ("config.json", "model.safetensors", "model.safetensors.index.json", VOCAB)
+    keep = ("config.json", "model.safetensors", "model.safetensors.index.json", VOCAB, UNTRAINED)
     (out_dir / "base").mkdir(exist_ok=True)
     for f in base_dir.iterdir():
         if f.name in keep or (f.suffix == ".safetensors"):

@@ -18,6 +18,7 @@ from ..jsonfile import read_json
 from ..models.loading import check_model_dir
 
 VOCAB = "items.json"
+UNTRAINED = "untrained_items.json"
 
 
 def write_vocab(data, out_dir: str | Path) -> None:
@@ -65,3 +66,16 @@ def check_vocabulary_starts_with(model_dir: str | Path, data, what: str = "base 
                          f"'crossrec prepare --vocab-from {model_dir}'", path=str(Path(model_dir) / VOCAB))
     check_same_vocabulary(model_dir, data, what)
     return data.num_items
+
+
+def write_untrained_items(data, domains, out_dir: str | Path) -> None:
+    """``untrained_items.json``: the item indices no training part of the pretraining ``domains`` holds.
+    Their rows of the base are never trained; a region prepared later against the base's vocabulary
+    (``--vocab-from``) no longer holds those domains, so this is how it still knows which are new."""
+    counts = data.item_counts(domains)
+    (Path(out_dir) / UNTRAINED).write_text(json.dumps([int(i) for i in (counts[1:] == 0).nonzero()[0] + 1]))
+
+
+def read_untrained_items(model_dir: str | Path) -> list[int] | None:
+    path = Path(model_dir) / UNTRAINED
+    return read_json(path, list, "a JSON list of item indices") if path.is_file() else None

@@ -25,7 +25,13 @@ class AdapterMethod(Method):
         # heavy half on first use (see base.py: the registry must not import torch/peft)
         from ._training import load_base, peft_base_context
         with peft_base_context(engine, bool(task.token_rows)):
-            return self.adapt(task, load_base(task.base_dir, task.num_items), engine)
+            model = self.adapt(task, load_base(task.base_dir, task.num_items), engine)
+        if self.cfg.init_adapter:       # re-adaptation: start from the region's current adapter
+            from ._warm_start import warm_start
+            task.warm_start = warm_start(model, task, self.cfg.init_adapter)
+            engine.log(f"warm start from {self.cfg.init_adapter}: {task.warm_start['tensors']} tensors and "
+                       f"{task.warm_start['item_rows']} whole item rows copied")
+        return model
 
     @staticmethod
     def token_rows(task) -> dict | None:

@@ -94,6 +94,9 @@ def finetune_config_class(methods) -> type:
                                                           # one seed); test users: all of them
         ("valid_targets", int, field(default=3)),         # validation targets per target user: the last K items
                                                           # before the test item (K - 1 of them leave training)
+        ("init_adapter", str | None, field(default=None)),      # adapter methods: start from this adapter of the same
+                                                          # base (the region's current one) instead of from zero:
+                                                          # re-adaptation as the region's data grows
         ("must_beat_base", bool, field(default=True)),    # keep a step only if it beats the base (step 0) on
                                                           # validation by a paired 95% interval over users;
                                                           # otherwise the base is kept (and exported as such)
@@ -159,6 +162,8 @@ def check_finetune_config(cfg, prefix: str = "") -> None:
     _need(cfg.catalogue in CATALOGUES, p + "catalogue",
           f"unknown catalogue {cfg.catalogue!r}; choose one of {', '.join(CATALOGUES)}")
     _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")
+    _need(not cfg.init_adapter or method.output == "adapter", p + "init_adapter",
+          f"{cfg.method} does not train an adapter; init_adapter warm-starts adapter methods (lora)")
 
 
 def check_distill_config(cfg: DistillConfig, prefix: str = "") -> None:

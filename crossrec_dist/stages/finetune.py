@@ -19,11 +19,12 @@ from ..config import load_config
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..engine.task import LossTerms
+from ..errors import InputError
 from ..evaluation.cohorts import cohorts, unseen_items
 from ..methods._training import load_base
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.fingerprint import base_fingerprint
-from ..export.vocab import check_vocabulary_starts_with
+from ..export.vocab import check_vocabulary_starts_with, read_untrained_items
 from ..methods import get_method
 from ..methods.base import Method
 from ..models.loading import load_model_config
@@ -34,11 +35,12 @@ from .configs import FinetuneConfig, check_finetune_config
 from .references import paired_vs, reference_evaluations, selection_line, selection_record, verdict_lines
 
 
-def new_item_indices(data: PreparedData, source_domains, target: str, base_items: int | None = None) -> list[int]:
-    """Items in the target's training part that no source domain's training part contains (the
-    sources in ``data``; items past the base's ``base_items``, from ``prepare --vocab-from``, are new
-    whatever the sources held)."""
-    unseen = unseen_items(data, source_domains, base_items)
+def new_item_indices(data: PreparedData, source_domains, target: str, base_items: int | None = None,
+                     untrained: list[int] | None = None) -> list[int]:
+    """Items in the target's training part that no source domain's training part contains (counted in
+    ``data`` when it holds the sources, else the base's ``untrained`` record; items past the base's
+    ``base_items``, from ``prepare --vocab-from``, are new whatever the sources held)."""
+    unseen = unseen_items(data, source_domains, base_items, untrained)
     tgt = data.item_counts([target])
     return np.flatnonzero((tgt > 0) & unseen).tolist()
 
@@ -90,22 +92,34 @@ class FinetuneTask(RecommenderTask):
         # The target's vocabulary is the base's, or the base's followed by items new to it (--vocab-from):
         # the base's item table is then grown to it (models/extend.py) before the method adapts it.
         self.base_items = check_vocabulary_starts_with(base_dir, data, "base model")
+        if self.base_config.use_domain_embedding and list(data.domain_names) != list(self.base_config.domain_names):
+            # a domain's code is its row of the base's domain table: another list would silently pick another row
+            raise InputError(f"the base learned one embedding per domain of {self.base_config.domain_names}, and this "
+                             f"dataset's domains are {data.domain_names}: adapt it on data prepared with the base's "
+                             f"domains (a base without use_domain_embedding adapts to any)", path=str(data.path),
+                             field="--data")
         self.num_items = data.num_items
         self.base_config.num_items = self.num_items         # scratch builds this size
         self.max_len, self.hidden_size = self.base_config.max_len, self.base_config.hidden_size
         self.default_lr = self.method.default_lr
-        self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain, self.base_items)
+        self.untrained = read_untrained_items(base_dir)
+        self.new_items = new_item_indices(data, self.base_config.pretrain_domains, domain, self.base_items,
+                                          self.untrained)
         self.token_rows = trainable_rows(cfg, data, domain, self.new_items, self.train_users)
         self.fingerprint = base_fingerprint(base_dir)
         self.catalogue = target_catalogue(cfg, data, domain)
         # Step 0 is the base itself for every method that starts from it: keep it unless beaten.
         self.must_beat_start = cfg.must_beat_base and self.method.starts_from_base
+        self.warm_start: dict | None = None     # what init_adapter copied (methods/_warm_start.py)
 
     def train_domains(self):
         return [self.domain]
 
     def build_model(self, engine):
         self.method.refuse(precision=engine.precision, zero_stage=engine.zero_stage if engine.ds_config else None)
+        if self.cfg.init_adapter and engine.ds_config and engine.zero_stage == 3:
+            raise InputError("init_adapter copies weights into the adapter as it is built, which ZeRO-3 partitions: "
+                             "warm-start under ZeRO-2 or one process", field="init_adapter")
         seed_everything(self.train.seed)
         model = self.method.build(self, engine)
         self.params = param_counts(model)
@@ -149,6 +163,11 @@ class FinetuneTask(RecommenderTask):
                                      self.catalogue, self.train_users)
         vs = paired_vs(ev, refs)
         selection = selection_record(result, self.must_beat_start)
+        if self.cfg.init_adapter:
+            selection["start"] = "init_adapter"
+            if selection.get("kept") == "base":
+                selection["kept"] = "init_adapter"
+            extra.update(init_adapter=str(Path(self.cfg.init_adapter).resolve()), warm_start=self.warm_start)
         for line in filter(None, [selection_line(self.cfg.method, self.domain, selection, self.method.output),
                                   *verdict_lines(self.cfg.method, self.domain, vs)]):
             engine.log(line)
@@ -163,7 +182,8 @@ class FinetuneTask(RecommenderTask):
             grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
             train_users=None if self.train_users is None else len(self.train_users), vs=vs, selection=selection,
             cohorts=cohorts(self.data, ev["test"]["examples"],
-                            unseen_items(self.data, self.base_config.pretrain_domains, self.base_items)),
+                            unseen_items(self.data, self.base_config.pretrain_domains, self.base_items,
+                                         self.untrained)),
             **extra)
 
 
@@ -195,7 +215,8 @@ def _reference_run(cfg, base_dir, data, domain, out, log):
                             base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir),
                             test_ranks=ev["test"]["examples"], vs=vs,
                             cohorts=cohorts(data, ev["test"]["examples"], unseen_items(
-                                data, _base_domains(base_dir), check_vocabulary_starts_with(base_dir, data))),
+                                data, _base_domains(base_dir), check_vocabulary_starts_with(base_dir, data),
+                                read_untrained_items(base_dir))),
                             train_users=None if users is None else len(users), **catalogue_record(catalogue, data))
     write_metrics(out, record)
     for line in verdict_lines(cfg.method, domain, vs):

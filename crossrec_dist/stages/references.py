@@ -91,8 +91,12 @@ def selection_line(method: str, domain: str, selection: dict, output: str) -> st
         return None
     seen = selection["best_seen"]
     vs = seen["vs_base"]
-    what = {"adapter": "the exported adapter is the untrained one: it scores exactly as the base does",
-            "model": "the exported model is the base's weights"}.get(output, "")
-    return (f"WARNING: {method} on {domain} did not beat the base on validation by a paired 95% interval at any "
+    if selection.get("start") == "init_adapter":
+        start, what = "the adapter it started from (init_adapter)", "the exported adapter is that adapter, unchanged"
+    else:
+        start = "the base"
+        what = {"adapter": "the exported adapter is the untrained one: it scores exactly as the base does",
+                "model": "the exported model is the base's weights"}.get(output, "")
+    return (f"WARNING: {method} on {domain} did not beat {start} on validation by a paired 95% interval at any "
             f"step (best seen: step {seen['step']}, {vs['diff']:+.4f} [{vs['low']:+.4f}, {vs['high']:+.4f}]); "
-            f"kept step 0, the base -- {what}. (must_beat_base: false keeps the best mean instead.)")
+            f"kept step 0, {start} -- {what}. (must_beat_base: false keeps the best mean instead.)")

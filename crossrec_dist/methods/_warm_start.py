@@ -1,0 +1,80 @@
+"""``init_adapter``: start a region's next adapter from its current one (re-adaptation as data grows).
+
+The new run builds its adapter as usual (the same r, modules and item rows as its config says), then
+copies the current adapter's weights in: every LoRA matrix and per-item offset of the same shape, and
+the whole item rows both adapters train, row by row by item index (the new period may train rows the
+old one did not: those start from the base, as in any run). A shape that differs is refused, naming
+what to change, never silently skipped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from ..errors import InputError
+from ..export.adapters import check_base, is_mixed
+from ..export.loading import adapter_items
+
+ROWS = "trainable_tokens_delta"
+
+
+def warm_start(model, task, adapter_dir: str) -> dict:
+    """Copy ``adapter_dir``'s weights into the freshly built PEFT ``model``; returns what was copied."""
+    folder = Path(adapter_dir)
+    if not (folder / "adapter_model.safetensors").is_file():
+        raise InputError("not an adapter folder (no adapter_model.safetensors)", path=str(folder), field="init_adapter")
+    if is_mixed(folder):
+        raise InputError("an AdaLoRA + item-table adapter cannot warm-start a run (its rank budget restarts); "
+                         "start from the base", path=str(folder), field="init_adapter")
+    check_base(task.base_dir, folder)
+    items = adapter_items(folder) or task.base_items
+    if items != task.num_items:
+        raise InputError(f"the adapter scores {items:,} items and this dataset has {task.num_items:,}: prepare the new "
+                         f"period with the same vocabulary ('crossrec prepare --vocab-from' the base)",
+                         path=str(folder), field="init_adapter")
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    old_rows = json.loads((folder / "adapter_config.json").read_text()).get("trainable_token_indices") or {}
+    mine = {k: v for k, v in model.state_dict().items()}
+    plain, rows_copied = {}, 0
+    for key, value in saved.items():
+        if ROWS in key:
+            plain[key], rows_copied = _rows(model, value, old_rows, task)
+            continue
+        target = _model_key(key, mine)
+        if target is None:
+            raise InputError(f"the adapter has {key}, which this run's adapter does not (other lora.target_modules "
+                             f"or train_item_bias?)", path=str(folder), field="init_adapter")
+        if mine[target].shape != value.shape:
+            raise InputError(f"{key} is {tuple(value.shape)} in the adapter and {tuple(mine[target].shape)} here "
+                             f"(another lora.r?)", path=str(folder), field="init_adapter")
+        plain[key] = value
+    result = set_peft_model_state_dict(model, plain, adapter_name="default")
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
+    if unexpected:
+        raise InputError(f"could not place {unexpected[:3]}", path=str(folder), field="init_adapter")
+    return {"tensors": len(plain), "item_rows": rows_copied}
+
+
+def _model_key(saved_key: str, mine: dict) -> str | None:
+    """The model's state-dict key that a saved PEFT key loads into (PEFT inserts the adapter name)."""
+    stem = saved_key.rsplit(".", 1)
+    candidates = [f"{stem[0]}.default.{stem[1]}", f"{stem[0]}.modules_to_save.default.{stem[1]}", saved_key]
+    return next((c for c in candidates if c in mine), None)
+
+
+def _rows(model, value: torch.Tensor, old_rows: dict, task) -> tuple[torch.Tensor, int]:
+    """This run's whole item rows as they start (the base's), with the rows of the items the old
+    adapter also trained taken from it, matched by item index."""
+    name = next(n for n, _ in model.named_parameters() if ROWS in n and n.endswith(".default"))
+    rows = dict(model.named_parameters())[name].detach().clone()
+    position = {item: j for j, item in enumerate(task.token_rows)}
+    copied = 0
+    for i, item in enumerate(old_rows.get("item_embeddings") or []):
+        if item in position:
+            rows[position[item]] = value[i]
+            copied += 1
+    return rows, copied

@@ -112,6 +112,9 @@ SUITE: list[Bench] = [
     Bench("small_target_defaults", "study",
           PY + ["benchmarks.small_target_defaults", "--base", "{study}/pretrain", "--data", "{study}/data",
                 "--target", "ml100k", "--fractions", "0.05", "0.25", "--jobs", "2"]),
+    Bench("readaptation", "study",
+          PY + ["benchmarks.readaptation", "--base", "{study}/pretrain", "--raw", "{study}/raw/ml100k",
+                "--seeds", "0", "1", "--jobs", "2"]),
     Bench("base_seed_noise", "study",   # the study's base against transfer_probes' base_seed1/2
           PY + ["benchmarks.base_seed_noise", "--data", "{study}/data", "--domains", "ml100k", "--reference", "s0",
                 "--bases", "s0={study}/pretrain", "s1=benchmarks/out/transfer_probes/base_seed1/pretrain",

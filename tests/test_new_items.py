@@ -111,13 +111,15 @@ def periods(new_market, tiny_base):
     against the base's vocabulary, and period 1's adapter."""
     root, _ = new_market
     times = sorted(int(line.split(",")[2]) for line in (root / "market.csv").read_text().splitlines()[1:])
-    cut = times[len(times) // 2]
-    for name, until in (("p1", ["--until", str(cut)]), ("p2", [])):
-        run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
-                "--out", root / name, "--vocab-from", tiny_base, *until)
+    cut = times[len(times) // 4]
+    run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
+            "--out", root / "p1", "--vocab-from", tiny_base, "--until", str(cut))
     run_cli("finetune", "--base", tiny_base, "--data", root / "p1", "--domain", "ES", "--method", "lora",
             "--out", root / "a1", "--set", "train.max_steps=20", "--set", "train.eval_every=10",
             "--set", "train.tensorboard=false", "--set", "must_beat_base=false", "--set", "train.lr=0.01")
+    # period 2 against period 1's adapter: its items keep their indices, the period's new SKUs follow
+    run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
+            "--out", root / "p2", "--vocab-from", root / "a1")
     return root, cut
 
 
@@ -125,6 +127,9 @@ def test_until_keeps_the_log_up_to_a_time(periods):
     root, cut = periods
     p1, p2 = (json.loads((root / p / "stats.json").read_text()) for p in ("p1", "p2"))
     assert p1["interactions"] < p2["interactions"]
+    # period 2 holds SKUs period 1 never had: they follow period 1's (which keep their indices)
+    assert p2["vocab_from"]["new_items"] > 0 and p2["vocab_from"]["base_items"] == json.loads(
+        (root / "a1" / "crossrec_adapter.json").read_text())["num_items"]
     stamps = datasets.load_from_disk(str(root / "p1" / "sequences"))["timestamps"]
     assert max(max(t) for t in stamps) <= cut
     proc = run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--out", root / "none",
@@ -133,20 +138,29 @@ def test_until_keeps_the_log_up_to_a_time(periods):
 
 
 def test_a_warm_start_that_learns_nothing_is_exactly_the_adapter_it_started_from(periods, tiny_base):
-    """--init-adapter: period 2's run starts from period 1's adapter (every LoRA matrix and whole item
-    row copied). With lr 1e-9 nothing can beat the start, it is kept, and the result ranks period 2's test users
-    exactly as the period-1 adapter does (crossrec evaluate)."""
+    """--init-adapter: the run starts from the current adapter (every LoRA matrix and whole item row
+    copied). On period 1's own data, with lr 1e-9 nothing can beat the start, it is kept, and the result
+    ranks every test user exactly as the adapter it started from. On period 2, whose vocabulary grew
+    (new SKUs), the same copy goes into a larger model, and `crossrec evaluate` scores the stale adapter
+    there (its items as trained, the new SKUs as average items)."""
     root, _ = periods
-    run_cli("finetune", "--base", tiny_base, "--data", root / "p2", "--domain", "ES", "--method", "lora",
-            "--init-adapter", root / "a1", "--out", root / "warm0", "--set", "train.max_steps=4",
-            "--set", "train.eval_every=2", "--set", "train.lr=1e-9", "--set", "train.tensorboard=false")
+    slow = ["--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.lr=1e-9",
+            "--set", "train.tensorboard=false"]
+    for data, out in (("p1", "warm_p1"), ("p2", "warm_p2")):
+        run_cli("finetune", "--base", tiny_base, "--data", root / data, "--domain", "ES", "--method", "lora",
+                "--init-adapter", root / "a1", "--out", root / out, *slow)
+    a1, same, grown = (json.loads((root / d / "metrics.json").read_text()) for d in ("a1", "warm_p1", "warm_p2"))
+    saved = load_adapter_tensors(root / "a1")
+    for warm in (same, grown):
+        assert warm["warm_start"]["tensors"] == len(saved) and warm["warm_start"]["item_rows"] > 0
+        assert warm["selection"]["start"] == "init_adapter" and warm["train"]["best_step"] == 0
+        assert warm["selection"]["kept"] == "init_adapter"
+    assert same["test_ranks"] == a1["test_ranks"]
+    assert grown["params"]["total"] > a1["params"]["total"]
     run_cli("evaluate", "--model", tiny_base, "--adapter", root / "a1", "--data", root / "p2", "--domain", "ES",
             "--out", root / "stale.json")
-    warm, stale = (json.loads(p.read_text()) for p in (root / "warm0" / "metrics.json", root / "stale.json"))
-    saved = load_adapter_tensors(root / "a1")
-    assert warm["warm_start"]["tensors"] == len(saved) and warm["warm_start"]["item_rows"] > 0
-    assert warm["selection"]["start"] == "init_adapter" and warm["train"]["best_step"] == 0
-    assert warm["test_ranks"] == stale["test_ranks"]
+    stale = json.loads((root / "stale.json").read_text())
+    assert stale["test"]["users"] == grown["test"]["users"]
 
 
 def test_a_warm_start_refuses_what_it_cannot_continue(periods, tiny_base):

@@ -42,19 +42,18 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
         # Only a model pays for the model code (transformers' Llama, peft: 2.1 s of CPU to import on
         # the 2-core CI machine, on top of 1.6 s for this module); the popularity baseline skips it.
         from ..export.loading import adapter_items, load_model
-        from ..export.vocab import check_same_vocabulary, check_vocabulary_starts_with
+        from ..export.vocab import check_vocabulary_starts_with
         from ..models.sizing import param_counts
         # An adapter that extends its base's vocabulary (prepare --vocab-from) carries the region's items.json
-        grow = None
-        if adapter and adapter_items(adapter):
-            check_same_vocabulary(adapter, prepared, "adapter", is_model=False)
-        elif adapter:
-            check_same_vocabulary(model, prepared)
-        elif check_vocabulary_starts_with(model, prepared, "model") < prepared.num_items:
-            grow = prepared.num_items       # items new to the model (--vocab-from) scored as average ones
+        # The dataset's vocabulary is the model's (an adapter's own items.json when it extends its base's), or
+        # starts with it (prepare --vocab-from): items new to the model are then scored as average ones.
+        known = check_vocabulary_starts_with(adapter, prepared, "adapter", is_model=False) \
+            if adapter and adapter_items(adapter) else check_vocabulary_starts_with(model, prepared, "model")
         loaded = load_model(model, adapter, allow_unverified_adapter)
-        if grow:
-            extend_items(loaded, grow)
+        if known < prepared.num_items:
+            if adapter:
+                loaded = loaded.merge_and_unload()
+            extend_items(loaded, prepared.num_items)
         scorer, params, method = model_scorer(loaded), param_counts(loaded), "adapter" if adapter else "model"
         L = max_len or (loaded.config if hasattr(loaded, "config") else loaded.base_model.config).max_len
     results = {}

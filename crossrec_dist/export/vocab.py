@@ -52,10 +52,11 @@ def check_same_vocabulary(model_dir: str | Path, data, what: str = "model", is_m
                          path=str(path))
 
 
-def check_vocabulary_starts_with(model_dir: str | Path, data, what: str = "base model") -> int:
+def check_vocabulary_starts_with(model_dir: str | Path, data, what: str = "base model", is_model: bool = True) -> int:
     """``data``'s vocabulary is ``model_dir``'s, or starts with it (``prepare --vocab-from``: items new to
     the model follow its own). Returns the model's item count."""
-    check_model_dir(model_dir)
+    if is_model:
+        check_model_dir(model_dir)
     ids = read_vocab(model_dir)
     if ids is not None and len(ids) < data.num_items:
         data_ids = datasets.load_from_disk(str(Path(data.path) / "items"))["item_id"][:len(ids)]
@@ -64,7 +65,7 @@ def check_vocabulary_starts_with(model_dir: str | Path, data, what: str = "base 
         raise InputError(f"the dataset has more items than the {what} ({data.num_items:,} vs {len(ids):,}) but its "
                          f"vocabulary does not start with the {what}'s: prepare the new region with "
                          f"'crossrec prepare --vocab-from {model_dir}'", path=str(Path(model_dir) / VOCAB))
-    check_same_vocabulary(model_dir, data, what)
+    check_same_vocabulary(model_dir, data, what, is_model)
     return data.num_items
 
 

@@ -32,9 +32,10 @@ def warm_start(model, task, adapter_dir: str) -> dict:
                          "start from the base", path=str(folder), field="init_adapter")
     check_base(task.base_dir, folder)
     items = adapter_items(folder) or task.base_items
-    if items != task.num_items:
-        raise InputError(f"the adapter scores {items:,} items and this dataset has {task.num_items:,}: prepare the new "
-                         f"period with the same vocabulary ('crossrec prepare --vocab-from' the base)",
+    if items > task.num_items or not _vocabulary_prefix(folder, task, items):
+        raise InputError(f"the adapter scores {items:,} items and this dataset has {task.num_items:,}, and its "
+                         f"vocabulary is not the start of the dataset's: prepare the new period with "
+                         f"'crossrec prepare --vocab-from {folder}' (the adapter's items, then the period's new ones)",
                          path=str(folder), field="init_adapter")
     saved = load_file(str(folder / "adapter_model.safetensors"))
     old_rows = json.loads((folder / "adapter_config.json").read_text()).get("trainable_token_indices") or {}
@@ -49,8 +50,11 @@ def warm_start(model, task, adapter_dir: str) -> dict:
             raise InputError(f"the adapter has {key}, which this run's adapter does not (other lora.target_modules "
                              f"or train_item_bias?)", path=str(folder), field="init_adapter")
         if mine[target].shape != value.shape:
-            raise InputError(f"{key} is {tuple(value.shape)} in the adapter and {tuple(mine[target].shape)} here "
-                             f"(another lora.r?)", path=str(folder), field="init_adapter")
+            grown = _grown(value, mine[target], items, task.num_items)
+            if grown is None:
+                raise InputError(f"{key} is {tuple(value.shape)} in the adapter and {tuple(mine[target].shape)} here "
+                                 f"(another lora.r?)", path=str(folder), field="init_adapter")
+            value = grown
         plain[key] = value
     result = set_peft_model_state_dict(model, plain, adapter_name="default")
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k or "modules_to_save" in k]
@@ -78,3 +82,26 @@ def _rows(model, value: torch.Tensor, old_rows: dict, task) -> tuple[torch.Tenso
             rows[position[item]] = value[i]
             copied += 1
     return rows, copied
+
+
+def _vocabulary_prefix(folder: Path, task, items: int) -> bool:
+    """Does the dataset's vocabulary start with the adapter's (the base's, then its region's new items)?
+    Rows are copied by index: the same size with other ids would copy them to the wrong items."""
+    from ..export.vocab import read_vocab
+    ids = read_vocab(folder) if adapter_items(folder) else read_vocab(task.base_dir)
+    if ids is None or len(ids) != items:
+        return False
+    import datasets
+    return list(datasets.load_from_disk(str(Path(task.data.path) / "items"))["item_id"][:items]) == list(ids)
+
+
+def _grown(value: torch.Tensor, current: torch.Tensor, items: int, num_items: int) -> torch.Tensor | None:
+    """A per-item tensor of the adapter (offsets: N+1; LoRA on the table: r x N+1) grown to this run's
+    vocabulary: its items' entries copied, the new items' as this run built them. None: not such a tensor."""
+    dims = [d for d in range(value.ndim) if value.shape[d] != current.shape[d]]
+    if value.ndim != current.ndim or len(dims) != 1 or value.shape[dims[0]] != items + 1 or \
+            current.shape[dims[0]] != num_items + 1:
+        return None
+    out = current.detach().clone()
+    out.narrow(dims[0], 0, items + 1).copy_(value)
+    return out

@@ -41,8 +41,10 @@ CONFIGS = {
     "lora-table": ["--method", "lora", "--set",
                    "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,item_embeddings]",
                    "--set", "lora.rank_pattern={item_embeddings: 16}", "--set", "lora.alpha_pattern={item_embeddings: 32}"],
+    # source replay: as many ML-1M sequences as the target has, mixed into LoRA's fine-tuning
+    "lora-replay": ["--method", "lora", "--set", "source_replay=1.0"],
 }
-TRAINED = ("lora", "lora-before", "scratch", "lora-table")
+TRAINED = ("lora", "lora-before", "scratch", "lora-table", "lora-replay")
 QUIET = ["--set", "train.tensorboard=false", "--set", "train.log_every=1000"]
 
 
@@ -95,7 +97,7 @@ def summarise(out: Path, fractions, seeds, configs=tuple(CONFIGS)) -> dict:
             for name, (ref_users, ref_mean) in refs.items():
                 if name != config:
                     row[f"vs {name}"] = paired_on_users(users, mean, ref_users, ref_mean).diff_text()
-            if config == "lora-table":
+            if config in ("lora-table", "lora-replay"):
                 row["vs lora"] = paired_on_users(users, mean, *seed_mean(recs["lora"])).diff_text()
             if config == "lora":
                 row["vs lora-before"] = paired_on_users(users, mean, *seed_mean(recs["lora-before"])).diff_text()

@@ -439,3 +439,22 @@ def test_defaults_keep_the_base_on_a_small_region_where_adaptation_does_not_pay(
     assert lora["test_ranks"] == none["test_ranks"]
     assert lora["vs"]["zero-shot"]["test"]["diff"] == 0.0
     assert "did not beat the base on validation" in proc.stdout and "kept step 0" in proc.stdout
+
+
+def test_source_replay_mixes_a_seeded_sample_of_the_sources_into_training(tiny_base, ml100k, tmp_path):
+    """``source_replay: R``: R source sequences (the base's pretraining regions) per target training
+    sequence join the target's windows, the same sample at one seed; a dataset without the sources is
+    refused naming the field."""
+    from crossrec_dist.data.prepared import PreparedData
+    region = TARGET_REGIONS[0]
+    args = ["finetune", "--base", tiny_base, "--data", ml100k, "--domain", region, "--method", "lora", *QUICK]
+    plain = run_cli(*args, "--out", tmp_path / "plain")
+    mixed = run_cli(*args, "--out", tmp_path / "mixed", "--set", "source_replay=0.5")
+    m = json.loads((tmp_path / "mixed" / "metrics.json").read_text())
+    data = PreparedData(ml100k)
+    target = len(data.train_sequences([region], holdout=m["config"]["valid_targets"] - 1)[0])
+    assert m["source_replay"] == {"ratio": 0.5, "sequences": round(0.5 * target)}
+    per_epoch = [int(p.stdout.split("micro-batches/epoch/rank=")[1].split()[0]) for p in (plain, mixed)]
+    assert per_epoch[1] > per_epoch[0]
+    bad = run_cli(*args, "--out", tmp_path / "bad", "--set", "source_replay=-1", check=False)
+    assert bad.returncode == 2 and "source_replay" in bad.stderr

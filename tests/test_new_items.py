@@ -35,7 +35,7 @@ def new_market(tiny_base, ml100k, tmp_path_factory):
     run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
             "--out", root / "data", "--vocab-from", tiny_base)
     run_cli("finetune", "--base", tiny_base, "--data", root / "data", "--domains", "ES", "--method", "lora",
-            "--out", root / "adapters", "--set", "train.max_steps=30", "--set", "train.eval_every=10",
+            "--out", root / "adapters", "--set", "train.max_steps=16", "--set", "train.eval_every=8",
             "--set", "train.tensorboard=false", "--set", "must_beat_base=false", "--set", "train.lr=0.01")
     return root, renamed
 
@@ -115,7 +115,7 @@ def periods(new_market, tiny_base):
     run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",
             "--out", root / "p1", "--vocab-from", tiny_base, "--until", str(cut))
     run_cli("finetune", "--base", tiny_base, "--data", root / "p1", "--domain", "ES", "--method", "lora",
-            "--out", root / "a1", "--set", "train.max_steps=20", "--set", "train.eval_every=10",
+            "--out", root / "a1", "--set", "train.max_steps=10", "--set", "train.eval_every=5",
             "--set", "train.tensorboard=false", "--set", "must_beat_base=false", "--set", "train.lr=0.01")
     # period 2 against period 1's adapter: its items keep their indices, the period's new SKUs follow
     run_cli("prepare", "--input", root / "market.csv", "--format", "csv", "--domain-col", "country",

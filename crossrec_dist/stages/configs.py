@@ -97,6 +97,9 @@ def finetune_config_class(methods) -> type:
         ("init_adapter", str | None, field(default=None)),      # adapter methods: start from this adapter of the same
                                                           # base (the region's current one) instead of from zero:
                                                           # re-adaptation as the region's data grows
+        ("source_replay", float, field(default=0.0)),     # mix this many source sequences per target sequence
+                                                          # into fine-tuning (a seeded sample of the base's
+                                                          # pretraining domains, from --data): less forgetting
         ("must_beat_base", bool, field(default=True)),    # keep a step only if it beats the base (step 0) on
                                                           # validation by a paired 95% interval over users;
                                                           # otherwise the base is kept (and exported as such)
@@ -162,6 +165,8 @@ def check_finetune_config(cfg, prefix: str = "") -> None:
     _need(cfg.catalogue in CATALOGUES, p + "catalogue",
           f"unknown catalogue {cfg.catalogue!r}; choose one of {', '.join(CATALOGUES)}")
     _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")
+    _need(math.isfinite(cfg.source_replay) and cfg.source_replay >= 0, p + "source_replay",
+          f"must be >= 0 (source sequences per target sequence), got {cfg.source_replay}")
     _need(not cfg.init_adapter or method.output == "adapter", p + "init_adapter",
           f"{cfg.method} does not train an adapter; init_adapter warm-starts adapter methods (lora)")
 

@@ -16,16 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from ..config import load_config
+from ..data.batches import SequenceBatches, make_windows
 from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..engine.task import LossTerms
 from ..errors import InputError
 from ..evaluation.cohorts import cohorts, unseen_items
-from ..methods._training import load_base
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.fingerprint import base_fingerprint
 from ..export.vocab import check_vocabulary_starts_with, read_untrained_items
 from ..methods import get_method
+from ..methods._training import load_base
 from ..methods.base import Method
 from ..models.loading import load_model_config
 from ..models.sizing import param_counts
@@ -111,9 +112,44 @@ class FinetuneTask(RecommenderTask):
         # Step 0 is the base itself for every method that starts from it: keep it unless beaten.
         self.must_beat_start = cfg.must_beat_base and self.method.starts_from_base
         self.warm_start: dict | None = None     # what init_adapter copied (methods/_warm_start.py)
+        self.replay = self._replayed_sources()  # source sequences mixed into training (source_replay)
+        self.replayed = 0 if self.replay is None else len(self.replay[0])
 
     def train_domains(self):
         return [self.domain]
+
+    def batches(self):
+        """The target's training windows, plus ``source_replay`` source sequences per target sequence
+        (a seeded sample of the base's pretraining domains, fixed for the run): replaying the source
+        while adapting limits forgetting what the base knew."""
+        if self.replay is None:
+            return super().batches()
+        t = self.train
+        seq, usable = self._target_sequences()
+        return SequenceBatches(self.data, make_windows(np.r_[seq, self.replay[0]], np.r_[usable, self.replay[1]],
+                                                       self.max_len, t.window_stride),
+                               self.max_len, t.micro_batch_size, t.seed)
+
+    def _target_sequences(self):
+        seq, usable = self.data.train_sequences([self.domain], holdout=self.valid_targets - 1)
+        if self.train_users is not None:
+            keep = np.isin(seq, self.train_users)
+            seq, usable = seq[keep], usable[keep]
+        return seq, usable
+
+    def _replayed_sources(self):
+        """(sequences, usable lengths) of the source sample ``source_replay`` mixes in (None: none)."""
+        if self.cfg.source_replay <= 0:
+            return None
+        sources = [d for d in self.base_config.pretrain_domains if d in self.data.domain_names]
+        if not sources:
+            raise InputError(f"source_replay needs the base's pretraining domains {self.base_config.pretrain_domains} "
+                             f"in the dataset, which holds {self.data.domain_names}", path=str(self.data.path),
+                             field="source_replay")
+        src, src_usable = self.data.train_sequences(sources)
+        n = min(len(src), int(round(self.cfg.source_replay * len(self._target_sequences()[0]))))
+        pick = np.sort(np.random.default_rng(self.train.seed).choice(len(src), size=n, replace=False))
+        return src[pick], src_usable[pick]
 
     def build_model(self, engine):
         self.method.refuse(precision=engine.precision, zero_stage=engine.zero_stage if engine.ds_config else None)
@@ -128,6 +164,8 @@ class FinetuneTask(RecommenderTask):
     def describe(self) -> str:
         users = "" if self.train_users is None else \
             f"; trains and validates on {len(self.train_users)} sampled user(s) (train_fraction {self.cfg.train_fraction})"
+        if self.cfg.source_replay > 0:
+            users += f"; {self.replayed:,} source sequences replayed beside the target's (source_replay {self.cfg.source_replay})"
         return (f"finetune {self.cfg.method} on {self.domain}: {self.params['trainable']:,} of "
                 f"{self.params['total']:,} parameters trainable, {len(self.new_items)} item(s) new to the target"
                 + users)
@@ -163,6 +201,8 @@ class FinetuneTask(RecommenderTask):
                                      self.catalogue, self.train_users)
         vs = paired_vs(ev, refs)
         selection = selection_record(result, self.must_beat_start)
+        if self.cfg.source_replay > 0:
+            extra["source_replay"] = {"ratio": self.cfg.source_replay, "sequences": self.replayed}
         if self.cfg.init_adapter:
             selection["start"] = "init_adapter"
             if selection.get("kept") == "base":

@@ -100,6 +100,10 @@ def finetune_config_class(methods) -> type:
         ("source_replay", float, field(default=0.0)),     # mix this many source sequences per target sequence
                                                           # into fine-tuning (a seeded sample of the base's
                                                           # pretraining domains, from --data): less forgetting
+        ("align", str, field(default="none")),            # none | coral | mmd: a distance between the source
+                                                          # (source_replay) and target rows' representations
+                                                          # of each micro-batch, added to the loss
+        ("align_weight", float, field(default=1.0)),
         ("must_beat_base", bool, field(default=True)),    # keep a step only if it beats the base (step 0) on
                                                           # validation by a paired 95% interval over users;
                                                           # otherwise the base is kept (and exported as such)
@@ -167,6 +171,11 @@ def check_finetune_config(cfg, prefix: str = "") -> None:
     _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")
     _need(math.isfinite(cfg.source_replay) and cfg.source_replay >= 0, p + "source_replay",
           f"must be >= 0 (source sequences per target sequence), got {cfg.source_replay}")
+    _need(cfg.align in ("none", "coral", "mmd"), p + "align", f"unknown alignment {cfg.align!r}; choose none, coral or mmd")
+    _need(cfg.align == "none" or cfg.source_replay > 0, p + "align",
+          "aligning needs source rows in each batch: set source_replay (e.g. 1.0, as many source sequences as target)")
+    _need(math.isfinite(cfg.align_weight) and cfg.align_weight >= 0, p + "align_weight",
+          f"must be >= 0, got {cfg.align_weight}")
     _need(not cfg.init_adapter or method.output == "adapter", p + "init_adapter",
           f"{cfg.method} does not train an adapter; init_adapter warm-starts adapter methods (lora)")
 

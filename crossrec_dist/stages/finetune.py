@@ -30,6 +30,7 @@ from ..methods._training import load_base
 from ..methods.base import Method
 from ..models.loading import load_model_config
 from ..models.sizing import param_counts
+from .alignment import distance, last_hidden
 from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
                      target_catalogue)
 from .configs import FinetuneConfig, check_finetune_config
@@ -113,6 +114,7 @@ class FinetuneTask(RecommenderTask):
         self.must_beat_start = cfg.must_beat_base and self.method.starts_from_base
         self.warm_start: dict | None = None     # what init_adapter copied (methods/_warm_start.py)
         self.replay = self._replayed_sources()  # source sequences mixed into training (source_replay)
+        self.target_code = int(data.domain_codes([domain])[0])
         self.replayed = 0 if self.replay is None else len(self.replay[0])
 
     def train_domains(self):
@@ -171,7 +173,14 @@ class FinetuneTask(RecommenderTask):
                 + users)
 
     def loss(self, model, inputs) -> LossTerms:
-        return LossTerms(model(**inputs).loss, self.method.penalty(model))
+        out = model(**inputs)
+        mean = out.loss
+        if self.cfg.align != "none":
+            rep = last_hidden(out.hidden_states)
+            target = inputs["domain_ids"] == self.target_code
+            if 2 <= int(target.sum()) <= len(target) - 2:     # both samples in this micro-batch
+                mean = mean + self.cfg.align_weight * distance(self.cfg.align, rep[~target], rep[target])
+        return LossTerms(mean, self.method.penalty(model))
 
     def after_backward(self, model, step: int) -> None:
         self.method.after_backward(model, step)

@@ -14,6 +14,7 @@ from .errors import InputError
 from .experiment.runner import run_experiment
 from .methods import method_names
 from .paths import check_output_dir
+from .stages.configs import check_finetune_config
 
 # Heavy imports inside functions: each handler imports the stage it runs there, so that
 # ``crossrec --help`` and argument errors do not pay for torch (2.6 s on the 2-core CI machine),
@@ -118,7 +119,6 @@ def _cmd_pretrain(a):
 
 
 def _cmd_finetune(a):
-    from .stages.configs import check_finetune_config
     from .stages.finetune import load_finetune_config, run_finetune
     cfg = load_finetune_config(a.config, a.method, _overrides(a))
     if a.init_adapter:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import datasets
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
@@ -18,6 +19,7 @@ from safetensors.torch import load_file
 from ..errors import InputError
 from ..export.adapters import check_base, is_mixed
 from ..export.loading import adapter_items
+from ..export.vocab import read_vocab
 
 ROWS = "trainable_tokens_delta"
 
@@ -87,11 +89,9 @@ def _rows(model, value: torch.Tensor, old_rows: dict, task) -> tuple[torch.Tenso
 def _vocabulary_prefix(folder: Path, task, items: int) -> bool:
     """Does the dataset's vocabulary start with the adapter's (the base's, then its region's new items)?
     Rows are copied by index: the same size with other ids would copy them to the wrong items."""
-    from ..export.vocab import read_vocab
     ids = read_vocab(folder) if adapter_items(folder) else read_vocab(task.base_dir)
     if ids is None or len(ids) != items:
         return False
-    import datasets
     return list(datasets.load_from_disk(str(Path(task.data.path) / "items"))["item_id"][:items]) == list(ids)
 
 

@@ -62,7 +62,13 @@ def test_the_adapter_trains_the_new_items_rows_and_plain_peft_loads_it(new_marke
     info = json.loads((run / "crossrec_adapter.json").read_text())
     base_items = len(json.loads((tiny_base / "items.json").read_text()))
     assert (info["num_items"], info["base_items"]) == (base_items + NEW_SKUS, base_items)
-    assert m["new_items"] == NEW_SKUS and m["trainable_rows"] >= NEW_SKUS and m["train"]["best_step"] > 0
+    # new to the base: the 30 SKUs, and the region's items the base's own rows never trained (its regions
+    # never held them: untrained_items.json, written by pretrain)
+    untrained = set(json.loads((tiny_base / "untrained_items.json").read_text()))
+    counts = PreparedData(root / "data").item_counts(["ES"])
+    expected = sum(1 for i in range(1, len(counts)) if counts[i] > 0 and (i > base_items or i in untrained))
+    assert expected > NEW_SKUS and m["new_items"] == expected
+    assert m["trainable_rows"] >= expected and m["train"]["best_step"] > 0
     assert m["cohorts"]["new_items"]["users"] > 0
     # plain peft: grow the base's table (models/extend.py), then PeftModel.from_pretrained
     model = PeftModel.from_pretrained(extend_items(CrossRecModel.from_pretrained(tiny_base), info["num_items"]), str(run))

@@ -238,16 +238,16 @@ class FinetuneTask(RecommenderTask):
 
 def run_finetune(cfg: FinetuneConfig, base_dir: str, data_dir: str, domain: str, out: str, log=print) -> dict:
     data = data_dir if isinstance(data_dir, PreparedData) else PreparedData(data_dir)
-    check_vocabulary_starts_with(base_dir, data, "base model")
+    base_items = check_vocabulary_starts_with(base_dir, data, "base model")
     method = get_method(cfg.method)
     if not method.trains:
-        return on_main(_reference_run, cfg, base_dir, data, domain, Path(out), log)
+        return on_main(_reference_run, cfg, base_dir, data, domain, Path(out), log, base_items)
     for precision in (cfg.train.mixed_precision, os.environ.get("ACCELERATE_MIXED_PRECISION")):
         method.refuse(precision=precision)    # before the engine: accelerate would set fp16 up first
     return run_stage(FinetuneTask(cfg, data, base_dir, domain), out, log=log)
 
 
-def _reference_run(cfg, base_dir, data, domain, out, log):
+def _reference_run(cfg, base_dir, data, domain, out, log, base_items: int):
     """A method that trains nothing is one of the references (zero-shot: the base as it is; popularity:
     the region's own counts): evaluated as such, and compared with the other references."""
     method = get_method(cfg.method)
@@ -264,7 +264,7 @@ def _reference_run(cfg, base_dir, data, domain, out, log):
                             base=str(Path(base_dir).resolve()), base_fingerprint=base_fingerprint(base_dir),
                             test_ranks=ev["test"]["examples"], vs=vs,
                             cohorts=cohorts(data, ev["test"]["examples"], unseen_items(
-                                data, _base_domains(base_dir), check_vocabulary_starts_with(base_dir, data),
+                                data, _base_domains(base_dir), base_items,
                                 read_untrained_items(base_dir))),
                             train_users=None if users is None else len(users), **catalogue_record(catalogue, data))
     write_metrics(out, record)

@@ -174,6 +174,43 @@ def test_flags_zero2_finetune_with_the_launchers_accumulation(tiny_base, ml100k,
 
 
 @pytest.mark.slow
+def test_zero2_replay_alignment_and_warm_start_save_what_plain_peft_loads(shifted, tmp_path):
+    """The domain-adaptation options under `accelerate launch` ZeRO-2 on 2 CPU processes: source replay
+    with MMD alignment; then, warm-started from that adapter (--init-adapter), source replay with the
+    adversarial discriminator (its weights partitioned and updated with the adapter's). Each output
+    loads with plain peft and scores as the run's own final record says; no discriminator is saved."""
+    from peft import PeftModel
+
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.models.model import CrossRecModel
+    from crossrec_dist.stages.common import evaluate_model
+    data_dir, base = shifted
+    common = ["finetune", "--base", base, "--data", data_dir, "--domain", "d2", "--method", "lora",
+              "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.micro_batch_size=16",
+              "--set", "train.validate_at_start=false", "--set", "train.tensorboard=false",
+              "--set", "must_beat_base=false", "--set", "source_replay=1.0"]
+    flags = ["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"]
+    first, second = tmp_path / "mmd", tmp_path / "adversarial"
+    launch(flags, *common, "--set", "align=mmd", "--out", first, tmp=tmp_path)
+    proc = launch(flags, *common, "--set", "align=adversarial", "--set", "align_weight=0.1",
+                  "--init-adapter", first, "--out", second, tmp=tmp_path)
+    assert "a domain discriminator" in proc.stdout
+    data = PreparedData(data_dir)
+    for out, kind in ((first, "mmd"), (second, "adversarial")):
+        m = json.loads((out / "metrics.json").read_text())
+        assert (m["world_size"], m["zero_stage"], m["align"]["kind"]) == (2, 2, kind)
+        assert m["source_replay"]["sequences"] > 0
+        tensors = load_file(out / "adapter_model.safetensors")
+        assert not any("discriminator" in k for k in tensors)
+        assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
+        model = PeftModel.from_pretrained(CrossRecModel.from_pretrained(base), str(out))
+        ev = evaluate_model(model, data, ["d2"], model.config.max_len)
+        assert ev["test"]["overall"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-4)
+    m = json.loads((second / "metrics.json").read_text())
+    assert m["selection"]["start"] == "init_adapter" and m["warm_start"]
+
+
+@pytest.mark.slow
 def test_plain_ddp_on_cpu_with_the_shipped_config(reference, ml100k, tmp_path):
     """(c) no DeepSpeed: `launch/cpu_ddp_2proc.yaml`, 2 processes x micro 32. On a machine without
     CUDA accelerate settles on DistributedType.NO under torchrun and does not wrap the model in DDP

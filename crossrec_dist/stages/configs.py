@@ -75,6 +75,8 @@ def check_model_options(options: dict, prefix: str = "model.") -> None:
 
 
 CATALOGUES = ("all", "target")   # FinetuneConfig.catalogue / DistillConfig.catalogue
+# FinetuneConfig.align: how stages/alignment.py pulls the source's and target's representations together
+ALIGNMENTS = ("none", "coral", "mmd", "adversarial")
 
 
 def finetune_config_class(methods) -> type:
@@ -100,9 +102,10 @@ def finetune_config_class(methods) -> type:
         ("source_replay", float, field(default=0.0)),     # mix this many source sequences per target sequence
                                                           # into fine-tuning (a seeded sample of the base's
                                                           # pretraining domains, from --data): less forgetting
-        ("align", str, field(default="none")),            # none | coral | mmd: a distance between the source
+        ("align", str, field(default="none")),            # none | coral | mmd | adversarial: between the source
                                                           # (source_replay) and target rows' representations
-                                                          # of each micro-batch, added to the loss
+                                                          # of each micro-batch: a distance added to the loss,
+                                                          # or a domain discriminator through gradient reversal
         ("align_weight", float, field(default=1.0)),
         ("must_beat_base", bool, field(default=True)),    # keep a step only if it beats the base (step 0) on
                                                           # validation by a paired 95% interval over users;
@@ -171,7 +174,7 @@ def check_finetune_config(cfg, prefix: str = "") -> None:
     _need(0 < cfg.train_fraction <= 1, p + "train_fraction", f"must be in (0, 1], got {cfg.train_fraction}")
     _need(math.isfinite(cfg.source_replay) and cfg.source_replay >= 0, p + "source_replay",
           f"must be >= 0 (source sequences per target sequence), got {cfg.source_replay}")
-    _need(cfg.align in ("none", "coral", "mmd"), p + "align", f"unknown alignment {cfg.align!r}; choose none, coral or mmd")
+    _need(cfg.align in ALIGNMENTS, p + "align", f"unknown alignment {cfg.align!r}; choose {', '.join(ALIGNMENTS)}")
     _need(cfg.align == "none" or cfg.source_replay > 0, p + "align",
           "aligning needs source rows in each batch: set source_replay (e.g. 1.0, as many source sequences as target)")
     _need(math.isfinite(cfg.align_weight) and cfg.align_weight >= 0, p + "align_weight",

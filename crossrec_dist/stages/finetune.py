@@ -30,7 +30,7 @@ from ..methods._training import load_base
 from ..methods.base import Method
 from ..models.loading import load_model_config
 from ..models.sizing import param_counts
-from .alignment import distance, last_hidden
+from .alignment import DISCRIMINATOR, DomainDiscriminator, adversarial, distance, last_hidden
 from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
                      target_catalogue)
 from .configs import FinetuneConfig, check_finetune_config
@@ -160,7 +160,12 @@ class FinetuneTask(RecommenderTask):
                              "warm-start under ZeRO-2 or one process", field="init_adapter")
         seed_everything(self.train.seed)
         model = self.method.build(self, engine)
-        self.params = param_counts(model)
+        self.params = param_counts(model)      # the adapted model's: the discriminator is not saved
+        self.discriminator = None
+        if self.cfg.align == "adversarial":
+            # a submodule of the trained model, so the optimizer (and DeepSpeed, and a resume) see it
+            self.discriminator = DomainDiscriminator(self.hidden_size)
+            model.add_module(DISCRIMINATOR, self.discriminator)
         return model
 
     def describe(self) -> str:
@@ -168,6 +173,9 @@ class FinetuneTask(RecommenderTask):
             f"; trains and validates on {len(self.train_users)} sampled user(s) (train_fraction {self.cfg.train_fraction})"
         if self.cfg.source_replay > 0:
             users += f"; {self.replayed:,} source sequences replayed beside the target's (source_replay {self.cfg.source_replay})"
+        if self.discriminator is not None:
+            users += (f"; a domain discriminator ({sum(p.numel() for p in self.discriminator.parameters()):,} "
+                      f"parameters, not saved) through gradient reversal, weight {self.cfg.align_weight}")
         return (f"finetune {self.cfg.method} on {self.domain}: {self.params['trainable']:,} of "
                 f"{self.params['total']:,} parameters trainable, {len(self.new_items)} item(s) new to the target"
                 + users)
@@ -179,7 +187,9 @@ class FinetuneTask(RecommenderTask):
             rep = last_hidden(out.hidden_states)
             target = inputs["domain_ids"] == self.target_code
             if 2 <= int(target.sum()) <= len(target) - 2:     # both samples in this micro-batch
-                mean = mean + self.cfg.align_weight * distance(self.cfg.align, rep[~target], rep[target])
+                w = self.cfg.align_weight
+                mean = mean + (adversarial(self.discriminator, rep, target, w) if self.discriminator is not None
+                               else w * distance(self.cfg.align, rep[~target], rep[target]))
         return LossTerms(mean, self.method.penalty(model))
 
     def after_backward(self, model, step: int) -> None:
@@ -199,6 +209,8 @@ class FinetuneTask(RecommenderTask):
         if not engine.is_main:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
+        if state_dict is not None:     # the domain discriminator trains beside the model and is not kept
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(DISCRIMINATOR + ".")}
         self.method.save(self, engine, engine.unwrapped(engine.model), state_dict, out_dir)
 
     def final_record(self, engine, result) -> dict:
@@ -212,6 +224,8 @@ class FinetuneTask(RecommenderTask):
         selection = selection_record(result, self.must_beat_start)
         if self.cfg.source_replay > 0:
             extra["source_replay"] = {"ratio": self.cfg.source_replay, "sequences": self.replayed}
+        if self.cfg.align != "none":
+            extra["align"] = {"kind": self.cfg.align, "weight": self.cfg.align_weight}
         if self.cfg.init_adapter:
             selection["start"] = "init_adapter"
             if selection.get("kept") == "base":

@@ -115,6 +115,12 @@ SUITE: list[Bench] = [
     Bench("readaptation", "study",
           PY + ["benchmarks.readaptation", "--base", "{study}/pretrain", "--raw", "{study}/raw/ml100k",
                 "--seeds", "0", "1", "--jobs", "2"]),
+    Bench("short_histories", "study",  # readaptation's period-2 adapter, and its data
+          PY + ["benchmarks.short_histories", "--base", "{study}/pretrain",
+                "--adapter", "benchmarks/out/readaptation/fresh.seed0", "--data", "benchmarks/out/readaptation/p2",
+                "--domain", "ml100k"]),
+    Bench("zip_regions", "study",      # its own experiment (ML-1M, two-digit zip regions): ~70 min
+          PY + ["benchmarks.zip_regions", "benchmarks/out/ml1m_zip_regions", "--jobs", "2"]),
     Bench("base_seed_noise", "study",   # the study's base against transfer_probes' base_seed1/2
           PY + ["benchmarks.base_seed_noise", "--data", "{study}/data", "--domains", "ml100k", "--reference", "s0",
                 "--bases", "s0={study}/pretrain", "s1=benchmarks/out/transfer_probes/base_seed1/pretrain",

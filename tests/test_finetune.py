@@ -219,6 +219,45 @@ def test_regions_loop_manifest_export_and_serving(tiny_base, ml100k, tmp_path):
     s_merged = merged(input_ids=ids, domain_ids=dom, return_scores=True)[0]
     s_adapter = rec.scores([history], TARGET_REGIONS[0])[0]
     assert torch.allclose(s_merged[1:], s_adapter[1:], atol=1e-4)
+    _short_histories_are_served_sensibly(rec, ml100k, tiny_base)
+
+
+def _short_histories_are_served_sensibly(rec, ml100k, tiny_base):
+    """0-2 known events (docs/serving.md): no known event -> the region's popularity list (counted here
+    by hand from its training data), the base's for no region; unknown ids are an error, or skipped
+    with unknown="skip" and reported; one known event -> the model; min_known moves the threshold, and
+    the popularity answer leaves out what the user already has."""
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.errors import InputError
+    import numpy as np
+    region = TARGET_REGIONS[0]
+    data = PreparedData(ml100k)
+    vocab = json.loads((tiny_base / "items.json").read_text())
+
+    def by_hand(domains, k=5, drop=()):
+        counts = data.item_counts(domains)
+        order = [i for i in np.argsort(-counts[1:], kind="stable") + 1 if counts[i] > 0 and vocab[i - 1] not in drop]
+        return [vocab[i - 1] for i in order[:k]], [float(counts[i]) for i in order[:k]]
+
+    cold = rec.recommendation([], region, k=5)
+    assert (cold["source"], cold["known_events"], cold["skipped"]) == ("popularity", 0, [])
+    assert (cold["items"], cold["scores"]) == by_hand([region])
+    base_cold = rec.recommendation([], None, k=5)
+    assert base_cold["source"] == "popularity"
+    assert base_cold["items"] == by_hand(list(json.loads((tiny_base / "config.json").read_text())["pretrain_domains"]))[0]
+    with pytest.raises(InputError, match="unknown item id 'new-sku'"):
+        rec.recommend(["new-sku", "50"], region)
+    only_new = rec.recommendation(["new-sku"], region, k=5, unknown="skip")
+    assert (only_new["source"], only_new["skipped"], only_new["items"]) == ("popularity", ["new-sku"], cold["items"])
+    one = rec.recommendation(["new-sku", "50"], region, k=5, unknown="skip")
+    assert (one["source"], one["known_events"], one["skipped"]) == ("model", 1, ["new-sku"])
+    assert "50" not in one["items"] and one["items"] == [i for i, _ in rec.recommend(["50"], region, k=5)]
+    top = cold["items"][0]
+    below = rec.recommendation([top], region, k=5, min_known=2)
+    assert below["source"] == "popularity" and top not in below["items"]
+    assert (below["items"], below["scores"]) == by_hand([region], drop={top})
+    with pytest.raises(InputError, match="unknown domain"):
+        rec.recommendation([], "atlantis")
 
 
 def test_new_target_items_get_trainable_rows(synth_data, tmp_path):

@@ -14,7 +14,7 @@ from .adapters import apply_adapter
 from .loading import adapter_items, load_model
 from .manifest import read_manifest
 from .onnx import export_onnx, onnx_parity
-from .vocab import UNTRAINED, VOCAB
+from .vocab import POPULARITY, UNTRAINED, VOCAB
 
 
 def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False, onnx: bool = False,
@@ -27,7 +27,7 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
         raise InputError("--merge needs --adapters", field="--merge")
     load_model(base_dir)  # fail early on a bad base
     out_dir.mkdir(parents=True, exist_ok=True)
-    keep = ("config.json", "model.safetensors", "model.safetensors.index.json", VOCAB, UNTRAINED)
+    keep = ("config.json", "model.safetensors", "model.safetensors.index.json", VOCAB, UNTRAINED, POPULARITY)
     (out_dir / "base").mkdir(exist_ok=True)
     for f in base_dir.iterdir():
         if f.name in keep or (f.suffix == ".safetensors"):
@@ -51,6 +51,8 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
             vocab = folder / VOCAB if adapter_items(folder) else base_dir / VOCAB
             if vocab.is_file():
                 shutil.copy2(vocab, target / VOCAB)
+            if (folder / POPULARITY).is_file():      # the region's answer to a user with no known events
+                shutil.copy2(folder / POPULARITY, target / POPULARITY)
             log(f"merged {domain} -> {target}")
     if onnx:
         targets = [out_dir / "base"] + sorted((out_dir / "merged").glob("*")) if merge else [out_dir / "base"]

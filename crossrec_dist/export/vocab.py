@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 
 from ..data.vocabulary import vocab_hash
 from ..errors import InputError
@@ -19,6 +20,7 @@ from ..models.loading import check_model_dir
 
 VOCAB = "items.json"
 UNTRAINED = "untrained_items.json"
+POPULARITY = "popularity.json"
 
 
 def write_vocab(data, out_dir: str | Path) -> None:
@@ -80,3 +82,29 @@ def write_untrained_items(data, domains, out_dir: str | Path) -> None:
 def read_untrained_items(model_dir: str | Path) -> list[int] | None:
     path = Path(model_dir) / UNTRAINED
     return read_json(path, list, "a JSON list of item indices") if path.is_file() else None
+
+
+def write_popularity(data, domains, out_dir: str | Path, only=None) -> None:
+    """``popularity.json``: the training interactions per item of ``domains`` (of the sequences in ``only``
+    when given: a run on sampled users knows only theirs), most frequent first, as raw ids. What
+    ``Recommender`` answers a user none of whose events it knows (a new user, or only new items): the
+    model has nothing to condition on, and a region's own counts are the measured answer there."""
+    counts = data.item_counts(domains, only=only)
+    ids = datasets.load_from_disk(str(Path(data.path) / "items"))["item_id"]
+    order = [int(i) for i in np.argsort(-counts[1:], kind="stable") + 1 if counts[i] > 0]   # ties: index order
+    (Path(out_dir) / POPULARITY).write_text(json.dumps({
+        "domains": list(domains) if domains else None, "sequences": None if only is None else int(len(only)),
+        "items": [ids[i - 1] for i in order], "counts": [int(counts[i]) for i in order]}))
+
+
+def read_popularity(folder: str | Path) -> list[tuple[str, int]] | None:
+    """(raw item id, training interactions) of ``folder``'s popularity.json, most frequent first (None:
+    no such file)."""
+    path = Path(folder) / POPULARITY
+    if not path.is_file():
+        return None
+    record = read_json(path, dict, "an object with the items, most frequent first, and their counts")
+    items, counts = record.get("items"), record.get("counts")
+    if not isinstance(items, list) or not isinstance(counts, list) or len(items) != len(counts):
+        raise InputError("expected two lists of the same length, 'items' and 'counts'", path=str(path), field="items")
+    return [(str(i), int(c)) for i, c in zip(items, counts)]

@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..evaluation.cohorts import cohorts, unseen_items
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.fingerprint import base_fingerprint
-from ..export.vocab import check_vocabulary_starts_with, read_untrained_items
+from ..export.vocab import check_vocabulary_starts_with, read_untrained_items, write_popularity
 from ..methods import get_method
 from ..methods._training import load_base
 from ..methods.base import Method
@@ -212,6 +212,7 @@ class FinetuneTask(RecommenderTask):
         if state_dict is not None:     # the domain discriminator trains beside the model and is not kept
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(DISCRIMINATOR + ".")}
         self.method.save(self, engine, engine.unwrapped(engine.model), state_dict, out_dir)
+        write_popularity(self.data, [self.domain], out_dir, only=self.train_users)   # for users with no known events
 
     def final_record(self, engine, result) -> dict:
         model = self.method.load(engine.out_dir, self.base_dir)

@@ -156,6 +156,17 @@ def _cmd_bench_serve(a):
           f"({res['speedup_p50']:.1f}x); batch {res['speedup_throughput']:.1f}x -> {a.out}")
 
 
+def _cmd_recommend(a):
+    from .export.serving import Recommender
+    from .models.loading import check_model_dir
+    bundle = Path(a.bundle)
+    check_model_dir(bundle / "base")          # a clear error for a folder that is not a bundle
+    adapters = bundle / "adapters" if (bundle / "adapters" / "manifest.json").is_file() else None
+    rec = Recommender(bundle / "base", adapters)
+    print(json.dumps(rec.recommendation(a.history or [], a.domain, a.k, unknown=a.unknown, min_known=a.min_known),
+                     ensure_ascii=False))
+
+
 def _cmd_experiment(a):
     report = run_experiment(a.config, a.out, force=a.force, overrides=a.set or [], rerun_changed=a.rerun_changed,
                             jobs=a.jobs)
@@ -315,6 +326,18 @@ def add_commands(sub) -> None:
     b.add_argument("--batch", type=at_least(1), default=256)
     b.add_argument("--onnx", action="store_true", help="also compare both exported to ONNX, in ONNX Runtime")
     b.set_defaults(func=_cmd_bench_serve)
+
+    r = sub.add_parser("recommend", help="the top K for one user's history from an exported bundle (JSON: items, "
+                       "scores, source, known_events, skipped)")
+    r.add_argument("--bundle", required=True, help="crossrec export's --out folder (base/ and adapters/)")
+    r.add_argument("--domain", default=None, help="the region (default: the base alone)")
+    r.add_argument("--history", nargs="*", metavar="ITEM_ID", help="raw item ids, oldest first (none: a new user)")
+    r.add_argument("--k", type=at_least(1), default=10)
+    r.add_argument("--unknown", choices=["error", "skip"], default="error",
+                   help="an item id the region does not know: an error, or left out and listed under skipped")
+    r.add_argument("--min-known", type=at_least(0), default=1,
+                   help="fewer known events than this: the region's popularity list (docs/serving.md)")
+    r.set_defaults(func=_cmd_recommend)
 
     x = sub.add_parser("experiment", help="the whole pipeline from a recipe, with a report (the main job)")
     x.add_argument("--config", required=True, help="recipe YAML, e.g. launch/recipes/ml100k_regions.yaml")

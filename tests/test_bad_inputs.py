@@ -173,6 +173,8 @@ CASES = [
     Case("presets-unknown", "presets huge", ["huge"]),
     Case("bench-batch-negative", "bench-serve --student {model} --teacher {model} --out {out}/b.json --batch -1",
          ["--batch"], needs=("data", "model")),
+    Case("recommend-k-zero", "recommend --bundle {d} --k 0", ["--k", ">= 1"]),
+    Case("recommend-not-a-bundle", "recommend --bundle {d}", ["not a model folder"]),
     Case("evaluate-max-len-zero", "evaluate --model {model} --data {data} --out {out}/m.json --max-len 0",
          ["--max-len"], needs=("data", "model")),
     # --- training configs: caught before any work ----------------------------------------------

@@ -219,10 +219,10 @@ def test_regions_loop_manifest_export_and_serving(tiny_base, ml100k, tmp_path):
     s_merged = merged(input_ids=ids, domain_ids=dom, return_scores=True)[0]
     s_adapter = rec.scores([history], TARGET_REGIONS[0])[0]
     assert torch.allclose(s_merged[1:], s_adapter[1:], atol=1e-4)
-    _short_histories_are_served_sensibly(rec, ml100k, tiny_base)
+    _short_histories_are_served_sensibly(rec, ml100k, tiny_base, tmp_path / "bundle")
 
 
-def _short_histories_are_served_sensibly(rec, ml100k, tiny_base):
+def _short_histories_are_served_sensibly(rec, ml100k, tiny_base, bundle):
     """0-2 known events (docs/serving.md): no known event -> the region's popularity list (counted here
     by hand from its training data), the base's for no region; unknown ids are an error, or skipped
     with unknown="skip" and reported; one known event -> the model; min_known moves the threshold, and
@@ -258,6 +258,15 @@ def _short_histories_are_served_sensibly(rec, ml100k, tiny_base):
     assert (below["items"], below["scores"]) == by_hand([region], drop={top})
     with pytest.raises(InputError, match="unknown domain"):
         rec.recommendation([], "atlantis")
+    # the same from the command line
+    cli = run_cli("recommend", "--bundle", bundle, "--domain", region, "--history", "new-sku", "50", "--unknown", "skip",
+                  "--k", "5")
+    assert json.loads(cli.stdout) == one
+    assert json.loads(run_cli("recommend", "--bundle", bundle, "--domain", region, "--k", "5").stdout) == cold
+    bad = run_cli("recommend", "--bundle", bundle, "--domain", region, "--history", "new-sku", check=False)
+    assert bad.returncode == 2 and "new-sku" in bad.stderr and "Traceback" not in bad.stderr
+    bad = run_cli("recommend", "--bundle", bundle / "adapters", check=False)
+    assert bad.returncode == 2 and "not a model folder" in bad.stderr
 
 
 def test_new_target_items_get_trainable_rows(synth_data, tmp_path):

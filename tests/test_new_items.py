@@ -47,6 +47,10 @@ def test_the_new_markets_vocabulary_is_the_bases_followed_by_its_new_items(new_m
     assert ids[:len(base_ids)] == base_ids and sorted(ids[len(base_ids):]) == sorted(renamed.values())
     stats = json.loads((root / "data" / "stats.json").read_text())
     assert stats["vocab_from"]["base_items"] == len(base_ids) and stats["vocab_from"]["new_items"] == NEW_SKUS
+    # meta.json names the base's vocabulary by size and hash, not by listing every id again
+    from crossrec_dist.data.vocabulary import vocab_hash
+    meta = json.loads((root / "data" / "meta.json").read_text())
+    assert meta["options"]["vocab_from"] == {"items": len(base_ids), "vocab_hash": vocab_hash(base_ids)}
 
 
 def test_the_adapter_trains_the_new_items_rows_and_plain_peft_loads_it(new_market, tiny_base):

@@ -261,7 +261,7 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
                                      "private_items": int(src_private[k])} for k, s in enumerate(sources)}
     meta = {
         "format_version": FORMAT_VERSION, "input": inputs[0] if len(inputs) == 1 else inputs,
-        "sources": [asdict(s) for s in sources], "options": _jsonable(asdict(opts)),
+        "sources": [asdict(s) for s in sources], "options": _options_record(opts),
         "domains": [dom_names[d] for d in present], "num_items": int(num_items),
         "vocab_hash": vocab_hash(item_ids), **split_info,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -336,3 +336,13 @@ def write_atomically(out: Path, write) -> None:
 
 def _jsonable(d):
     return json.loads(json.dumps(d, default=str))
+
+
+def _options_record(opts) -> dict:
+    """The options as meta.json keeps them; the base's vocabulary (``vocab_from``, every item id) as its
+    size and hash: the ids themselves are the first items of items/, and a 1M-item base would add its
+    whole vocabulary to meta.json."""
+    record = _jsonable(asdict(opts))
+    if opts.vocab_from is not None:
+        record["vocab_from"] = {"items": len(opts.vocab_from), "vocab_hash": vocab_hash(list(opts.vocab_from))}
+    return record

@@ -2,6 +2,7 @@
 step upstream of it, are what they were when the output was made. Fast: the steps' commands are
 replaced by a fake that writes the files each command would (the real pipeline is in test_experiment.py)."""
 import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -459,7 +460,7 @@ def test_a_recipe_without_distillation_reports_no_students_left_by_an_earlier_ru
 def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake, recipe, tmp_path, capsys):
     out = tmp_path / "out"
     ran = experiment(recipe, out, capsys, "fractions=[0.1,1.0]", "seeds=[0,1]", "fraction_methods=[full]",
-                     "distill=null")
+                     "distill=null", "methods=[none,scratch,full,lora]")
     assert [r for r in ran if r.startswith("finetune d3 full")] == [
         "finetune d3 full", "finetune d3 full seed 1", "finetune d3 full fraction 0.1",
         "finetune d3 full fraction 0.1 seed 1"]
@@ -472,6 +473,16 @@ def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake
     assert curve["full"]["1"]["interval"]["mean"] > curve["full"]["0.1"]["interval"]["mean"]
     report_md = (out / "report.md").read_text()
     assert "## How much target data do you need?" in report_md and "| full |" in report_md
+    # paired against zero-shot at each fraction and against scratch where scratch ran (here: 100% only),
+    # by hand: full at 10% ranks one of the 7 users first and the rest at 50 (NDCG 0); zero-shot ranks them
+    # 0, 1, 2, 3, 5, 8, 20
+    pairs = json.loads((out / "results.json").read_text())["fraction_pairs"]["d3"]["full"]
+    none = [1 / math.log2(r + 2) if r < 10 else 0.0 for r in (0, 1, 2, 3, 5, 8, 20)]
+    assert pairs["0.1"]["none"]["diff"] == pytest.approx((1 - sum(none)) / 7, abs=1e-6)
+    assert pairs["0.1"]["none"]["verdict"] == "worse" and "scratch" not in pairs["0.1"]
+    assert pairs["1"]["scratch"] == {"diff": 0.0, "low": 0.0, "high": 0.0, "users": 7,
+                                     "verdict": "no significant difference"}
+    assert "| full | zero-shot |" in report_md and "| full | scratch |" in report_md
 
 
 def test_a_folder_of_an_older_version_is_refused_naming_force(fake, recipe, tmp_path, capsys):

@@ -57,6 +57,30 @@ def fraction_curve(out: Path, recipe, target: str) -> dict:
     return curve
 
 
+def fraction_pairs(out: Path, recipe, target: str) -> dict:
+    """method -> fraction -> reference -> paired difference in seed-averaged per-user test NDCG@10 (95%
+    bootstrap over the users both have), against training on the target alone (scratch, at the same
+    fraction and seeds) and zero-shot: where a method's transfer pays, fraction by fraction."""
+    from ..evaluation.bootstrap import interval_record
+    seeds, pairs = list(recipe.seeds), {}
+    refs = [r for r in ("scratch", "none") if r in recipe.methods]
+    for m in recipe.fraction_methods:
+        if m in refs or m not in recipe.methods or not get_method(m).trains:
+            continue
+        for f in sorted(recipe.fractions):
+            mine = _seed_records(out, target, m, seeds, f)
+            for ref in refs:
+                theirs = _seed_records(out, target, ref, seeds, f)
+                got = aligned({**{f"a{k}": r for k, r in enumerate(mine)}, **{f"b{k}": r for k, r in enumerate(theirs)}}) \
+                    if mine and theirs else None
+                if not got:
+                    continue
+                a = np.mean([got[1][f"a{k}"] for k in range(len(mine))], axis=0)
+                b = np.mean([got[1][f"b{k}"] for k in range(len(theirs))], axis=0)
+                pairs.setdefault(m, {}).setdefault(f"{f:g}", {})[ref] = interval_record(paired_difference(a, b))
+    return pairs
+
+
 STUDENTS = ["student_kd", "student_ce"]
 
 
@@ -273,7 +297,12 @@ def _interval_lines(target: str, table: dict, methods: list[str], summary: dict)
     return lines + [""]
 
 
-def _fraction_section(out: Path, curves: dict, targets: list[str]) -> list[str]:
+def _diff_cell(iv: dict) -> str:
+    text = f"{iv['diff']:+.4f} [{iv['low']:+.4f}, {iv['high']:+.4f}]"
+    return text + (" n.s." if iv["verdict"] == "no significant difference" else "")
+
+
+def _fraction_section(out: Path, curves: dict, targets: list[str], pairs: dict | None = None) -> list[str]:
     """How much target data is needed: a table and ``data_fraction.png`` (NDCG@10 vs share of users)."""
     lines = ["## How much target data do you need?", "",
              "The target's training users subsampled (a seeded sample, nested across fractions, the same for "
@@ -290,15 +319,26 @@ def _fraction_section(out: Path, curves: dict, targets: list[str]) -> list[str]:
                       f"{Interval(**c[f]['interval']).high:.4f}]") if f in c else "-" for f in fracs]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
         lines.append("")
+        tp = (pairs or {}).get(t) or {}
+        if tp:
+            lines += ["Paired, seed-averaged per user (method - reference) [95% bootstrap over users]; n.s. = "
+                      "no significant difference:", "",
+                      "| method | vs | " + " | ".join(f"{float(f):.0%} users" for f in fracs) + " |",
+                      "| --- | --- | " + " | ".join("---" for _ in fracs) + " |"]
+            for m, by_f in tp.items():
+                for ref in sorted({r for v in by_f.values() for r in v}, reverse=True):
+                    cells = [_diff_cell(by_f[f][ref]) if ref in by_f.get(f, {}) else "-" for f in fracs]
+                    lines.append(f"| {m} | {'zero-shot' if ref == 'none' else ref} | " + " | ".join(cells) + " |")
+            lines.append("")
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 4), squeeze=False)
     for ax, t in zip(axes[0], targets):
         for m, c in (curves.get(t) or {}).items():
             fs = sorted(c, key=float)
             xs = [float(f) for f in fs]
-            if not get_method(m).trains:       # zero-shot: no target data, a flat line
-                v = next(iter(c.values()))
-                ax.axhline(v["median"], ls="--", c="gray", label="zero-shot")
+            if not get_method(m).seeded:       # zero-shot: no target data, a flat line (popularity
+                v = next(iter(c.values()))      # counts the sampled users: a curve like the rest)
+                ax.axhline(v["median"], ls="--", c="gray", label=m if m != "none" else "zero-shot")
                 continue
             ys = [c[f]["median"] for f in fs]
             lo = [c[f]["interval"]["low"] for f in fs]
@@ -411,7 +451,8 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
     res["intervals"] = {t: intervals(out, t, methods + students, seeds) for t in targets}
     if any(f < 1 for f in recipe.fractions):
         res["fractions"] = {t: fraction_curve(out, recipe, t) for t in targets}
-        lines += _fraction_section(out, res["fractions"], targets)
+        res["fraction_pairs"] = {t: fraction_pairs(out, recipe, t) for t in targets}
+        lines += _fraction_section(out, res["fractions"], targets, res["fraction_pairs"])
     if len(seeds) > 1:
         lines += [f"Fine-tuning seeds: {', '.join(map(str, seeds))}. The tables above give the median over "
                   "seeds; intervals are over users of each user's seed-averaged NDCG@10; selected steps are "

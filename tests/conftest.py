@@ -97,15 +97,16 @@ TINY_TRAIN = ["--set", "train.epochs=4", "--set", "train.log_every=5", "--set", 
 @pytest.fixture(scope="session")
 def shifted(tmp_path_factory):
     """A synthetic log whose third domain walks its own chain (shift 0.9) and has private items, prepared,
-    and a tiny base pretrained on the other two: a target the base's representation tells apart, for
-    the domain-alignment methods (stages/alignment.py) to be measured on. About 25 s."""
+    and a tiny base (with per-item offsets) pretrained on the other two: a target the base's
+    representation tells apart, for the domain-alignment methods (stages/alignment.py) to be measured
+    on. About 25 s."""
     raw, data, base = (tmp_path_factory.mktemp(n) for n in ("shifted_raw", "shifted", "shifted_base"))
     run_cli("data", "synth", "--out", raw, "--users", "600", "--items", "300", "--domains", "3",
             "--mean-length", "20", "--shift", "0.9", "--seed", "1")
     run_cli("prepare", "--input", raw / "interactions.parquet", "--format", "parquet", "--out", data,
             "--domain-col", "domain")
     run_cli("pretrain", "--preset", "tiny", "--data", data, "--out", base, "--domains", "d0,d1",
-            "--set", "train.epochs=6", "--set", "train.tensorboard=false")
+            "--set", "train.epochs=6", "--set", "train.tensorboard=false", "--set", "model.item_bias=true")
     return data, base
 
 

@@ -508,6 +508,25 @@ def test_source_replay_mixes_a_seeded_sample_of_the_sources_into_training(tiny_b
     assert bad.returncode == 2 and "source_replay" in bad.stderr
 
 
+def test_offsets_retrains_the_per_item_offsets_and_nothing_else(shifted, tiny_base, ml100k, tmp_path):
+    """``offsets``: a learned popularity prior. Only item_bias changes (N + 1 trainable numbers); a base
+    without offsets is refused naming the method, before any training."""
+    from crossrec_dist.models.model import CrossRecModel
+    data_dir, base = shifted
+    run_cli("finetune", "--base", base, "--data", data_dir, "--domain", "d2", "--method", "offsets",
+            "--out", tmp_path / "offsets", *QUICK)
+    m = json.loads((tmp_path / "offsets" / "metrics.json").read_text())
+    cfg = json.loads((base / "config.json").read_text())
+    assert m["params"]["trainable"] == cfg["num_items"] + 1
+    before = CrossRecModel.from_pretrained(base).state_dict()
+    after = CrossRecModel.from_pretrained(tmp_path / "offsets").state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"item_bias.weight"}
+    bad = run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method",
+                  "offsets", "--out", tmp_path / "bad", *QUICK, check=False)
+    assert bad.returncode == 2 and "item_bias" in bad.stderr and "--method" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def _probe_accuracy(a: torch.Tensor, b: torch.Tensor, folds: int = 5) -> float:
     """Held-out accuracy of a linear classifier (L2-regularised logistic regression, 5-fold) telling the
     rows of ``a`` from those of ``b``: how separable the two domains' representations are."""

@@ -119,6 +119,9 @@ SUITE: list[Bench] = [
           PY + ["benchmarks.short_histories", "--base", "{study}/pretrain",
                 "--adapter", "benchmarks/out/readaptation/fresh.seed0", "--data", "benchmarks/out/readaptation/p2",
                 "--domain", "ml100k"]),
+    Bench("late_region", "study",      # readaptation's "fresh" runs are the joint-vocabulary side
+          PY + ["benchmarks.late_region", "--base", "{study}/pretrain", "--raw", "{study}/raw/ml100k",
+                "--joint", "benchmarks/out/readaptation", "--seeds", "0", "1", "--jobs", "2"]),
     Bench("zip_regions", "study",      # its own experiment (ML-1M, two-digit zip regions): ~70 min
           PY + ["benchmarks.zip_regions", "benchmarks/out/ml1m_zip_regions", "--jobs", "2"]),
     Bench("base_seed_noise", "study",   # the study's base against transfer_probes' base_seed1/2

@@ -150,35 +150,12 @@ def test_flags_zero3_pretrain(reference, ml100k, tmp_path):
 
 
 @pytest.mark.slow
-def test_flags_zero2_finetune_with_the_launchers_accumulation(tiny_base, ml100k, tmp_path):
-    """(b) `--use_deepspeed --zero_stage 2 --gradient_accumulation_steps 2` for a LoRA fine-tune."""
-    from peft import PeftModel
-
-    from crossrec_dist.data.prepared import PreparedData
-    from crossrec_dist.models.model import CrossRecModel
-    from crossrec_dist.stages.common import evaluate_model
-    out = tmp_path / "lora"
-    launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "2"],
-           "finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[1], "--method", "lora",
-           "--out", out, "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.micro_batch_size=16",
-           "--set", "train.validate_at_start=false", "--set", "train.tensorboard=false",
-           # the trained adapter whatever it scores, validated as the final record is (one target per user)
-           "--set", "must_beat_base=false", "--set", "valid_targets=1", tmp=tmp_path)
-    m = json.loads((out / "metrics.json").read_text())
-    assert (m["world_size"], m["zero_stage"], m["grad_accum"], m["train"]["steps"]) == (2, 2, 2, 4)
-    tensors = load_file(out / "adapter_model.safetensors")
-    assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
-    model = PeftModel.from_pretrained(CrossRecModel.from_pretrained(tiny_base), str(out))
-    ev = evaluate_model(model, PreparedData(ml100k), [TARGET_REGIONS[1]], model.config.max_len)
-    assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-4)
-
-
-@pytest.mark.slow
-def test_zero2_replay_alignment_and_warm_start_save_what_plain_peft_loads(shifted, tmp_path):
-    """The domain-adaptation options under `accelerate launch` ZeRO-2 on 2 CPU processes: source replay
-    with MMD alignment; then, warm-started from that adapter (--init-adapter), source replay with the
-    adversarial discriminator (its weights partitioned and updated with the adapter's). Each output
-    loads with plain peft and scores as the run's own final record says; no discriminator is saved."""
+def test_flags_zero2_finetune_with_replay_alignment_and_warm_start(shifted, tmp_path):
+    """(b) `--use_deepspeed --zero_stage 2 --gradient_accumulation_steps 2` on 2 CPU processes: LoRA with
+    source replay and MMD alignment, the launcher's accumulation used; then, warm-started from that
+    adapter (--init-adapter), source replay with the adversarial discriminator (its weights partitioned
+    and updated with the adapter's). Each output loads with plain peft and scores as the run's own final
+    record says (validation too, against the in-training one); no discriminator is saved."""
     from peft import PeftModel
 
     from crossrec_dist.data.prepared import PreparedData
@@ -186,26 +163,29 @@ def test_zero2_replay_alignment_and_warm_start_save_what_plain_peft_loads(shifte
     from crossrec_dist.stages.common import evaluate_model
     data_dir, base = shifted
     common = ["finetune", "--base", base, "--data", data_dir, "--domain", "d2", "--method", "lora",
-              "--set", "train.max_steps=6", "--set", "train.eval_every=3", "--set", "train.micro_batch_size=16",
+              "--set", "train.max_steps=4", "--set", "train.eval_every=2", "--set", "train.micro_batch_size=16",
               "--set", "train.validate_at_start=false", "--set", "train.tensorboard=false",
-              "--set", "must_beat_base=false", "--set", "source_replay=1.0"]
-    flags = ["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"]
+              # the trained adapter whatever it scores, validated as the final record is (one target per user)
+              "--set", "must_beat_base=false", "--set", "valid_targets=1", "--set", "source_replay=1.0"]
     first, second = tmp_path / "mmd", tmp_path / "adversarial"
-    launch(flags, *common, "--set", "align=mmd", "--out", first, tmp=tmp_path)
-    proc = launch(flags, *common, "--set", "align=adversarial", "--set", "align_weight=0.1",
-                  "--init-adapter", first, "--out", second, tmp=tmp_path)
+    launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2", "--gradient_accumulation_steps", "2"],
+           *common, "--set", "align=mmd", "--out", first, tmp=tmp_path)
+    proc = launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"],
+                  *common, "--set", "align=adversarial", "--set", "align_weight=0.1", "--init-adapter", first,
+                  "--out", second, tmp=tmp_path)
     assert "a domain discriminator" in proc.stdout
     data = PreparedData(data_dir)
-    for out, kind in ((first, "mmd"), (second, "adversarial")):
+    for out, kind, accum in ((first, "mmd", 2), (second, "adversarial", 1)):
         m = json.loads((out / "metrics.json").read_text())
-        assert (m["world_size"], m["zero_stage"], m["align"]["kind"]) == (2, 2, kind)
-        assert m["source_replay"]["sequences"] > 0
+        assert (m["world_size"], m["zero_stage"], m["grad_accum"], m["train"]["steps"]) == (2, 2, accum, 4)
+        assert m["align"]["kind"] == kind and m["source_replay"]["sequences"] > 0
         tensors = load_file(out / "adapter_model.safetensors")
         assert not any("discriminator" in k for k in tensors)
         assert any(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)
         model = PeftModel.from_pretrained(CrossRecModel.from_pretrained(base), str(out))
         ev = evaluate_model(model, data, ["d2"], model.config.max_len)
         assert ev["test"]["overall"]["ndcg@10"] == pytest.approx(m["test"]["ndcg@10"], abs=1e-4)
+        assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-4)
     m = json.loads((second / "metrics.json").read_text())
     assert m["selection"]["start"] == "init_adapter" and m["warm_start"]
 

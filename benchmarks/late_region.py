@@ -66,7 +66,7 @@ def crossrec(args: list, log: Path, threads: int) -> None:
 def by_user(metrics: Path, data: PreparedData) -> dict:
     ranks = json.loads(metrics.read_text())["test_ranks"]
     seqs, ndcg = per_user_ndcg(ranks["seq_index"], ranks["rank"])
-    ids = data.user_ids()
+    ids = data.user_ids.to_pylist()
     return {str(ids[int(s)]): float(v) for s, v in zip(seqs, ndcg)}
 
 
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     new_titles = int(late_data.num_items - base_items)
     # users whose test item is one of the late titles (past the cut base's vocabulary)
     ev = late_data.eval_set("test", [DOMAIN])
-    ids = late_data.user_ids()
+    ids = late_data.user_ids.to_pylist()
     on_new = {str(ids[int(s)]) for s, t in zip(ev.seq_index, ev.targets) if t > base_items}
     rows, per_seed = {}, []
     for seed, late_file in zip(a.seeds, late_files):

@@ -185,10 +185,12 @@ def _check_runs(recipe: Recipe, path: str) -> None:
         raise InputError(f"fractions must be distinct numbers in (0, 1]; got {recipe.fractions}", path=path,
                          field="fractions")
     if any(f < 1 for f in recipe.fractions):
-        stray = [m for m in recipe.fraction_methods if m not in recipe.methods]
+        # a known method the run leaves out (`--set methods=[...]` narrowing a study) simply does not run;
+        # a name that is no method is a typo
+        stray = [m for m in recipe.fraction_methods if m not in method_names()]
         if stray:
-            raise InputError(f"fraction_methods {stray} are not among the methods {recipe.methods}", path=path,
-                             field="fraction_methods")
+            raise InputError(f"fraction_methods {stray} are not methods; the methods are {', '.join(method_names())}",
+                             path=path, field="fraction_methods")
 
 
 def _check_methods(recipe: Recipe, path: str) -> None:
@@ -197,11 +199,13 @@ def _check_methods(recipe: Recipe, path: str) -> None:
     if unknown or not recipe.methods:
         raise InputError(f"unknown method(s) {unknown}; choose from {', '.join(method_names())}", path=path,
                          field="methods")
+    # An override for a method this run leaves out (`--set methods=[none,lora]` on a recipe that also
+    # tunes adalora) is kept for the runs that include it, and checked all the same; an unknown name is a typo.
     for method in recipe.method_overrides:
-        if method not in recipe.methods:
-            raise InputError(f"override for method {method!r}, which the recipe does not run", path=path,
-                             field=f"method_overrides.{method}")
-    for method in recipe.methods:
+        if method not in method_names():
+            raise InputError(f"override for an unknown method {method!r}; the methods are {', '.join(method_names())}",
+                             path=path, field=f"method_overrides.{method}")
+    for method in dict.fromkeys([*recipe.methods, *recipe.method_overrides]):
         try:
             cfg = recipe.finetune_config(method)
             if get_method(method).trains:

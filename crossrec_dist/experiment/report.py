@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.bootstrap import Interval, aligned, bootstrap_mean, paired_difference
+from ..evaluation.bootstrap import Interval, aligned, bootstrap_mean, interval_record, paired_difference
 from ..methods import ROLES, get_method, with_role
 from ..paths import inside
 from .layout import run_folder
@@ -61,7 +61,6 @@ def fraction_pairs(out: Path, recipe, target: str) -> dict:
     """method -> fraction -> reference -> paired difference in seed-averaged per-user test NDCG@10 (95%
     bootstrap over the users both have), against training on the target alone (scratch, at the same
     fraction and seeds) and zero-shot: where a method's transfer pays, fraction by fraction."""
-    from ..evaluation.bootstrap import interval_record
     seeds, pairs = list(recipe.seeds), {}
     refs = [r for r in ("scratch", "none") if r in recipe.methods]
     for m in recipe.fraction_methods:

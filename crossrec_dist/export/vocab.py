@@ -21,6 +21,7 @@ from ..models.loading import check_model_dir
 VOCAB = "items.json"
 UNTRAINED = "untrained_items.json"
 POPULARITY = "popularity.json"
+POPULAR_KEPT = 10_000    # popularity.json's length: a cold-start answer never needs more (5M items would be 100 MB)
 
 
 def write_vocab(data, out_dir: str | Path) -> None:
@@ -91,7 +92,8 @@ def write_popularity(data, domains, out_dir: str | Path, only=None) -> None:
     model has nothing to condition on, and a region's own counts are the measured answer there."""
     counts = data.item_counts(domains, only=only)
     ids = datasets.load_from_disk(str(Path(data.path) / "items"))["item_id"]
-    order = [int(i) for i in np.argsort(-counts[1:], kind="stable") + 1 if counts[i] > 0]   # ties: index order
+    order = np.argsort(-counts[1:], kind="stable")[:POPULAR_KEPT] + 1      # ties: index order
+    order = [int(i) for i in order if counts[i] > 0]
     (Path(out_dir) / POPULARITY).write_text(json.dumps({
         "domains": list(domains) if domains else None, "sequences": None if only is None else int(len(only)),
         "items": [ids[i - 1] for i in order], "counts": [int(counts[i]) for i in order]}))

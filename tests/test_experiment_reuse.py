@@ -49,7 +49,9 @@ class FakeCli:
         metrics = {"test": {"ndcg@10": 0.1 + 0.01 * seed, "hr@10": 0.2, "mrr@10": 0.05, "users": 7},
                    "test_ranks": {"seq_index": list(range(7)), "rank": [int(r) for r in
                                   [0, 1, 2, 3, 5, 8, 20]][:int(7 * fraction) or 1] + [50] * (7 - (int(7 * fraction) or 1))},
-                   "params": {"total": 1000, "trainable": 100}, "train": {"steps": 3, "seconds": 0.5}}
+                   "params": {"total": 1000, "trainable": 100}, "train": {"steps": 3, "seconds": 0.5},
+                   "cohorts": {"history<=5": {"users": 2, "ndcg@10": 0.25 + 0.01 * seed, "low": 0.1, "high": 0.4},
+                               "history6-20": {"users": 0}}}
         if args[:2] == ["data", "synth"]:
             out.mkdir(parents=True, exist_ok=True)
             (out / "interactions.parquet").write_bytes(b"")
@@ -483,6 +485,9 @@ def test_fractions_run_the_chosen_methods_on_user_shares_and_plot_the_curve(fake
     assert pairs["1"]["scratch"] == {"diff": 0.0, "low": 0.0, "high": 0.0, "users": 7,
                                      "verdict": "no significant difference"}
     assert "| full | zero-shot |" in report_md and "| full | scratch |" in report_md
+    # new users and new items: each method's cohorts as its first seed's metrics.json records them
+    assert "new users and new items" in report_md and "history<=5 (2 users)" in report_md
+    assert "| full | 0.2500 [0.1000, 0.4000] | - |" in report_md
 
 
 def test_a_folder_of_an_older_version_is_refused_naming_force(fake, recipe, tmp_path, capsys):

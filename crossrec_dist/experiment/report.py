@@ -81,6 +81,40 @@ def fraction_pairs(out: Path, recipe, target: str) -> dict:
 
 
 STUDENTS = ["student_kd", "student_ce"]
+COHORTS = ("history<=5", "history6-20", "history>20", "new_items")   # evaluation/cohorts.py's names
+
+
+def cohort_table(out: Path, target: str, methods: list[str], seeds: list[int]) -> dict:
+    """method -> cohort -> the first seed's ``cohorts`` record (test NDCG@10 of users with short histories
+    and of test items the base never saw, with the interval over those users), at 100% of the users."""
+    table = {}
+    for m in methods:
+        recs = _seed_records(out, target, m, seeds[:1])
+        if recs and recs[0].get("cohorts"):
+            table[m] = recs[0]["cohorts"]
+    return table
+
+
+def _cohort_lines(cohorts: dict) -> list[str]:
+    """New users and new items: a table per target (where any run recorded cohorts)."""
+    lines = []
+    for t, table in cohorts.items():
+        if not table:
+            continue
+        first = next(iter(table.values()))
+        names = [c for c in COHORTS if c in first]
+        lines += [f"### Target {t}: new users and new items", "",
+                  "Test NDCG@10 of the users whose history before the test item is short, and of those whose "
+                  "test item the base never saw, with a 95% bootstrap interval over those users (seed "
+                  "0; users per cohort in the header).", "",
+                  "| method | " + " | ".join(f"{c} ({first[c]['users']} users)" for c in names) + " |",
+                  "| --- | " + " | ".join("---" for _ in names) + " |"]
+        for m, rec in table.items():
+            cells = [f"{rec[c]['ndcg@10']:.4f} [{rec[c]['low']:.4f}, {rec[c]['high']:.4f}]" if rec.get(c, {}).get("users")
+                     else "-" for c in names]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
 
 
 def collect(out: Path, methods: list[str], targets: list[str], seeds: list[int] | None = None,
@@ -458,6 +492,8 @@ def write_report(out: Path, recipe, sources: list[str], timings: dict) -> Path:
                   "listed per seed.", ""]
     for t in targets:
         lines += _interval_lines(t, res["intervals"][t], methods + students, res["targets"][t])
+    res["cohorts"] = {t: cohort_table(out, t, methods, seeds) for t in targets}
+    lines += _cohort_lines(res["cohorts"])
     write_atomic(out / "results.json", json.dumps(res, indent=2))
     kd = [t for t in targets if "student_kd" in res["targets"][t]]
     if kd:

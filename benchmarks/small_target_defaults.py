@@ -43,8 +43,14 @@ CONFIGS = {
                    "--set", "lora.rank_pattern={item_embeddings: 16}", "--set", "lora.alpha_pattern={item_embeddings: 32}"],
     # source replay: as many ML-1M sequences as the target has, mixed into LoRA's fine-tuning
     "lora-replay": ["--method", "lora", "--set", "source_replay=1.0"],
+    # the domain-alignment options on top of replay (weights from docs/methods.md: MMD 10; adversarial's
+    # lambda 0.1), and the learned popularity prior (per-item offsets only)
+    "lora-mmd": ["--method", "lora", "--set", "source_replay=1.0", "--set", "align=mmd", "--set", "align_weight=10"],
+    "lora-adversarial": ["--method", "lora", "--set", "source_replay=1.0", "--set", "align=adversarial",
+                         "--set", "align_weight=0.1"],
+    "offsets": ["--method", "offsets"],
 }
-TRAINED = ("lora", "lora-before", "scratch", "lora-table", "lora-replay")
+TRAINED = ("lora", "lora-before", "scratch", "lora-table", "lora-replay", "lora-mmd", "lora-adversarial", "offsets")
 QUIET = ["--set", "train.tensorboard=false", "--set", "train.log_every=1000"]
 
 
@@ -97,9 +103,11 @@ def summarise(out: Path, fractions, seeds, configs=tuple(CONFIGS)) -> dict:
             for name, (ref_users, ref_mean) in refs.items():
                 if name != config:
                     row[f"vs {name}"] = paired_on_users(users, mean, ref_users, ref_mean).diff_text()
-            if config in ("lora-table", "lora-replay"):
+            if config in ("lora-table", "lora-replay", "lora-mmd", "lora-adversarial"):
                 row["vs lora"] = paired_on_users(users, mean, *seed_mean(recs["lora"])).diff_text()
-            if config == "lora":
+            if config in ("lora-mmd", "lora-adversarial") and "lora-replay" in recs:   # what aligning adds to replay
+                row["vs lora-replay"] = paired_on_users(users, mean, *seed_mean(recs["lora-replay"])).diff_text()
+            if config == "lora" and "lora-before" in recs:
                 row["vs lora-before"] = paired_on_users(users, mean, *seed_mean(recs["lora-before"])).diff_text()
             rows[f"{config} @ {fraction}"] = row
         rows[f"popularity @ {fraction}"] = {

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from conftest import REPO, TARGET_REGIONS, run_cli, child_env
@@ -188,6 +189,25 @@ def test_flags_zero2_finetune_with_replay_alignment_and_warm_start(shifted, tmp_
         assert ev["valid"]["overall"]["ndcg@10"] == pytest.approx(m["in_training_valid"]["ndcg@10"], abs=1e-4)
     m = json.loads((second / "metrics.json").read_text())
     assert m["selection"]["start"] == "init_adapter" and m["warm_start"]
+
+
+@pytest.mark.slow
+def test_flags_zero2_offsets_saves_a_model_from_pretrained_loads(shifted, tmp_path):
+    """``offsets`` (only the per-item offsets train) under ZeRO-2 on 2 CPU processes: the saved whole model
+    loads with plain from_pretrained and differs from the base in item_bias alone."""
+    from crossrec_dist.models.model import CrossRecModel
+    data_dir, base = shifted
+    out = tmp_path / "offsets"
+    launch(["--num_processes", "2", "--use_deepspeed", "--zero_stage", "2"],
+           "finetune", "--base", base, "--data", data_dir, "--domain", "d2", "--method", "offsets", "--out", out,
+           "--set", "train.max_steps=3", "--set", "train.eval_every=3", "--set", "train.micro_batch_size=16",
+           "--set", "train.validate_at_start=false", "--set", "train.tensorboard=false", "--set", "must_beat_base=false",
+           tmp=tmp_path)
+    m = json.loads((out / "metrics.json").read_text())
+    assert (m["world_size"], m["zero_stage"], m["train"]["steps"]) == (2, 2, 3)
+    before = CrossRecModel.from_pretrained(base).state_dict()
+    after = CrossRecModel.from_pretrained(out).state_dict()
+    assert {k for k in before if not torch.equal(before[k], after[k])} == {"item_bias.weight"}
 
 
 @pytest.mark.slow

@@ -26,6 +26,13 @@ def crossrec(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], check=True)
 
 
+def crossrec_logged(args: list, log: Path, threads: int) -> None:
+    """``crossrec ARGS`` with its output in ``log`` and ``threads`` OpenMP threads (runs side by side)."""
+    with open(log, "w") as f:
+        subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], check=True, stdout=f,
+                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
 def ml100k(domain_rule: str | None = "user.zip_code:prefix1") -> Path:
     raw, prep = OUT / "ml100k_raw", OUT / ("ml100k_regions" if domain_rule else "ml100k")
     if not (raw / "fetch.json").is_file():

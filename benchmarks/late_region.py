@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from benchmarks.common import record
+from benchmarks.common import crossrec_logged as crossrec, record
 from crossrec_dist.data.prepared import PreparedData
 from crossrec_dist.evaluation.bootstrap import bootstrap_mean, paired_on_users, per_user_ndcg
 
@@ -55,12 +54,6 @@ def cut_base(base: Path, out: Path) -> int:
     (out / "items.json").write_text(json.dumps([ids[i - 1] for i in keep[1:]]))
     (out / "untrained_items.json").write_text("[]")
     return len(untrained)
-
-
-def crossrec(args: list, log: Path, threads: int) -> None:
-    with open(log, "w") as f:
-        subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], check=True, stdout=f,
-                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def by_user(metrics: Path, data: PreparedData) -> dict:

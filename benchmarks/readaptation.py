@@ -17,25 +17,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import record
+from benchmarks.common import crossrec_logged as crossrec, record
 from crossrec_dist.data.prepared import PreparedData
 from crossrec_dist.evaluation.bootstrap import bootstrap_mean, paired_on_users, per_user_ndcg
 
 QUIET = ["--set", "train.tensorboard=false", "--set", "train.log_every=1000"]
 DOMAIN = "ml100k"
-
-
-def crossrec(args: list, log: Path, threads: int) -> None:
-    with open(log, "w") as f:
-        subprocess.run([sys.executable, "-m", "crossrec_dist", *map(str, args)], check=True, stdout=f,
-                       stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def per_user(metrics: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -85,18 +85,21 @@ def read_untrained_items(model_dir: str | Path) -> list[int] | None:
     return read_json(path, list, "a JSON list of item indices") if path.is_file() else None
 
 
-def write_popularity(data, domains, out_dir: str | Path, only=None) -> None:
-    """``popularity.json``: the training interactions per item of ``domains`` (of the sequences in ``only``
-    when given: a run on sampled users knows only theirs), most frequent first, as raw ids. What
-    ``Recommender`` answers a user none of whose events it knows (a new user, or only new items): the
-    model has nothing to condition on, and a region's own counts are the measured answer there."""
+def popularity_record(data, domains, only=None) -> dict:
+    """What ``popularity.json`` holds: the training interactions per item of ``domains`` (of the sequences
+    in ``only`` when given: a run on sampled users knows only theirs), most frequent first, as raw ids.
+    What ``Recommender`` answers a user none of whose events it knows (a new user, or only new items):
+    the model has nothing to condition on, and a region's own counts are the measured answer there."""
     counts = data.item_counts(domains, only=only)
     ids = datasets.load_from_disk(str(Path(data.path) / "items"))["item_id"]
     order = np.argsort(-counts[1:], kind="stable")[:POPULAR_KEPT] + 1      # ties: index order
     order = [int(i) for i in order if counts[i] > 0]
-    (Path(out_dir) / POPULARITY).write_text(json.dumps({
-        "domains": list(domains) if domains else None, "sequences": None if only is None else int(len(only)),
-        "items": [ids[i - 1] for i in order], "counts": [int(counts[i]) for i in order]}))
+    return {"domains": list(domains) if domains else None, "sequences": None if only is None else int(len(only)),
+            "items": [ids[i - 1] for i in order], "counts": [int(counts[i]) for i in order]}
+
+
+def write_popularity(record: dict, out_dir: str | Path) -> None:
+    (Path(out_dir) / POPULARITY).write_text(json.dumps(record))
 
 
 def read_popularity(folder: str | Path) -> list[tuple[str, int]] | None:

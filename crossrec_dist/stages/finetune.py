@@ -24,7 +24,7 @@ from ..errors import InputError
 from ..evaluation.cohorts import cohorts, unseen_items
 from ..evaluation.record import metrics_record, write_metrics
 from ..export.fingerprint import base_fingerprint
-from ..export.vocab import check_vocabulary_starts_with, read_untrained_items, write_popularity
+from ..export.vocab import check_vocabulary_starts_with, popularity_record, read_untrained_items, write_popularity
 from ..methods import get_method
 from ..methods._training import load_base
 from ..methods.base import Method
@@ -113,6 +113,7 @@ class FinetuneTask(RecommenderTask):
         # Step 0 is the base itself for every method that starts from it: keep it unless beaten.
         self.must_beat_start = cfg.must_beat_base and self.method.starts_from_base
         self.warm_start: dict | None = None     # what init_adapter copied (methods/_warm_start.py)
+        self.popularity: dict | None = None     # popularity.json's record, made at the first save
         self.replay = self._replayed_sources()  # source sequences mixed into training (source_replay)
         self.target_code = int(data.domain_codes([domain])[0])
         self.replayed = 0 if self.replay is None else len(self.replay[0])
@@ -212,7 +213,9 @@ class FinetuneTask(RecommenderTask):
         if state_dict is not None:     # the domain discriminator trains beside the model and is not kept
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(DISCRIMINATOR + ".")}
         self.method.save(self, engine, engine.unwrapped(engine.model), state_dict, out_dir)
-        write_popularity(self.data, [self.domain], out_dir, only=self.train_users)   # for users with no known events
+        if self.popularity is None:       # counted once per run, written beside every kept step
+            self.popularity = popularity_record(self.data, [self.domain], only=self.train_users)
+        write_popularity(self.popularity, out_dir)        # for users with no known events
 
     def final_record(self, engine, result) -> dict:
         model = self.method.load(engine.out_dir, self.base_dir)

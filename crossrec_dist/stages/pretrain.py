@@ -9,7 +9,7 @@ from ..data.prepared import PreparedData
 from ..engine import distributed as dist_info
 from ..errors import InputError
 from ..evaluation.record import metrics_record
-from ..export.vocab import write_popularity, write_untrained_items, write_vocab
+from ..export.vocab import popularity_record, write_popularity, write_untrained_items, write_vocab
 from ..models.config import CrossRecConfig
 from ..models.flops import flops_per_token
 from ..models.model import CrossRecModel
@@ -65,7 +65,9 @@ class PretrainTask(RecommenderTask):
             engine.unwrapped(engine.model).save_pretrained(out_dir, state_dict=state_dict, safe_serialization=True)
             write_vocab(self.data, out_dir)
             write_untrained_items(self.data, self.domains, out_dir)
-            write_popularity(self.data, self.domains, out_dir)
+            if getattr(self, "popularity", None) is None:     # counted once, written beside every kept step
+                self.popularity = popularity_record(self.data, self.domains)
+            write_popularity(self.popularity, out_dir)
 
     def final_record(self, engine, result) -> dict:
         model = CrossRecModel.from_pretrained(engine.out_dir)  # the consolidated best model, in one process

@@ -50,6 +50,8 @@ def region_row(folder: Path) -> dict:
         "lora_vs_scratch": interval_record(paired_on_users(lora_users, lora, scratch_users, scratch)),
         "scratch_vs_zero_shot": m["scratch"]["vs"]["zero-shot"]["test"],
         "lora_kept": m["lora"]["selection"]["kept"], "lora_kept_step": m["lora"]["selection"]["kept_step"],
+        # the best validation LoRA reached, against the base's (what must_beat_base judged)
+        "lora_best_seen": m["lora"]["selection"].get("best_seen"),
         "scratch_best_step": m["scratch"]["train"]["best_step"],
     }
 

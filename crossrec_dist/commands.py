@@ -72,8 +72,9 @@ def _cmd_prepare(a):
         min_user_interactions=a.min_user, min_item_interactions=a.min_item, split=a.split,
         temporal_valid=a.temporal_valid, temporal_test=a.temporal_test, on_bad_rows=a.on_bad_rows,
         duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs,
-        vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None, until=a.until)
-    prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name)
+        vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None, until=a.until,
+        timezone=a.timezone, time_unit=a.time_unit)
+    prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name, force=a.force)
 
 
 def _base_vocabulary(model_dir) -> list[str]:
@@ -218,10 +219,12 @@ def add_commands(sub) -> None:
     pr.add_argument("--source-name", action="append", default=None,
                     help="name of each --input, in order (default: its folder or file name); with "
                          "--domain-from source it is the domain's name")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--user-col", default="user_id")
-    pr.add_argument("--item-col", default="item_id")
-    pr.add_argument("--time-col", default="timestamp")
+    pr.add_argument("--out", required=True, help="folder of the prepared dataset (new or empty)")
+    pr.add_argument("--force", action="store_true", help="replace a prepared dataset already in --out (atomically)")
+    pr.add_argument("--user-col", default="user_id", help="interaction column of user ids (default user_id)")
+    pr.add_argument("--item-col", default="item_id", help="interaction column of item ids (default item_id)")
+    pr.add_argument("--time-col", default="timestamp",
+                    help="interaction column of times: epoch numbers, ISO-8601 text, or a Parquet timestamp/date")
     pr.add_argument("--domain-col", default=None, help="interaction column that names the domain")
     pr.add_argument("--domain-from", default=None,
                     help="source (each --input is a domain) | column:NAME | user.ATTR[:value|prefixN] | "
@@ -233,15 +236,24 @@ def add_commands(sub) -> None:
     pr.add_argument("--min-user", type=at_least(0), default=0, help="minimum interactions per user sequence")
     pr.add_argument("--min-item", type=at_least(0), default=0, help="minimum interactions per item")
     pr.add_argument("--split", default="loo", choices=["loo", "temporal"])
-    pr.add_argument("--temporal-valid", type=float, default=0.8, help="quantile (<=1) or time of the valid cut")
-    pr.add_argument("--temporal-test", type=float, default=0.9, help="quantile (<=1) or time of the test cut")
-    pr.add_argument("--on-bad-rows", default="error", choices=["error", "skip"])
+    pr.add_argument("--temporal-valid", default=0.8, metavar="Q_OR_TIME",
+                    help="the valid cut: a quantile in [0, 1] of the times, or a time (epoch number or ISO-8601)")
+    pr.add_argument("--temporal-test", default=0.9, metavar="Q_OR_TIME",
+                    help="the test cut: a quantile in [0, 1] of the times, or a time (epoch number or ISO-8601)")
+    pr.add_argument("--timezone", default="UTC", metavar="ZONE",
+                    help="IANA zone of naive date-times and dates in the log, e.g. Europe/Berlin (default UTC); "
+                         "times with an offset or Z are read as written")
+    pr.add_argument("--time-unit", default="s", choices=["s", "ms", "us", "ns"],
+                    help="unit of epoch-number times (default s; ms for JavaScript-style logs)")
+    pr.add_argument("--on-bad-rows", default="error", choices=["error", "skip"],
+                    help="a row that cannot be read (missing id, unreadable time, wrong field count): stop "
+                         "naming its file and line (default), or skip it and count it")
     pr.add_argument("--duplicates", default="drop", choices=["drop", "keep", "error"],
                     help="exact repeats of a (user, item, timestamp[, domain]) row: drop them (counted in "
                          "stats.json), keep them, or stop naming the line")
-    pr.add_argument("--until", type=float, default=None, metavar="TIME",
-                    help="keep only interactions at or before TIME (the timestamps' unit, e.g. epoch seconds): "
-                         "a region's log as it stood at the end of a period")
+    pr.add_argument("--until", default=None, metavar="TIME",
+                    help="keep only interactions at or before TIME (an epoch number in --time-unit, or ISO-8601 "
+                         "such as 2025-06-30T23:59:59Z): a region's log as it stood at the end of a period")
     pr.add_argument("--vocab-from", default=None, metavar="MODEL_DIR",
                     help="a base model (or any crossrec model folder with items.json): its items keep their "
                          "indices and items new to it are appended, so a region that arrives after "

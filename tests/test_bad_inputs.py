@@ -81,7 +81,12 @@ CASES = [
     Case("zip-behind-csv-name", PREP, ["in.csv", "zip"], {"in.csv": lambda p: p.write_bytes(b"PK\x03\x04" + b"\0" * 40)}),
     Case("truncated-gzip", "prepare --format csv --input {d}/in.csv.gz --out {out}", ["in.csv.gz"],
          {"in.csv.gz": lambda p: p.write_bytes(gzip.compress(GOOD_CSV.encode())[:40])}),
-    Case("input-is-folder-for-csv", "prepare --format csv --input {d} --out {out}", ["no such file"]),
+    Case("input-is-folder-for-csv", "prepare --format csv --input {d} --out {out}",
+         ["is a folder", "--format csv reads one file", "no *.csv file"], {"in.txt": "not a log"}),
+    Case("input-folder-names-its-csv-files", "prepare --format csv --input {d} --out {out}",
+         ["is a folder", "it holds a.csv, b.csv.gz"], {"a.csv": GOOD_CSV, "b.csv.gz": _gz(GOOD_CSV)}),
+    Case("prepare-into-a-prepared-dataset", "prepare --format csv --input {data}/../in.csv --out {data}",
+         ["already holds a prepared dataset", "--force"], needs=("data",)),
     # --- values -------------------------------------------------------------------------------
     Case("empty-user", PREP, ["in.csv:3", "field 'user_id'", "empty"], {"in.csv": _replace_row(2, ",i1,1000")}),
     Case("blank-item", PREP, ["in.csv:3", "field 'item_id'", "empty"], {"in.csv": _replace_row(2, "u1,   ,1000")}),

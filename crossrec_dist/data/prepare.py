@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import datasets
@@ -25,6 +25,7 @@ from ..progress import Phases
 from .prepared import ARRAYS, write_arrays
 from .readers import DUPLICATES, Columns
 from .sources import item_sharing, make_sources, read_sources
+from .times import TimeRule, time_option
 from .vocabulary import vocab_hash
 
 FORMAT_VERSION = 1
@@ -52,7 +53,10 @@ class PrepareOptions:
     vocab_from: list[str] | None = None
     # Keep only interactions at or before this time (the log's own unit, e.g. epoch seconds): a region's
     # data as it stood at the end of a period, for re-adaptation studies (finetune --init-adapter).
-    until: float | None = None
+    until: float | str | None = None
+    # How times are read (data/times.py): the zone of naive date-times and dates, and the unit of epoch numbers.
+    timezone: str = "UTC"
+    time_unit: str = "s"
 
 
 def _kcore(seq: np.ndarray, item: np.ndarray, n_seq: int, n_item: int, min_u: int, min_i: int) -> np.ndarray:
@@ -110,16 +114,29 @@ def _split_points(lengths: np.ndarray, seq_of_row: np.ndarray, ts: np.ndarray, o
 
 
 def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions, log=print,
-            source_names: list[str] | None = None) -> dict:
+            source_names: list[str] | None = None, force: bool = False) -> dict:
     """``input_path``: one input, or a list of inputs (one prepared dataset from several sources;
-    ``opts.format`` then is one format for all or a list, one per input; see ``data/sources.py``)."""
+    ``opts.format`` then is one format for all or a list, one per input; see ``data/sources.py``).
+
+    A prepare that fails leaves no trace: an ``--out`` it had to create is removed again, so the
+    next step never finds an empty folder that looks like a result."""
+    created = not Path(out).exists()
+    try:
+        return _prepare(input_path, out, opts, log, source_names, force)
+    except BaseException:
+        if created and Path(out).is_dir() and not any(Path(out).iterdir()):
+            Path(out).rmdir()
+        raise
+
+
+def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bool) -> dict:
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
     inputs = [str(i) for i in input_path] if isinstance(input_path, (list, tuple)) else [str(input_path)]
     formats = list(opts.format) if isinstance(opts.format, (list, tuple)) else [opts.format]
     sources = make_sources(inputs, formats, source_names)
-    check_prepare_options(opts)
-    out = _check_out(Path(out))
+    opts = check_prepare_options(opts)
+    out = _check_out(Path(out), force)
     phases = Phases(["read", "domains", "sequences", "write"], "prepare")
     combined = read_sources(sources, opts, log)
     phases.done("read")
@@ -289,8 +306,13 @@ def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions
     return stats
 
 
-def check_prepare_options(opts: PrepareOptions) -> None:
-    """Every option's range, before the input is read."""
+def check_prepare_options(opts: PrepareOptions) -> PrepareOptions:
+    """Every option's range, before the input is read; times given as text (``--until 2025-06-30``)
+    become epoch seconds by the log's time rule. Returns the options with those times resolved."""
+    rule = TimeRule(opts.timezone, opts.time_unit).check()
+    opts = replace(opts, until=time_option(opts.until, rule, "--until"),
+                   temporal_valid=time_option(opts.temporal_valid, rule, "--temporal-valid", quantile_ok=True),
+                   temporal_test=time_option(opts.temporal_test, rule, "--temporal-test", quantile_ok=True))
     if opts.min_user_interactions < 0:
         raise InputError(f"must be >= 0, got {opts.min_user_interactions}", field="--min-user")
     if opts.min_item_interactions < 0:
@@ -302,13 +324,19 @@ def check_prepare_options(opts: PrepareOptions) -> None:
     for flag, v in (("--temporal-valid", opts.temporal_valid), ("--temporal-test", opts.temporal_test)):
         if not math.isfinite(v) or v < 0:
             raise InputError(f"must be a quantile in [0, 1] or a time inside the data, got {v}", field=flag)
+    return opts
 
 
-def _check_out(out: Path) -> Path:
-    """``--out`` may be new, empty, or an earlier prepared dataset (replaced); anything else is refused,
-    so a mistyped path never replaces a folder of the user's."""
+def _check_out(out: Path, force: bool) -> Path:
+    """``--out`` may be new or empty; an earlier prepared dataset is replaced only with ``--force`` (and
+    then atomically, see ``write_atomically``), so a second run never silently replaces the data that
+    models were trained on; anything else is refused, so a mistyped path never replaces a folder of
+    the user's."""
     if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise InputError("output folder is not empty and is not a prepared dataset; choose a new folder",
+                         path=str(out), field="--out")
+    if (out / "meta.json").is_file() and not force:
+        raise InputError("already holds a prepared dataset; add --force to replace it, or give another --out",
                          path=str(out), field="--out")
     return check_output_dir(out)
 

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 
 from ..errors import InputError
 from .rules import DUPLICATES, check_unique, duplicate_rows, id_column, time_column
+from .times import TimeRule
 
 FORMATS = ("recbole", "movielens", "csv", "tsv", "parquet", "jsonl")
 # Leading bytes of compressed files, so "gzip behind a .csv name" is named, not parsed as text.
@@ -202,10 +203,14 @@ def _require(table: Table, columns: list[str], what: str) -> None:
                          path=table.path, field=missing[0])
 
 
-def _validate(table: Table, cols: Columns, on_bad_rows: str, notes: dict) -> tuple[pa.Table, np.ndarray]:
+def _validate(table: Table, cols: Columns, on_bad_rows: str, notes: dict,
+              time_rule: TimeRule | None = None) -> tuple[pa.Table, np.ndarray]:
     """Cast to the interaction schema by the rules of ``rules.id_column`` / ``rules.time_column``; rows with an
-    empty id or a timestamp that is not a finite number are bad rows. Returns the table and the parsed
-    row index of each kept row (for line numbers later)."""
+    empty id or a time that cannot be read are bad rows. Returns the table and the parsed row index of
+    each kept row (for line numbers later).
+
+    The hint ``--on-bad-rows skip`` is offered only when it would keep some rows: a column that no
+    row can be read from is a wrong option (``--time-col``, ``--time-unit``), not a few bad rows."""
     t = table.table
     check_unique(t.column_names, table.path)
     _require(table, [c for c in (cols.user, cols.item, cols.time, cols.domain) if c], "interaction")
@@ -216,16 +221,27 @@ def _validate(table: Table, cols: Columns, on_bad_rows: str, notes: dict) -> tup
         out[name], bad = id_column(t[col], col, table.path, notes)
         reasons.append((bad, col, "empty value"))
         ok &= ~bad
-    out["timestamp"], bad, why = time_column(t[cols.time], cols.time, table.path, t.num_rows)
+    out["timestamp"], bad, why = time_column(t[cols.time], cols.time, table.path, t.num_rows, time_rule, notes)
     reasons.append((bad, cols.time, why))
     ok &= ~bad
     n_bad = int((~ok).sum())
-    if n_bad and on_bad_rows == "error":
+    if n_bad and (on_bad_rows == "error" or n_bad == t.num_rows):
         row = int(np.flatnonzero(~ok)[0])
         for bad, col, why in reasons:
             if bad[row]:
-                raise InputError(f"{why} ({n_bad} bad row(s) in all; use --on-bad-rows skip to drop them)",
-                                 path=table.path, line=table.line(row), field=col)
+                value = t[col][row].as_py()
+                if value is None or (isinstance(value, str) and not value.strip()):
+                    why = "empty value"
+                if n_bad == t.num_rows:
+                    all_bad = bool(bad.all())
+                    hint = (f"no row of column {col!r} can be read, so --on-bad-rows skip would drop every row"
+                            if all_bad else f"every row has a bad value (this one in {col!r}), so "
+                            "--on-bad-rows skip would drop every row")
+                    if col == cols.time and all_bad:
+                        hint += f"; is {col!r} the time column (--time-col)?"
+                    raise InputError(f"{why}: {value!r} ({hint})", path=table.path, line=table.line(row), field=col)
+                raise InputError(f"{why}: {value!r} ({n_bad} bad row(s) of {t.num_rows} in all; use "
+                                 "--on-bad-rows skip to drop them)", path=table.path, line=table.line(row), field=col)
     result = pa.table(out)
     kept = np.flatnonzero(ok)
     if n_bad:
@@ -234,6 +250,13 @@ def _validate(table: Table, cols: Columns, on_bad_rows: str, notes: dict) -> tup
 
 
 def _read_any(path: Path, fmt: str, on_bad_rows: str) -> Table:
+    if path.is_dir():
+        ext = {"jsonl": ("jsonl", "json")}.get(fmt, (fmt,))
+        found = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().split(".gz")[0].endswith(ext))
+        listed = f"; it holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''}" if found else \
+            f"; it holds no *.{ext[0]} file"
+        raise InputError(f"is a folder, and --format {fmt} reads one file: give the file as --input (repeat "
+                         f"--input for several files){listed}", path=str(path), field="--input")
     if not path.is_file():
         raise InputError("no such file", path=str(path))
     if fmt in ("csv", "tsv"):
@@ -286,7 +309,8 @@ def _attr_path(path: Path, given: str | None, default_names: list[str]) -> Path 
 
 
 def read_log(path: str | Path, fmt: str, cols: Columns | None = None, *, on_bad_rows: str = "error",
-             user_attrs: str | None = None, item_attrs: str | None = None, duplicates: str = "drop") -> RawLog:
+             user_attrs: str | None = None, item_attrs: str | None = None, duplicates: str = "drop",
+             time_rule: TimeRule | None = None) -> RawLog:
     """Read interactions (and user/item attribute tables when present) in format ``fmt``.
 
     Rules applied to every format (counted in ``RawLog.notes``): surrounding whitespace of ids is
@@ -343,7 +367,7 @@ def read_log(path: str | Path, fmt: str, cols: Columns | None = None, *, on_bad_
         if item_attrs:
             iattr = _read_any(Path(item_attrs), _fmt_of(item_attrs, fmt), on_bad_rows)
     notes: dict = {}
-    interactions, kept = _validate(src, cols, on_bad_rows, notes)
+    interactions, kept = _validate(src, cols, on_bad_rows, notes, time_rule)
     n_bad = src.table.num_rows - len(kept)
     if interactions.num_rows == 0:
         raise InputError("no interactions left to read", path=str(path))

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InputError
+from .times import UNITS, WHAT_IS_READ, TimeRule, text_times, typed_times, unit_warning
 
-NUMERIC = r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$"
 DUPLICATES = ("drop", "keep", "error")
 
 def check_unique(names: list[str], path: str, line: int | None = None) -> None:
@@ -48,30 +48,35 @@ def id_column(arr: pa.ChunkedArray, col: str, path: str, notes: dict) -> tuple[p
     raise InputError(f"ids must be text or whole numbers, not {t}", path=path, field=col)
 
 
-def time_column(ts: pa.ChunkedArray, col: str, path: str, n: int) -> tuple[pa.ChunkedArray, np.ndarray, str]:
-    """Timestamps as float64 and the mask of bad rows (empty, not a number/date, NaN or infinite)."""
+def time_column(ts: pa.ChunkedArray, col: str, path: str, n: int, rule: TimeRule | None = None,
+                notes: dict | None = None) -> tuple[pa.ChunkedArray, np.ndarray, str]:
+    """Timestamps as float epoch seconds (UTC) by ``rule`` (data/times.py), and the mask of bad rows
+    (empty, not a number or an ISO-8601 date/time, NaN or infinite)."""
+    rule = rule or TimeRule()
     if pa.types.is_dictionary(ts.type):
         ts = pc.cast(ts, ts.type.value_type)
     t = ts.type
-    why = "not a finite number or a date"
+    why = WHAT_IS_READ
     if pa.types.is_string(t) or pa.types.is_large_string(t):
-        numeric = pc.fill_null(pc.match_substring_regex(ts, NUMERIC), False).to_numpy(zero_copy_only=False)
-        if not numeric.any() and n:
-            try:  # ISO dates instead of epoch numbers
-                return pc.cast(pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64()), pa.float64()), \
-                    np.zeros(n, dtype=bool), why
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                pass
-        clean = pc.if_else(pa.array(numeric), ts, pa.scalar("0"))
-        out, bad = pc.cast(pc.utf8_trim_whitespace(clean), pa.float64()), ~numeric
-    elif pa.types.is_timestamp(t) or pa.types.is_date(t):
-        out = pc.cast(pc.cast(pc.cast(ts, pa.timestamp("s")), pa.int64()), pa.float64())
+        values, numeric = text_times(ts, rule)
+        warning = unit_warning(values, numeric, rule, col)
+        if warning and notes is not None:
+            notes.setdefault("warnings", []).append(f"{path}: {warning}")
+        out = pa.chunked_array([pa.array(values, pa.float64())])
+        return out, ~np.isfinite(values), why
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        out = typed_times(ts, rule)
         bad = pc.is_null(ts).to_numpy(zero_copy_only=False)
     elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
-        out = pc.cast(ts, pa.float64())
+        out = pc.multiply(pc.cast(ts, pa.float64()), UNITS[rule.unit])
         bad = pc.is_null(ts).to_numpy(zero_copy_only=False)
+        if notes is not None:
+            secs = pc.fill_null(out, np.nan).to_numpy(zero_copy_only=False)
+            warning = unit_warning(secs, np.ones(len(secs), dtype=bool), rule, col)
+            if warning:
+                notes.setdefault("warnings", []).append(f"{path}: {warning}")
     else:
-        raise InputError(f"timestamps must be numbers or dates, not {t}"
+        raise InputError(f"timestamps must be numbers, dates or ISO-8601 text, not {t}"
                          + (" (a true/false column is not a time)" if pa.types.is_boolean(t) else ""),
                          path=path, field=col)
     values = pc.fill_null(out, 0.0).to_numpy(zero_copy_only=False)

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from .domains import assign_domains
 from .readers import RawLog, read_log
+from .times import TimeRule
 
 SOURCE_RULE = "source"
 
@@ -93,7 +94,8 @@ def read_sources(sources: list[Source], opts, log=print) -> CombinedLog:
     users, items, times, codes, source_codes, names_per, raws = [], [], [], [], [], [], []
     for k, src in enumerate(sources):
         raw = read_log(src.path, src.format, opts.columns, on_bad_rows=opts.on_bad_rows, user_attrs=opts.user_attrs,
-                       item_attrs=opts.item_attrs, duplicates=opts.duplicates)
+                       item_attrs=opts.item_attrs, duplicates=opts.duplicates,
+                       time_rule=TimeRule(opts.timezone, opts.time_unit))
         _report(raw, opts, log)
         if opts.domain_from == SOURCE_RULE:
             code, names = np.zeros(raw.interactions.num_rows, dtype=np.int32), [src.name]
@@ -135,6 +137,8 @@ def _report(raw: RawLog, opts, log) -> None:
     if raw.notes.get("duplicate_rows"):
         verb = "dropped" if opts.duplicates == "drop" else "kept"
         log(f"{verb} {raw.notes['duplicate_rows']} exact duplicate row(s) of {path} (--duplicates {opts.duplicates})")
+    for warning in raw.notes.get("warnings", []):
+        log(f"WARNING: {warning}")
 
 
 def check_domain_names(raw: RawLog, codes: np.ndarray, names: list[str], opts) -> None:

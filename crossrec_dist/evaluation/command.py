@@ -14,6 +14,30 @@ from .popularity import popularity_scorer
 from .record import catalogue_record, metrics_record
 
 
+def _split_hint(prepared: PreparedData) -> str:
+    """Why a user can lack a test target under this folder's split, so the message says what to change."""
+    if (prepared.meta.get("options") or {}).get("split", "loo") == "temporal":
+        return "a user needs history before the test cut and an event after it (prepare --temporal-test)"
+    return "a user needs at least 3 events to have one under the leave-one-out split"
+
+
+def require_test_targets(prepared: PreparedData, domains: list[str] | None) -> None:
+    """Refuse a domain with no test target before any model is loaded.
+
+    Metrics over 0 users are written as 0.0 (metrics_from_ranks of nothing): a report that looks like
+    a model scoring nothing rather than a domain that could not be evaluated. Training-time validation
+    keeps calling ``evaluate`` directly and is not affected; only a final report for a domain the user
+    chose refuses."""
+    for name in domains or [None]:
+        chosen = None if name is None else [name]
+        if len(prepared.eval_set("test", chosen).targets):
+            continue
+        users = int(prepared.sequence_mask(chosen).sum())
+        what = f"domain {name!r}" if name is not None else "any domain"
+        raise InputError(f"no user of {what} has a test target ({users:,} user(s); {_split_hint(prepared)}): "
+                         f"there is nothing to evaluate", path=str(prepared.path), field="--domain")
+
+
 def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | None, out: str,
                  batch_size: int = 1024, max_len: int | None = None, allow_unverified_adapter: bool = False,
                  catalogue: str = "all", log=print) -> dict:
@@ -30,6 +54,7 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
     prepared = PreparedData(data)
     domains = None if domain in (None, "all") else [d for d in domain.split(",") if d]
     prepared.domain_codes(domains)  # validate names early
+    require_test_targets(prepared, domains)
     if catalogue not in ("all", "domain"):
         raise InputError(f"unknown catalogue {catalogue!r}; choose all or domain", field="--catalogue")
     items = prepared.catalogue(domains) if catalogue == "domain" else None
@@ -41,12 +66,13 @@ def run_evaluate(*, model: str, adapter: str | None, data: str, domain: str | No
     else:
         # Only a model pays for the model code (transformers' Llama, peft: 2.1 s of CPU to import on
         # the 2-core CI machine, on top of 1.6 s for this module); the popularity baseline skips it.
-        from ..export.loading import adapter_items, load_model
+        from ..export.loading import adapter_items, check_model_weights, load_model
         from ..export.vocab import check_vocabulary_starts_with
         from ..models.sizing import param_counts
         # An adapter that extends its base's vocabulary (prepare --vocab-from) carries the region's items.json
         # The dataset's vocabulary is the model's (an adapter's own items.json when it extends its base's), or
         # starts with it (prepare --vocab-from): items new to the model are then scored as average ones.
+        check_model_weights(model)      # a pickled model named as such, before the vocabulary checks read it
         known = check_vocabulary_starts_with(adapter, prepared, "adapter", is_model=False) \
             if adapter and adapter_items(adapter) else check_vocabulary_starts_with(model, prepared, "model")
         loaded = load_model(model, adapter, allow_unverified_adapter)

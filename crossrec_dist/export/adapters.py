@@ -19,6 +19,31 @@ from ..jsonfile import read_json
 from .fingerprint import FILE, base_fingerprint
 
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_PICKLE = "adapter_model.bin"
+
+
+def pickle_refusal(kind: str, file: str) -> str:
+    """One wording for every pickled-weights refusal (adapters here, model folders in loading.py)."""
+    return (f"{kind} weights are a pickle ({file}); crossrec loads only safetensors: "
+            f"re-save with save_pretrained(..., safe_serialization=True)")
+
+
+def check_adapter_weights(adapter_dir: str | Path, field: str | None = None) -> None:
+    """The adapter's weights are safetensors, in each of its PEFT folders (a mixed adapter has two).
+
+    PEFT falls back to ``adapter_model.bin`` by itself and unpickles it with torch.load: loading a
+    pickle runs whatever code it holds, so a folder with only the pickle is refused, naming it, before
+    PEFT is asked to load anything."""
+    adapter_dir = Path(adapter_dir)
+    for folder in (adapter_dir, adapter_dir / TABLE_ADAPTER) if is_mixed(adapter_dir) else (adapter_dir,):
+        if (folder / ADAPTER_WEIGHTS).is_file():
+            continue
+        if (folder / ADAPTER_PICKLE).is_file():
+            raise InputError(pickle_refusal("adapter", ADAPTER_PICKLE), path=str(folder), field=field)
+        raise InputError(f"not an adapter folder (no {ADAPTER_WEIGHTS})", path=str(folder), field=field)
+
+
 def adapter_info(adapter_dir: str | Path) -> dict:
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
@@ -32,6 +57,7 @@ def check_base(model_dir: str | Path, adapter_dir: str | Path, allow_unverified:
     (made outside crossrec, or its crossrec_adapter.json lost) is refused unless the caller says
     explicitly to apply it unverified: on a foreign base it would score without a word of warning."""
     want = adapter_info(adapter_dir).get("base_fingerprint")
+    check_adapter_weights(adapter_dir)       # every loader checks the base first: one place for all
     if want is None:
         if allow_unverified:
             return
@@ -62,6 +88,7 @@ def apply_adapter(model, model_dir: str | Path, adapter_dir: str | Path, name: s
 def attach_adapter(model, adapter_dir: str | Path, name: str = "default"):
     """The adapter on ``model``, for a caller that has already run ``check_base`` (it hashes the
     base's weights: once per load is enough)."""
+    check_adapter_weights(adapter_dir)       # cheap (a stat per folder); PEFT would unpickle a .bin
     if not is_mixed(adapter_dir):
         return PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=name)
     model = PeftMixedModel.from_pretrained(model, str(adapter_dir), adapter_name=name)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .loading import load_model
-from .onnx import export_model_onnx, onnx_feed
+from .onnx import export_model_onnx, onnx_feed, require_onnx
 
 
 def _serving_model(model_dir, adapter=None, allow_unverified_adapter: bool = False):
@@ -85,6 +85,8 @@ def _compare(models: dict, ids: torch.Tensor, requests: int, batch: int) -> dict
 def bench_serving(student_dir, teacher_dir, adapter=None, history: int = 50, requests: int = 200, *,
                   allow_unverified_adapter: bool = False,
                   batch: int = 256, seed: int = 0, onnx: bool = False) -> dict:
+    if onnx:
+        require_onnx()             # before any model is loaded: a clear error, not an import traceback
     student, teacher = _serving_model(student_dir), _serving_model(teacher_dir, adapter, allow_unverified_adapter)
     n_items, max_len = student.config.num_items, student.config.max_len
     g = torch.Generator().manual_seed(seed)

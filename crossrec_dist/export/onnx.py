@@ -5,6 +5,7 @@ per row, and returns scores over every item; batch size is dynamic.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,28 @@ import torch
 
 from ..errors import InputError
 from .loading import load_model
+
+
+# What ``export --onnx`` imports: torch's exporter needs onnx, the parity check onnxruntime. onnxscript,
+# also in the extra, serves only torch's dynamo exporter, which export_model_onnx does not use.
+ONNX_PACKAGES = ("onnx", "onnxruntime")
+
+
+def require_onnx(flag: str = "--onnx") -> None:
+    """Refuse before anything is written when the optional [onnx] extra does not import.
+
+    Without it torch fails deep inside its exporter (or onnx_parity at its import) after the bundle
+    was half written. A real import, not only find_spec: a package present but broken (a wheel for
+    another Python, a missing shared library) must be refused here too."""
+    missing = []
+    for name in ONNX_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError) as e:
+            missing.append(f"{name} ({e})")
+    if missing:
+        raise InputError(f"ONNX export needs the optional [onnx] extra, and {'; '.join(missing)} cannot be "
+                         f"imported: pip install 'crossrec-dist[onnx]' (or leave out {flag})", field=flag)
 
 
 class _ScoreGraph(torch.nn.Module):
@@ -36,6 +59,7 @@ def export_onnx(model_dir: str | Path, out_file: str | Path) -> Path:
 
 def export_model_onnx(model, out_file: str | Path) -> Path:
     """``model``: a plain CrossRecModel (e.g. a base with its region adapter merged in)."""
+    require_onnx()
     model.config._attn_implementation = "eager"
     model.backbone.config._attn_implementation = "eager"
     graph = _ScoreGraph(model).eval()
@@ -51,6 +75,7 @@ def export_model_onnx(model, out_file: str | Path) -> Path:
 
 def onnx_parity(model_dir: str | Path, onnx_file: str | Path, batch: int = 8) -> float:
     """Max |score difference| between ONNX Runtime and PyTorch on random left-padded histories."""
+    require_onnx()
     import onnxruntime as ort   # the optional [onnx] extra, not installed by default
 
     if not Path(onnx_file).is_file():

@@ -17,7 +17,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from ..errors import InputError
-from ..export.adapters import check_base, is_mixed
+from ..export.adapters import check_adapter_weights, check_base, is_mixed
 from ..export.loading import adapter_items
 from ..export.vocab import read_vocab
 
@@ -27,8 +27,7 @@ ROWS = "trainable_tokens_delta"
 def warm_start(model, task, adapter_dir: str) -> dict:
     """Copy ``adapter_dir``'s weights into the freshly built PEFT ``model``; returns what was copied."""
     folder = Path(adapter_dir)
-    if not (folder / "adapter_model.safetensors").is_file():
-        raise InputError("not an adapter folder (no adapter_model.safetensors)", path=str(folder), field="init_adapter")
+    check_adapter_weights(folder, field="init_adapter")     # safetensors only; a .bin is named as a pickle
     if is_mixed(folder):
         raise InputError("an AdaLoRA + item-table adapter cannot warm-start a run (its rank budget restarts); "
                          "start from the base", path=str(folder), field="init_adapter")

@@ -6,6 +6,7 @@ from __future__ import annotations
 # and recipe checks, which must not pay import torch (2.6 s) and peft (5.9 s) on the 2-core CI machine
 
 import json
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -37,6 +38,31 @@ def rank_summary(adalora_config) -> dict:
     return {k: int(sum(v)) if isinstance(v, list) else int(v) for k, v in pattern.items()}
 
 
+def final_budget_steps(ad: AdaLoraOptions, total: int) -> int:
+    """PEFT's ``tfinal`` for a run of ``total`` updates, refused when it is 0.
+
+    PEFT fixes the final budget (target_r) at update ``total - tfinal`` exactly; the engine numbers
+    updates 0..total-1, so with tfinal = 0 that update never comes and the adapter keeps whatever ranks
+    the budget phase left (none pruned at all when no update of it is a multiple of delta_t): a run that
+    says adalora and is not. Short runs hit this: tfinal_ratio 0.2 of 4 updates is 0.
+
+    (No separate check that the budget phase has an update: tinit + tfinal <= (tinit_ratio +
+    tfinal_ratio) * total < total, as check_options keeps the ratios' sum below 1 and plan gives
+    total >= 1; PEFT's own AdaLoraConfig check of the same can therefore not fire either.)"""
+    tfinal = int(ad.tfinal_ratio * total)
+    if tfinal < 1:
+        steps = math.ceil(1 / ad.tfinal_ratio)
+        while int(ad.tfinal_ratio * steps) < 1:       # float rounding of ratio * steps
+            steps += 1
+        ratio = f", or adalora.tfinal_ratio to at least {math.ceil(100 / total) / 100:g} (keeping adalora.tinit_ratio " \
+                f"+ adalora.tfinal_ratio below 1)" if total >= 2 else ""
+        raise InputError(f"adalora.tfinal_ratio = {ad.tfinal_ratio:g} of {total} update(s) is 0 updates at the final "
+                         f"rank budget (adalora.target_r), so the run would end before its ranks are pruned to it; "
+                         f"raise train.max_steps (or train.epochs) to at least {max(steps, 2)} updates{ratio}",
+                         field="adalora.tfinal_ratio")
+    return tfinal
+
+
 class AdaLora(AdapterMethod):
     name = "adalora"
     summary = "PEFT AdaLoRA adapter (rank budget over the linear layers; optional LoRA on the item table)"
@@ -58,11 +84,14 @@ class AdaLora(AdapterMethod):
         need(ad.target_r >= 1, p + "adalora.target_r", f"must be >= 1, got {ad.target_r}")
         need(ad.init_r >= ad.target_r, p + "adalora.target_r",
              f"the final rank {ad.target_r} exceeds the initial rank init_r={ad.init_r}")
-        for name in ("tinit_ratio", "tfinal_ratio"):
-            v = getattr(ad, name)
-            need(0 <= v < 1, f"{p}adalora.{name}", f"must be in [0, 1), got {v}")
+        need(0 <= ad.tinit_ratio < 1, p + "adalora.tinit_ratio", f"must be in [0, 1), got {ad.tinit_ratio}")
+        # 0 is refused: the final budget is fixed at update total - tfinal, which the updates 0..total-1
+        # reach only when tfinal >= 1 (see final_budget_steps).
+        need(0 < ad.tfinal_ratio < 1, p + "adalora.tfinal_ratio",
+             f"must be in (0, 1) (0: the final budget, adalora.target_r, is never reached), got {ad.tfinal_ratio}")
         need(ad.tinit_ratio + ad.tfinal_ratio < 1, p + "adalora.tfinal_ratio",
-             f"tinit_ratio + tfinal_ratio = {ad.tinit_ratio + ad.tfinal_ratio:g} leaves no steps for budget allocation")
+             f"{p}adalora.tinit_ratio + {p}adalora.tfinal_ratio = {ad.tinit_ratio + ad.tfinal_ratio:g} leaves no "
+             f"steps for budget allocation; lower one or both so that their sum is below 1")
         need(ad.delta_t >= 1, p + "adalora.delta_t", f"must be >= 1, got {ad.delta_t}")
         need(ad.orth_reg_weight >= 0, p + "adalora.orth_reg_weight", f"must be >= 0, got {ad.orth_reg_weight}")
         need(ad.table_r >= 0, p + "adalora.table_r", f"must be >= 0 (0: no adapter on {ITEM_TABLE}), got {ad.table_r}")
@@ -91,10 +120,7 @@ class AdaLora(AdapterMethod):
         from ._training import TABLE_ADAPTER, AdaLoraConfig, LoraConfig, get_peft_model
         lo, a = self.cfg.lora, self.cfg.adalora
         total = engine.plan(task.batches()).total_updates   # the engine's own arithmetic
-        tinit, tfinal = int(a.tinit_ratio * total), int(a.tfinal_ratio * total)
-        if tinit + tfinal >= total:
-            raise InputError(f"AdaLoRA needs tinit + tfinal < total steps ({tinit} + {tfinal} >= {total}); "
-                             "train longer or lower the ratios", field="adalora.tinit_ratio")
+        tinit, tfinal = int(a.tinit_ratio * total), final_budget_steps(a, total)
         save = self.modules_to_save(base)
         pc = AdaLoraConfig(init_r=a.init_r, target_r=a.target_r, tinit=tinit, tfinal=tfinal, deltaT=a.delta_t,
                            total_step=total, orth_reg_weight=a.orth_reg_weight, lora_alpha=lo.alpha,

@@ -22,6 +22,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
         raise InputError("config.json is not a crossrec model", path=str(cfg), field="model_type")
     weights = sorted(model_dir.glob("*.safetensors"))
     if not weights:
+        pickled = next((n for n in ("pytorch_model.bin", "model.bin", "pytorch_model.pt") if (model_dir / n).is_file()), None)
+        if pickled:
+            raise InputError(f"model weights are a pickle ({pickled}); crossrec loads only safetensors: re-save with "
+                             "save_pretrained(..., safe_serialization=True)", path=str(model_dir))
         raise InputError("no *.safetensors weights", path=str(model_dir))
     for f in weights:
         check_safetensors(f)

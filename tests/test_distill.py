@@ -76,21 +76,70 @@ def student(tiny_base, ml100k, tmp_path_factory):
     root = tmp_path_factory.mktemp("distill")
     run_cli("finetune", "--base", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0], "--method", "lora",
             "--out", root / "lora", *QUICK)
-    run_cli("distill", "--teacher", tiny_base, "--adapter", root / "lora", "--data", ml100k,
-            "--domain", TARGET_REGIONS[0], "--out", root / "student", "--set", "model.hidden_size=16",
-            "--set", "model.intermediate_size=32", "--set", "feature_weight=0.1", *QUICK)
+    # no --preset, no model.*: the default student, sized from the (tiny) teacher
+    proc = run_cli("distill", "--teacher", tiny_base, "--adapter", root / "lora", "--data", ml100k,
+                   "--domain", TARGET_REGIONS[0], "--out", root / "student", "--set", "feature_weight=0.1", *QUICK)
+    (root / "student" / "distill.log").write_text(proc.stdout + proc.stderr)
     return root / "student"
 
 
-def test_student_is_smaller_and_loads_with_from_pretrained_alone(student):
+def test_default_student_is_half_the_teacher_and_loads_with_from_pretrained_alone(student, tiny_base):
+    """Without a preset the student is the teacher at half width and depth (tiny: hidden 32 -> 16,
+    2 layers -> 1, FFN 64 -> 32), strictly smaller, and the log says its share of the teacher."""
     from transformers import AutoConfig  # noqa: F401  (no trust_remote_code, no hub)
 
     from crossrec_dist import CrossRecModel
     m = json.loads((student / "metrics.json").read_text())
-    assert m["stage"] == "distill" and m["params"]["total"] < m["teacher"]["params"]["total"]
+    n, t = m["params"]["total"], m["teacher"]["params"]["total"]
+    assert m["stage"] == "distill" and n < t and m["config"]["preset"] is None
+    teacher = json.loads((tiny_base / "config.json").read_text())
     model = CrossRecModel.from_pretrained(student)
-    assert model.config.hidden_size == 16 and sum(p.numel() for p in model.parameters()) == m["params"]["total"]
+    c = model.config
+    t_cfg = (teacher["hidden_size"], teacher["num_layers"], teacher["num_heads"], teacher["intermediate_size"])
+    assert (c.hidden_size, c.num_layers, c.num_heads, c.intermediate_size) == (
+        t_cfg[0] // 2, t_cfg[1] // 2, t_cfg[2], t_cfg[3] // 2)
+    assert sum(p.numel() for p in model.parameters()) == n
     assert not any(k.startswith("projection") for k in model.state_dict())
+    log = (student / "distill.log").read_text()
+    assert f"student {n:,} params = {n / t:.1%} of the teacher's {t:,} (sized from the teacher" in log
+    assert "WARNING" not in log
+
+
+def test_default_student_rule():
+    from crossrec_dist.models.presets import preset_config
+    from crossrec_dist.stages.distill import default_student_options
+    for name, want in (("tiny", (16, 1, 2, 32)), ("small", (32, 1, 2, 128)), ("medium", (128, 1, 4, 512)),
+                       ("base", (128, 2, 4, 512)), ("1b", (1024, 12, 16, 2816))):
+        o = default_student_options(preset_config(name))
+        assert (o["hidden_size"], o["num_layers"], o["num_heads"], o["intermediate_size"]) == want, name
+    # at least 8 wide (a multiple of twice the heads), never wider than the teacher; overrides win
+    assert default_student_options(preset_config("tiny", hidden_size=12))["hidden_size"] == 8
+    assert default_student_options(preset_config("tiny", hidden_size=4))["hidden_size"] == 4
+    o = default_student_options(preset_config("tiny"), {"hidden_size": 8, "num_layers": 2})
+    assert (o["hidden_size"], o["num_layers"], o["intermediate_size"]) == (8, 2, 16)
+
+
+def test_a_student_as_large_as_its_teacher_is_refused_naming_the_field(tiny_base, ml100k, tmp_path):
+    args = ("distill", "--teacher", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0],
+            "--set", "train.max_steps=1", "--set", "train.validate_at_start=false", "--set", "train.tensorboard=false")
+    proc = run_cli(*args, "--out", tmp_path / "a", "--preset", "tiny", check=False)   # = the teacher's preset
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "field 'preset'" in proc.stderr and "100.0% of the teacher's" in proc.stderr
+    assert "allow_student_not_smaller=true" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "a" / "metrics.json").exists()
+    proc = run_cli(*args, "--out", tmp_path / "b", "--set", "model.hidden_size=64", check=False)   # bigger
+    assert proc.returncode == 2 and "field 'model.hidden_size'" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_student_as_large_as_its_teacher_runs_when_allowed_with_a_warning(tiny_base, ml100k, tmp_path):
+    proc = run_cli("distill", "--teacher", tiny_base, "--data", ml100k, "--domain", TARGET_REGIONS[0],
+                   "--out", tmp_path / "s", "--preset", "tiny", "--set", "allow_student_not_smaller=true",
+                   "--set", "train.max_steps=1", "--set", "train.validate_at_start=false",
+                   "--set", "train.tensorboard=false")
+    out = proc.stdout + proc.stderr
+    m = json.loads((tmp_path / "s" / "metrics.json").read_text())
+    assert m["params"]["total"] == m["teacher"]["params"]["total"]
+    assert "WARNING: the student has" in out and "100.0% of the teacher's" in out
 
 
 def test_onnx_export_matches_pytorch(student, tmp_path):

@@ -128,8 +128,10 @@ FinetuneConfig = finetune_config_class(all_methods())
 
 @dataclass
 class DistillConfig:
-    preset: str = "tiny"
-    model: dict = field(default_factory=dict)     # student CrossRecConfig overrides
+    preset: str | None = None                     # student preset; None: sized from the teacher
+                                                  # (stages/distill.py: default_student_options)
+    model: dict = field(default_factory=dict)     # student CrossRecConfig overrides (on the preset or that size)
+    allow_student_not_smaller: bool = False       # else a student with >= the teacher's parameters is refused
     alpha: float = 0.5                             # weight of the true-next-item CE (1 = no teacher)
     temperature: float = 1.0
     feature_weight: float = 0.0                   # hidden-state distillation through a learned projection
@@ -185,7 +187,14 @@ def check_finetune_config(cfg, prefix: str = "") -> None:
 
 def check_distill_config(cfg: DistillConfig, prefix: str = "") -> None:
     p = prefix
-    check_preset(cfg.preset, cfg.model, p)
+    if cfg.preset is None:   # sized from the teacher: only the overrides can be checked before loading it
+        bad = sorted(set(cfg.model) - set(MODEL_OPTIONS))
+        _need(not bad, f"{p}model.{bad[0] if bad else ''}", f"unknown model option(s) {bad}")
+        check_model_options(cfg.model, p + "model.")
+    else:
+        check_preset(cfg.preset, cfg.model, p)
+    _need(isinstance(cfg.allow_student_not_smaller, bool), p + "allow_student_not_smaller",
+          f"expected true/false, got {cfg.allow_student_not_smaller!r}")
     validate_recommender_train_config(cfg.train, p)
     _need(0.0 <= cfg.alpha <= 1.0, p + "alpha", f"must be in [0, 1], got {cfg.alpha}")
     _need(math.isfinite(cfg.temperature) and cfg.temperature > 0, p + "temperature",

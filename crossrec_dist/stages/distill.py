@@ -5,6 +5,14 @@ temperature-softened item distributions, plus optional feature distillation (MSE
 student's hidden state, through a learned projection, and the teacher's). For big catalogues the
 KL runs over each position's teacher top-k items plus shared random items instead of all items.
 The teacher is frozen, in eval mode, and outside the optimizer: it never holds optimizer state.
+
+The student's size: ``preset`` (``--preset``) names one; without it (the default) the student is the
+teacher's architecture at half its width and depth (:func:`default_student_options`): half the
+teacher's hidden size, rounded down to a multiple of twice its head count (an even width per head) and
+at least 8 (rounded up likewise; never above the teacher's), half its layers (at least 1), its heads,
+and an FFN of the same ratio to the hidden size. ``model.*`` overrides apply on top of either. A
+student with as many parameters as its teacher or more is refused (exit 2) unless
+``allow_student_not_smaller: true``, which runs it with a WARNING.
 """
 from __future__ import annotations
 
@@ -26,10 +34,10 @@ from ..export.vocab import check_same_vocabulary, write_vocab
 from ..models.config import CrossRecConfig
 from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
-from ..models.sizing import param_counts
+from ..models.sizing import count_parameters, param_counts
 from .common import (RecommenderTask, catalogue_record, evaluate_model, run_stage, seed_everything,
                      target_catalogue)
-from .configs import DistillConfig, check_distill_config
+from .configs import DistillConfig, check_distill_config, check_model_options
 from .pretrain import model_config
 
 
@@ -49,6 +57,62 @@ class StudentWithProjection(nn.Module):
 
     def tied_parameters(self):
         return self.student.tied_parameters()
+
+
+# options of the default student copied from its teacher (sizes are derived, data-fixed ones are set apart)
+_INHERITED = ("num_heads", "num_kv_heads", "embedding_dropout", "attention_dropout", "rms_norm_eps", "rope_theta",
+              "initializer_range", "loss", "num_negatives")
+_SIZES = ("hidden_size", "num_layers", "intermediate_size", "num_heads", "num_kv_heads")
+MIN_STUDENT_HIDDEN = 8
+
+
+def default_student_options(teacher: CrossRecConfig, overrides: dict | None = None) -> dict:
+    """The student's model options when no preset is given: the teacher's architecture at half its
+    width and depth. Hidden size: half the teacher's, rounded down to a multiple of twice the head
+    count (an even width per head, for the rotary embedding), at least 8 (rounded up to that multiple),
+    never above the teacher's; layers: half the teacher's, at least 1; heads, key/value heads,
+    dropouts, loss and the rest: the teacher's; FFN: the teacher's FFN-to-hidden ratio at the
+    student's hidden size. ``overrides`` (``model.*``) win; the FFN follows an overridden hidden size
+    unless it is overridden too. A tiny teacher (hidden 32, 2 layers, 2 heads, FFN 64) gives hidden 16,
+    1 layer, 2 heads, FFN 32; ``medium`` (256, 2, 4, 1024) gives 128, 1, 4, 512."""
+    overrides = overrides or {}
+    heads = overrides.get("num_heads", teacher.num_heads)
+    step = 2 * heads
+    floor = -(-MIN_STUDENT_HIDDEN // step) * step
+    hidden = min(teacher.hidden_size, max(floor, teacher.hidden_size // 2 // step * step))
+    opts = {name: getattr(teacher, name) for name in _INHERITED}
+    opts.update(hidden_size=hidden, num_layers=max(1, teacher.num_layers // 2))
+    opts.update(overrides)
+    if "intermediate_size" not in overrides:
+        opts["intermediate_size"] = max(1, round(teacher.intermediate_size * opts["hidden_size"] / teacher.hidden_size))
+    if "num_kv_heads" not in overrides and opts["num_heads"] % opts["num_kv_heads"]:
+        opts["num_kv_heads"] = opts["num_heads"]
+    return opts
+
+
+def student_size_field(cfg: DistillConfig) -> str:
+    """The config field that set the student's size, for a refusal to name."""
+    sized = [k for k in _SIZES if k in cfg.model]
+    if sized:
+        return f"model.{sized[0]}"
+    return "preset" if cfg.preset is not None else "model.hidden_size"
+
+
+def check_student_smaller(cfg: DistillConfig, student: int, teacher: int) -> str | None:
+    """Refuse (exit 2, naming the field) a student with at least the teacher's parameter count unless
+    ``allow_student_not_smaller``; allowed, the WARNING line to log (None when the student is smaller)."""
+    if student < teacher:
+        return None
+    share = f"the student has {student:,} params, {student / teacher:.1%} of the teacher's {teacher:,}"
+    if not cfg.allow_student_not_smaller:
+        ways = ([f"a smaller --preset than {cfg.preset!r}", "no --preset (sized from the teacher: half its hidden size "
+                 "and layers)"] if cfg.preset is not None else [])
+        ways.append("smaller --set model.hidden_size=H / --set model.num_layers=L")
+        raise InputError(f"{share}; a distilled student should be smaller than its teacher: pick a smaller student "
+                         f"({', or '.join(ways)}) or set allow_student_not_smaller=true "
+                         "(--set allow_student_not_smaller=true) to distil into it anyway",
+                         field=student_size_field(cfg))
+    return f"WARNING: {share}: not smaller than its teacher (allowed by allow_student_not_smaller=true)"
 
 
 def _teacher_core(teacher) -> CrossRecModel:
@@ -83,13 +147,23 @@ class DistillTask(RecommenderTask):
         tcfg: CrossRecConfig = self.teacher.config
         if tcfg.num_items != data.num_items:
             raise InputError(f"teacher has {tcfg.num_items} items, the dataset {data.num_items}", path=teacher_dir)
-        self.student_config = model_config(cfg.preset, cfg.model, num_items=tcfg.num_items,
-                                           num_domains=tcfg.num_domains, domain_names=tcfg.domain_names,
-                                           pretrain_domains=tcfg.pretrain_domains,
-                                           use_domain_embedding=tcfg.use_domain_embedding, max_len=tcfg.max_len,
-                                           **({} if "item_bias" in cfg.model
-                                              else {"item_bias": getattr(tcfg, "item_bias", False)}))
+        fixed = dict(num_items=tcfg.num_items, num_domains=tcfg.num_domains, domain_names=tcfg.domain_names,
+                     pretrain_domains=tcfg.pretrain_domains, use_domain_embedding=tcfg.use_domain_embedding,
+                     max_len=tcfg.max_len,
+                     **({} if "item_bias" in cfg.model else {"item_bias": getattr(tcfg, "item_bias", False)}))
+        if cfg.preset is not None:
+            self.student_config = model_config(cfg.preset, cfg.model, **fixed)
+        else:
+            options = default_student_options(tcfg, cfg.model)
+            check_model_options(options)
+            try:
+                self.student_config = CrossRecConfig(**{**options, **fixed})
+            except (TypeError, ValueError) as e:
+                raise InputError(f"bad model option: {e}", field="model") from None
         self.max_len, self.hidden_size = self.student_config.max_len, self.student_config.hidden_size
+        # before the engine: a student that is no smaller than its teacher is refused before any training
+        self.warning = check_student_smaller(cfg, count_parameters(self.student_config),
+                                             param_counts(self.teacher)["total"])
         self.default_lr = 2e-3
         target = cfg.catalogue == "target"
         self.catalogue = data.catalogue(self.validation_domains()) if target else None   # selects the checkpoint
@@ -113,9 +187,13 @@ class DistillTask(RecommenderTask):
         return model
 
     def describe(self) -> str:
-        return (f"distill {self.domain}: student {self.params['total']:,} params = "
+        c = self.student_config
+        how = f"preset {self.cfg.preset}" if self.cfg.preset is not None else "sized from the teacher"
+        line = (f"distill {self.domain}: student {self.params['total']:,} params = "
                 f"{self.params['total'] / self.teacher_params['total']:.1%} of the teacher's "
-                f"{self.teacher_params['total']:,}")
+                f"{self.teacher_params['total']:,} ({how}: hidden {c.hidden_size}, {c.num_layers} layer(s), "
+                f"{c.num_heads} heads, FFN {c.intermediate_size})")
+        return f"{self.warning}\n{line}" if self.warning else line
 
     def train_domains(self):
         """The transfer set: KD needs inputs, not the target's labels, so by default the student also

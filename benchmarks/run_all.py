@@ -136,6 +136,7 @@ SUITE: list[Bench] = [
           PY + ["benchmarks.distill_seeds", "--run", "benchmarks/out/ml100k_distill"]),
     Bench("data_scale", "scale", PY + ["benchmarks.data_scale"]),
     Bench("train_1b_cpu", "scale", PY + ["benchmarks.train_1b_cpu"]),
+    Bench("teardown_stress", "scale", PY + ["benchmarks.teardown_stress", "--repeats", "15", "--launches", "16"]),
     # --- cluster: root and the two-node Slurm test cluster ---
     Bench("gloo_loopback_hostname", "cluster", PY + ["benchmarks.gloo_loopback_hostname"]),
     Bench("slurm_tests", "cluster", PY + ["pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_slurm.py"]),

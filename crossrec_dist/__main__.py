@@ -1,3 +1,3 @@
-from .cli import main
+from .cli import exit_process, main
 
-raise SystemExit(main())
+exit_process(main())

@@ -7,6 +7,7 @@ The verbs live in :mod:`crossrec_dist.commands`, which imports heavy libraries i
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import sys
@@ -58,5 +59,39 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RunStopped as e:
         print(f"crossrec: {e}", file=sys.stderr)
-        return 1
+        _end_world()           # every rank stopped together (the stop is agreed collectively)
+        return getattr(e, "exit_code", 1)
+    _end_world()
     return 0
+
+
+def exit_process(code: int):
+    """Leave the process with ``code``. A rank of a launched multi-process world (WORLD_SIZE > 1)
+    leaves without interpreter finalization (``os._exit``, after flushing its streams and logs).
+
+    Why: on a busy machine a 2-process ZeRO-3 run's rank aborted after its work was done ("terminate
+    called without an active exception", SIGABRT; the launch then reports failure). The process
+    group is already destroyed by then (accelerate's end_training), but objects that DeepSpeed and
+    accelerate keep in module globals still hold Gloo process-group objects, whose worker threads meet
+    a half-torn-down interpreter when those objects are finally freed (pytorch/pytorch#190489). Beside
+    3 busy processes, 3 of 16 ZeRO-3 pretrain launches aborted so (benchmarks/teardown_stress.py);
+    skipping finalization in launched ranks removes the window. Every file crossrec writes is closed
+    before this point; a one-process run (and a caller of :func:`main`) exits normally."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise SystemExit(code)
+
+
+def run() -> None:
+    """The ``crossrec`` console script: :func:`main`, then :func:`exit_process`."""
+    exit_process(main())
+
+
+def _end_world() -> None:
+    """Destroy a multi-process world before the interpreter exits (engine/distributed.py shutdown)."""
+    dist = sys.modules.get("crossrec_dist.engine.distributed")
+    if dist is not None:       # never imported: no world was made (and --help stays light)
+        dist.shutdown()

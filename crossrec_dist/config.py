@@ -181,6 +181,10 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         source = str(path)
     ov = parse_overrides(overrides)
     if ov:
+        if path:
+            # The file must be valid on its own: merged first, ``--set train.x=1`` would silently
+            # replace a section of the wrong type (``train: 5``) instead of reporting it.
+            from_dict(cls, data, source=source)
         data = deep_merge(data, ov)
         source = source if not path else source + " + --set"
     return from_dict(cls, data, source=source)

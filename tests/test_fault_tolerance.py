@@ -47,10 +47,15 @@ def _same(a, b):
         assert (a[k] - b[k]).abs().max().item() < 1e-6, k
 
 
-def test_sigusr1_checkpoints_and_resume_matches(ml100k, tmp_path, uninterrupted):
+@pytest.mark.parametrize("sig,exit_code,said", [(signal.SIGUSR1, 1, "preempted by signal at step "),
+                                                 (signal.SIGINT, 130, "interrupted (Ctrl-C) at step ")],
+                         ids=["sigusr1", "ctrl-c"])
+def test_signal_checkpoints_and_resume_matches(ml100k, tmp_path, uninterrupted, sig, exit_code, said):
+    """SIGUSR1 (Slurm) and Ctrl-C alike: a checkpoint at the next update, a message saying how to resume."""
     args = _args(ml100k, tmp_path, 1000)  # no periodic checkpoints: the signal alone must save one
-    code, out = _interrupt(args, signal.SIGUSR1, 5)
-    assert code == 1 and "preempted" in out and not (tmp_path / "metrics.json").exists(), out[-2000:]
+    code, out = _interrupt(args, sig, 5)
+    assert code == exit_code and said in out and "--resume auto" in out, out[-2000:]
+    assert not (tmp_path / "metrics.json").exists()
     assert (tmp_path / "checkpoints" / "latest").is_file()
     proc = run_cli(*args)
     assert "resumed from" in proc.stdout

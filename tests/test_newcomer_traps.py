@@ -279,3 +279,54 @@ def test_adalora_tfinal_ratio_zero_is_refused_by_the_config_check(model, data, t
     err = _refused(["finetune", "--base", model, "--data", data, "--domain", "many", "--method", "adalora",
                     "--out", tmp_path / "ft", "--set", "adalora.tfinal_ratio=0"], capsys)
     assert "field 'adalora.tfinal_ratio'" in err and "(0, 1)" in err
+
+
+# --- --help: every option says what it is, every preset is listed ------------------------------------
+def _options_without_help(parser, path=()):
+    import argparse
+    missing = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                missing += _options_without_help(sub, (*path, name))
+        elif not isinstance(action, argparse._HelpAction) and not (action.help or "").strip():
+            missing.append(f"crossrec {' '.join(path)} {'/'.join(action.option_strings) or action.dest}")
+    return missing
+
+
+def test_every_option_of_every_command_has_a_help_line():
+    from crossrec_dist.cli import build_parser
+    assert _options_without_help(build_parser()) == []
+
+
+def test_pretrain_help_lists_every_preset(capsys):
+    from crossrec_dist.models.presets import PRESETS
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in PRESETS) and "medium" in text
+
+
+# --- a launch that asks for N processes and gets fewer ------------------------------------------------
+def test_requested_processes_reads_the_launch_command_line():
+    from crossrec_dist.engine.distributed import requested_processes
+    assert requested_processes(["accelerate", "launch", "--num_processes", "4", "-m", "x"]) == 4
+    assert requested_processes(["accelerate", "launch", "--num_processes=2", "x.py"]) == 2
+    assert requested_processes(["accelerate", "launch", "x.py"]) is None
+
+
+def test_accelerate_launch_of_two_processes_that_starts_one_is_refused(tmp_path):
+    """Before: `accelerate launch --num_processes 2` without --multi_gpu/--use_deepspeed on a CPU machine
+    trained in one process (world=1) without a word."""
+    import subprocess
+    import sys
+    from conftest import REPO, child_env
+    data = tmp_path / "data"
+    data.mkdir()            # never read: the launch is refused first
+    proc = subprocess.run([str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2",
+                           "--main_process_port", "29871", "-m", "crossrec_dist", "pretrain", "--preset", "tiny",
+                           "--data", str(data), "--out", str(tmp_path / "out")], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=child_env({"DS_ACCELERATOR": "cpu"}))
+    assert proc.returncode != 0
+    assert "asked for 2 processes but started 1" in proc.stderr and "--multi_gpu" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -24,6 +24,7 @@ import zoneinfo
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -75,7 +76,6 @@ def _utc_seconds(stamps) -> np.ndarray:
 
 def parse_text_times(values: np.ndarray, rule: TimeRule) -> np.ndarray:
     """ISO-8601 strings -> epoch seconds (NaN where a value is not an ISO-8601 date or date-time)."""
-    import pandas as pd
     text = pd.Series(values, dtype=object).str.strip()
     zoned = text.str.contains(_ZONE, na=False) & text.str.contains(_HAS_TIME, na=False)
     out = np.full(len(text), np.nan)

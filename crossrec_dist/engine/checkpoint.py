@@ -66,12 +66,35 @@ TRUSTED = ("Checkpoints are trusted input: DeepSpeed and accelerate load parts o
 _verified: dict[str, tuple] = {}   # checkpoint folder -> stat signature it had when it last verified
 
 
+def step_of(path: Path) -> int | None:
+    """The step a ``step_N`` folder holds (None for any other name)."""
+    name = path.name
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+def complete_steps(root: Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (renamed into place, with a trainer state), by step."""
+    found = [p for p in root.glob("step_*") if p.is_dir() and step_of(p) is not None and (p / STATE).is_file()]
+    return sorted(found, key=step_of)
+
+
 def latest(root: Path) -> Path | None:
+    """The checkpoint ``latest`` names; None when there is no pointer (nothing saved yet).
+
+    A pointer to a checkpoint that is not there is an error, not "start again": starting at step 0
+    would then rotate the older checkpoints away, the very ones a user would resume from."""
     pointer = root / "latest"
     if not pointer.is_file():
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / STATE).is_file() else None
+    name = pointer.read_text().strip()
+    path = root / name
+    if (path / STATE).is_file():
+        return path
+    have = [p.name for p in complete_steps(root)]
+    raise InputError(f"names checkpoint {name!r}, which is {'incomplete' if path.exists() else 'missing'}; "
+                     + (f"complete checkpoints here: {', '.join(have)}: resume one with --resume {root}/{have[-1]}"
+                        if have else "there is no complete checkpoint here: start again with --force")
+                     + " (nothing was changed)", path=str(pointer), field="--resume")
 
 
 def resolve_resume(resume: str | None, root: Path) -> Path | None:
@@ -105,8 +128,10 @@ def save(accelerator, root: Path, state: dict, keep: int, per_rank=None) -> Path
         ptr = root / "latest.tmp"
         ptr.write_text(name)
         os.replace(ptr, root / "latest")
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in done[:-keep] if keep > 0 else []:
+        # Keep the newest ``keep`` checkpoints up to this one. Later steps (a resume from an earlier
+        # checkpoint left them) are not this run's past and are left alone; this one is never removed.
+        earlier = [p for p in complete_steps(root) if step_of(p) < state["step"]]
+        for old in earlier[:len(earlier) - (keep - 1)] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist_info.barrier()
     return final
@@ -114,8 +139,31 @@ def save(accelerator, root: Path, state: dict, keep: int, per_rank=None) -> Path
 
 def load(accelerator, path: Path) -> dict:
     verify(path)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as e:
+        if "size mismatch" not in str(e) and "Missing key" not in str(e) and "Unexpected key" not in str(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if "size mismatch" in line or "key" in line), str(e))
+        raise InputError(f"this checkpoint was written by a model of another size or layout ({first[:200]}); "
+                         "resume with the preset and model settings of the run that wrote it, or train into "
+                         "another --out", path=str(path), field="--resume") from None
     return read_state(path)
+
+
+def check_shapes(path: Path, saved: dict, current: dict) -> None:
+    """Refuse, naming the first parameter that differs, a checkpoint of another model (size, layers,
+    vocabulary): loading it would fail deep inside accelerate / DeepSpeed with a size-mismatch trace."""
+    if not saved:
+        return                      # written before shapes were recorded: the load itself reports it
+    for name in sorted(saved.keys() | current.keys()):
+        a, b = saved.get(name), current.get(name)
+        if a != b:
+            what = (f"parameter {name} is {a} there and {b} in this model" if a and b else
+                    f"parameter {name} is {'only in the checkpoint' if a else 'not in the checkpoint'}")
+            raise InputError(f"this checkpoint was written by another model: {what}; resume with the preset and "
+                             "model settings (--preset, --set model.*) of the run that wrote it, or train into "
+                             "another --out", path=str(path), field="--resume")
 
 
 def read_state(path: Path) -> dict:

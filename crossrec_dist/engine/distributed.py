@@ -12,6 +12,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from ..errors import InputError
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
@@ -28,6 +30,59 @@ def is_main() -> bool:
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized() and world_size() > 1:
         dist.barrier()
+
+
+_MPI_WORLD = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE", "PMIX_RANK")
+
+
+def requested_processes(parent_cmdline: list[str]) -> int | None:
+    """The process count an ``accelerate launch`` command line asked for (``--num_processes N``), or
+    None when it does not say."""
+    for i, arg in enumerate(parent_cmdline):
+        if arg in ("--num_processes", "--num-processes") and i + 1 < len(parent_cmdline):
+            value = parent_cmdline[i + 1]
+        elif arg.startswith(("--num_processes=", "--num-processes=")):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        return int(value) if value.isdigit() else None
+    return None
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes and got one.
+
+    ``accelerate launch --num_processes 2 -m crossrec_dist ...`` without ``--multi_gpu`` or
+    ``--use_deepspeed`` on a machine without a GPU goes to accelerate's simple launcher, which starts
+    one process (it expects MPI to start the others) and sets no RANK/WORLD_SIZE: the run would train
+    alone, silently, at half the speed asked for. The simple launcher's marks are ACCELERATE_USE_CPU
+    and no world variables; the count asked for is on the launcher's command line (our parent)."""
+    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ or any(v in os.environ for v in _MPI_WORLD):
+        return
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return                      # not Linux: nothing to read the request from
+    asked = requested_processes(parent)
+    if asked and asked > 1:
+        raise InputError(f"accelerate launch was asked for {asked} processes but started 1: without --multi_gpu or "
+                         "--use_deepspeed (and with no GPU) it uses its one-process launcher. Add --multi_gpu (on a "
+                         f"CPU machine it starts {asked} Gloo processes) or --use_deepspeed, or use torchrun "
+                         f"--nproc_per_node {asked}", field="--num_processes")
+
+
+def shutdown() -> None:
+    """End a multi-process world cleanly: every rank meets, then destroys its process group (on a
+    normal end accelerate's ``end_training`` has done so already; a collective stop, e.g. a
+    preemption, gets here with the group alive). Only after a command succeeded on every rank, or
+    stopped on every rank together: a rank that failed alone must not wait for ranks that never come.
+
+    Not enough on its own: see ``cli.exit_process`` for why a launched rank also skips interpreter
+    finalization."""
+    if dist.is_available() and dist.is_initialized() and world_size() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def placement() -> dict:

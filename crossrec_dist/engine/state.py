@@ -26,6 +26,9 @@ class TrainerState:
     world: int = 1                  # processes that wrote this state
     micro_batch_size: int = 0
     task: dict = field(default_factory=dict)           # the task's own (TrainTask.checkpoint_state)
+    # Every parameter's full shape ({name: [dims]}) of the model that wrote the checkpoint: a resume
+    # with another model size is refused by name before any tensor is loaded (empty: older checkpoints).
+    shapes: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)

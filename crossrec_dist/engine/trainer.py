@@ -86,6 +86,7 @@ class Engine:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, hidden_size: int = 64, log: Callable = print):
         validate_train_config(cfg)
+        dist_info.check_launch()            # asked for N processes, got 1: say so before anything runs
         self.cfg, self.out_dir, self._log = cfg, Path(out_dir), log
         if cfg.deepspeed not in (None, "none", "off") or dscfg.launcher_uses_deepspeed():
             dist_info.ensure_single_process_env()   # DeepSpeed wants a process group even for one process
@@ -207,6 +208,12 @@ class Engine:
         self._t_start = time.perf_counter() - state.seconds
         self._progress = Progress(run.plan.total_updates, state.step, task.name, enabled=self.is_main)
         preempt = PreemptionFlag()
+        if state.step >= run.plan.total_updates:
+            # A resume of a run that already reached its budget: nothing to train (a loop entered here
+            # would make one update past max_steps before checking it).
+            self.log(f"nothing left to train: the checkpoint is at step {state.step} of {run.plan.total_updates}; "
+                     "raise train.max_steps (or train.epochs) to train further")
+            stop = "completed"
         try:
             while stop is None and (self.cfg.max_steps or state.epoch < self.cfg.epochs):
                 for micro_batches in self._updates(run, state):
@@ -271,6 +278,7 @@ class Engine:
         if path is None:
             return state
         saved = TrainerState.from_json(ckpt.read_state(path))   # checks the manifest first (every rank)
+        ckpt.check_shapes(path, saved.shapes, self._shapes(run.model))
         if saved.world == self.world:
             ckpt.load(self.accelerator, path)     # accelerate's / DeepSpeed's files, some of them pickles
             restore_rng(path, self.rank)
@@ -293,6 +301,10 @@ class Engine:
         run.task.restore_checkpoint_state(run.model, saved.task)
         return state
 
+    def _shapes(self, model) -> dict:
+        """Every parameter's full shape (under ZeRO-3 a parameter's own shape is its empty partition)."""
+        return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.unwrapped(model).named_parameters()}
+
     def _resharded_state(self, state: TrainerState, plan: Plan) -> TrainerState:
         """The position in the epoch is kept in samples, so no sample is seen twice or skipped when
         the global batch (micro_batch_size x world x grad_accum) is the same."""
@@ -310,7 +322,8 @@ class Engine:
         zero = f"zero{s.zero_stage}{' (zero.Init)' if s.zero3_init else ''} from {s.source}" if s.ds_config else "off"
         self.log(f"[{run.task.name}] world={self.world} deepspeed={zero} precision={self.precision} "
                  f"micro_batch={self.cfg.micro_batch_size} grad_accum={s.grad_accum} clip={s.max_grad_norm} "
-                 f"micro-batches/epoch/rank={run.plan.micro_batches_per_epoch} updates={run.plan.total_updates}")
+                 f"micro-batches/epoch/rank={run.plan.micro_batches_per_epoch} updates={run.plan.total_updates} "
+                 f"threads={torch.get_num_threads()}")
         if self.precision == "bf16" and self.device.type == "cpu":
             if not dscfg.native_bf16():
                 self.log("note: bf16 on a CPU without AVX512-BF16 or AMX is emulated, slower than fp32; "
@@ -410,8 +423,9 @@ class Engine:
         if preempted:
             self._check_finite(window)
             path = self._checkpoint(run, state)
-            raise Preempted(f"preempted by signal at step {step}: checkpoint saved to {path}; "
-                            f"run the same command with --resume auto to continue")
+            how = "interrupted (Ctrl-C)" if preempt.interrupted else "preempted by signal"
+            raise Preempted(f"{how} at step {step}: checkpoint saved to {path}; run the same command with "
+                            "--resume auto (and without --force) to continue", exit_code=130 if preempt.interrupted else 1)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             self._check_finite(window)
             self.log(f"checkpoint at step {step} saved to {self._checkpoint(run, state)}")
@@ -497,6 +511,7 @@ class Engine:
     def _checkpoint(self, run: _Run, state: TrainerState) -> Path:
         state.seconds = time.perf_counter() - self._t_start
         state.task = run.task.checkpoint_state(run.model)
+        state.shapes = self._shapes(run.model)
         return ckpt.save(self.accelerator, self.out_dir / "checkpoints", state.to_json(), self.cfg.keep_checkpoints,
                          per_rank=lambda d: save_rng(d, self.rank))
 

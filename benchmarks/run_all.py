@@ -122,6 +122,8 @@ SUITE: list[Bench] = [
     Bench("late_region", "study",      # readaptation's "fresh" runs are the joint-vocabulary side
           PY + ["benchmarks.late_region", "--base", "{study}/pretrain", "--raw", "{study}/raw/ml100k",
                 "--joint", "benchmarks/out/readaptation", "--seeds", "0", "1", "--jobs", "2"]),
+    Bench("low_data", "study",         # the main job's folder grows to 3 seeds x 4 fractions: ~3 h
+          PY + ["benchmarks.low_data", "--study", "{study}", "--jobs", "2"]),
     Bench("zip_regions", "study",      # its own experiment (ML-1M, two-digit zip regions): ~70 min
           PY + ["benchmarks.zip_regions", "benchmarks/out/ml1m_zip_regions", "--jobs", "2"]),
     Bench("base_seed_noise", "study",   # the study's base against transfer_probes' base_seed1/2

@@ -569,3 +569,14 @@ def test_jobs_run_fine_tuning_steps_side_by_side_with_the_same_records(fake, rec
         "finetune d3 full", "finetune d3 lora", *TEACHER_AND_DOWNSTREAM[1:]]
     with pytest.raises(InputError, match="--jobs"):
         runner.Runner(runner.load_recipe(str(recipe), ["launch=launch/cpu_ddp_2proc.yaml"]), out, jobs=2)
+
+
+def test_a_step_that_runs_alone_keeps_every_core_and_side_by_side_steps_share_them(tmp_path, monkeypatch):
+    """Before: with --jobs 2 pretraining (which runs alone) got OMP_NUM_THREADS=1 on a 2-core machine too."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(runner, "available_cores", lambda: 4)
+    repo = Path(__file__).resolve().parents[1]
+    r = runner.Runner(runner.load_recipe(str(repo / "launch" / "recipes" / "ml_cross_platform.yaml"), []),
+                      tmp_path / "out", jobs=2)
+    assert "OMP_NUM_THREADS" not in r._env(alone=True)
+    assert r._env()["OMP_NUM_THREADS"] == "2"

@@ -88,7 +88,7 @@ class Runner:
     def _cli(self, *args, train: bool = False) -> None:
         """Run one step's command in the foreground (its output on ours)."""
         cmd = self._command(args, train)
-        code = subprocess.run(cmd, env=self._env()).returncode
+        code = subprocess.run(cmd, env=self._env(alone=True)).returncode
         if code != 0:
             raise self._failed(code, cmd)
 
@@ -104,14 +104,16 @@ class Runner:
                     "-m", "crossrec_dist", *map(str, args)]
         return [sys.executable, "-m", "crossrec_dist", *map(str, args)]
 
-    def _env(self) -> dict:
-        """A step's environment. With jobs > 1, each of the concurrent steps gets an equal share of the
+    def _env(self, alone: bool = False) -> dict:
+        """A step's environment. A step that runs alone (pretraining, the serving benchmarks) keeps every
+        core (until 2026-12-03 it got 1 / jobs of them too: pretraining on 2 cores ran on 1 thread).
+        With jobs > 1, each of the concurrent steps gets an equal share of the
         CPU cores as its torch thread count (OMP_NUM_THREADS, unless already set): on 2 cores two
         one-thread fine-tuning runs side by side do 1.30x (a Xeon) to 1.56x (an EPYC) the work of
         two-thread runs one after the other (benchmarks/parallel_jobs.py, RESULTS.md §2.5). Thread count changes float summation order, so results
         can differ in the last digits from a run with another --jobs."""
         env = {**os.environ}
-        if self.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:
+        if self.jobs > 1 and not alone and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, available_cores() // self.jobs))
         return env
 

@@ -3,13 +3,15 @@
 On a busy 2-core machine a clean-clone ``make test`` once failed both 2-process ZeRO-3 runs: rank 1
 aborted after its work was done with "terminate called without an active exception" (SIGABRT). The
 cause: a process that exits with its Gloo process group alive leaves Gloo's worker threads holding
-work objects into interpreter finalization (pytorch/pytorch#190489). ``crossrec`` now destroys the
-group once a command has succeeded on every rank (``engine/distributed.py`` ``shutdown``).
+work objects into interpreter finalization (pytorch/pytorch#190489). Destroying the group is not
+enough in crossrec (accelerate's end_training does it; DeepSpeed and accelerate globals still hold the
+groups): launched ranks now leave with ``os._exit`` once their command is done (``cli.exit_process``).
 
 Two parts, each beside ``--hogs`` busy-looping processes (the load of a shared CI machine):
 
 1. ``gloo``: the mechanism alone. ``torchrun --nproc_per_node 4`` of a script that all-reduces,
-   broadcasts an object and exits, ``--repeats`` times without and with ``shutdown()``.
+   broadcasts an object and exits, ``--repeats`` times each way: a plain exit with the group alive,
+   after ``dist.destroy_process_group()``, and through ``cli.exit_process``.
 2. ``zero3``: the real thing. ``accelerate launch --num_processes 2 --use_deepspeed --zero_stage 3``
    of ``crossrec pretrain --preset tiny`` (a few steps on a synthetic log), ``--launches`` times.
 
@@ -31,15 +33,18 @@ from benchmarks.common import OUT, record
 BIN = Path(sys.executable).parent
 WORKER = """
 import os, torch, torch.distributed as dist
-from crossrec_dist.engine.distributed import shutdown
+from crossrec_dist.cli import exit_process
 dist.init_process_group("gloo")
 t = torch.ones(1000) * dist.get_rank()
 for _ in range(20):
     dist.all_reduce(t)
 box = [{"x": list(range(100))}] if dist.get_rank() == 0 else [None]
 dist.broadcast_object_list(box, src=0)
-if os.environ.get("SHUTDOWN") == "1":
-    shutdown()
+if os.environ.get("EXIT") == "destroy":
+    dist.barrier()
+    dist.destroy_process_group()
+if os.environ.get("EXIT") == "exit_process":
+    exit_process(0)
 """
 
 
@@ -58,15 +63,15 @@ def gloo_part(root: Path, repeats: int, port: int) -> dict:
     script = root / "gloo_exit.py"
     script.write_text(WORKER)
     result = {}
-    for shutdown in (0, 1):
+    for k, how in enumerate(("plain", "destroy", "exit_process")):
         counts = {"ok": 0, "terminate": 0, "failed": 0}
         for i in range(repeats):
             proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "4", "--master_port",
-                                   str(port + i + 50 * shutdown), str(script)], capture_output=True, text=True,
-                                  timeout=120, env={**os.environ, "SHUTDOWN": str(shutdown)})
+                                   str(port + i + 50 * k), str(script)], capture_output=True, text=True,
+                                  timeout=120, env={**os.environ, "EXIT": how})
             counts[outcome(proc)] += 1
-        result["with_shutdown" if shutdown else "without_shutdown"] = counts
-        print(f"gloo, {'with' if shutdown else 'without'} shutdown: {counts}", flush=True)
+        result[how] = counts
+        print(f"gloo, {how} exit: {counts}", flush=True)
     return result
 
 
@@ -119,7 +124,7 @@ def main() -> None:
             p.kill()
     record("teardown_stress", result)
     bad = (result["zero3"] or {}).get("counts", {}).get("ok", 0) != a.launches if a.launches else False
-    bad |= bool(result["gloo"]) and result["gloo"]["with_shutdown"]["ok"] != a.repeats
+    bad |= bool(result["gloo"]) and result["gloo"]["exit_process"]["ok"] != a.repeats
     sys.exit(1 if bad else 0)
 
 

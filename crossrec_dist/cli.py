@@ -59,9 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RunStopped as e:
         print(f"crossrec: {e}", file=sys.stderr)
-        _end_world()           # every rank stopped together (the stop is agreed collectively)
         return getattr(e, "exit_code", 1)
-    _end_world()
     return 0
 
 
@@ -74,8 +72,9 @@ def exit_process(code: int):
     group is already destroyed by then (accelerate's end_training), but objects that DeepSpeed and
     accelerate keep in module globals still hold Gloo process-group objects, whose worker threads meet
     a half-torn-down interpreter when those objects are finally freed (pytorch/pytorch#190489). Beside
-    3 busy processes, 3 of 16 ZeRO-3 pretrain launches aborted so (benchmarks/teardown_stress.py);
-    skipping finalization in launched ranks removes the window. Every file crossrec writes is closed
+    3 busy processes, 3 of 16 ZeRO-3 pretrain launches aborted so, 0 of 16 with this
+    (benchmarks/teardown_stress.py); skipping finalization in launched ranks removes the window, also
+    after a collective stop (preemption) that leaves the group alive. Every file crossrec writes is closed
     before this point; a one-process run (and a caller of :func:`main`) exits normally."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         logging.shutdown()
@@ -88,10 +87,3 @@ def exit_process(code: int):
 def run() -> None:
     """The ``crossrec`` console script: :func:`main`, then :func:`exit_process`."""
     exit_process(main())
-
-
-def _end_world() -> None:
-    """Destroy a multi-process world before the interpreter exits (engine/distributed.py shutdown)."""
-    dist = sys.modules.get("crossrec_dist.engine.distributed")
-    if dist is not None:       # never imported: no world was made (and --help stays light)
-        dist.shutdown()

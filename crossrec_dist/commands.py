@@ -15,7 +15,7 @@ from .experiment.runner import run_experiment
 from .methods import method_names
 from .models.presets import PRESETS
 from .paths import check_output_dir
-from .run_folder import aside_path, drop_aside, is_main_process, plan_output, set_aside
+from .run_folder import is_main_process, plan_output, replacing
 from .stages.configs import check_finetune_config
 
 # Heavy imports inside functions: each handler imports the stage it runs there, so that
@@ -114,28 +114,24 @@ def _check_out(a) -> None:
     check_output_dir(a.out)
 
 
+def _check_launch() -> None:
+    """A launch that asked for N processes and started 1 stops before --out is touched."""
+    from .engine.distributed import check_launch
+    check_launch()
+
+
 def _train_into(a, train, what: str, run) -> None:
     """Run ``run()`` into ``--out`` as its current contents allow (run_folder.py): a finished or
     unfinished run there is refused unless --force or --resume says what to do with it; --force sets
     the old run aside and removes it only once the new one has finished."""
-    from .engine.distributed import check_launch
-    check_launch()                # a launch that asked for N processes and got 1 stops before --out is touched
+    _check_launch()
     action = plan_output(a.out, what, force=a.force, resume=train.resume, max_steps=train.max_steps)
     if action == "done":
         return
-    if action == "replace":
-        set_aside(a.out)
-    if action != "replace" or is_main_process():
-        _check_out(a)
-    try:
+    with replacing(a.out, action):
+        if action != "replace" or is_main_process():   # the other ranks do not race the rename
+            _check_out(a)
         run()
-    except BaseException:
-        if action == "replace" and is_main_process():
-            print(f"--force: this run did not finish; the run it was to replace is kept at {aside_path(a.out)}",
-                  flush=True)
-        raise
-    if action == "replace":
-        drop_aside(a.out)
 
 
 def _cmd_pretrain(a):
@@ -156,6 +152,7 @@ def _cmd_finetune(a):
         _train_into(a, cfg.train, "finetune", lambda: run_finetune(cfg, a.base, a.data, a.domain, a.out))
         return
     from .stages.regions import finetune_regions
+    _check_launch()
     _check_out(a)
     finetune_regions(cfg, a.base, a.data, a.domains, a.out, force=a.force)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,7 +69,7 @@ def is_main_process() -> bool:
 def plan_output(out: str | Path, what: str, *, force: bool, resume: str | None, max_steps: int = 0,
                 log=print) -> str:
     """``train`` (go ahead), ``replace`` (with --force: set the old run aside first, see
-    :func:`set_aside`) or ``done`` (nothing to do: a finished run and --resume auto with no more
+    :func:`replacing`) or ``done`` (nothing to do: a finished run and --resume auto with no more
     steps asked for). Raises InputError (exit 2) naming ``--out`` for everything else."""
     out = Path(out)
     if force and resume:
@@ -106,21 +107,26 @@ def aside_path(out: str | Path) -> Path:
     return out.parent / f".{out.name}.replaced"
 
 
-def set_aside(out: str | Path, log=print) -> Path | None:
-    """With --force: move the old run out of the way in one rename (main rank only)."""
+@contextmanager
+def replacing(out: str | Path, action: str, log=print):
+    """Around the run that writes ``out``: for ``replace`` (--force) the old run is renamed aside before
+    and deleted after the new one finished; if the new one fails, the old one stays and the log says
+    where. Other actions pass through. Renames and deletes happen on the main rank only."""
+    if action != "replace":
+        yield
+        return
     out, aside = Path(out), aside_path(out)
-    if not is_main_process() or not out.exists():
-        return None
-    if aside.exists():
-        shutil.rmtree(aside)       # a run an earlier --force was already told to replace
-    os.replace(out, aside)
-    log(f"--force: the previous run in {out} is set aside as {aside} until this run finishes")
-    return aside
-
-
-def drop_aside(out: str | Path, log=print) -> None:
-    """The new run finished: the run it replaces goes (main rank only)."""
-    aside = aside_path(out)
+    if is_main_process() and out.exists():
+        if aside.exists():
+            shutil.rmtree(aside)       # a run an earlier --force was already told to replace
+        os.replace(out, aside)
+        log(f"--force: the previous run in {out} is set aside as {aside} until this run finishes")
+    try:
+        yield
+    except BaseException:
+        if is_main_process() and aside.exists():
+            log(f"--force: this run did not finish; the run it was to replace is kept at {aside}")
+        raise
     if is_main_process() and aside.exists():
         shutil.rmtree(aside)
         log(f"--force: removed the replaced run ({aside})")

@@ -49,6 +49,21 @@ def run_cli(*args: str, check: bool = True, env: dict | None = None, timeout: in
     return proc
 
 
+def untrained_model(data_dir, out, pretrain_domains: list[str]):
+    """A tiny (untrained) model with a prepared dataset's vocabulary: enough for loading, checks and
+    export, in a fraction of a second (no training)."""
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.export.vocab import write_vocab
+    from crossrec_dist.models.config import CrossRecConfig
+    from crossrec_dist.models.model import CrossRecModel
+    data = PreparedData(data_dir)
+    cfg = CrossRecConfig(num_items=data.num_items, num_domains=len(data.domain_names), domain_names=data.domain_names,
+                         pretrain_domains=pretrain_domains, hidden_size=16, num_layers=1, num_heads=2, max_len=10)
+    CrossRecModel(cfg).save_pretrained(out, safe_serialization=True)
+    write_vocab(data, out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def ml100k_raw(tmp_path_factory):
     out = tmp_path_factory.mktemp("ml100k_raw")

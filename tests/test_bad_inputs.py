@@ -321,17 +321,8 @@ def small_data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_model(small_data, tmp_path_factory):
     """A tiny (untrained) model with the dataset's vocabulary: enough for loading and checks."""
-    from crossrec_dist.data.prepared import PreparedData
-    from crossrec_dist.export.vocab import write_vocab
-    from crossrec_dist.models.config import CrossRecConfig
-    from crossrec_dist.models.model import CrossRecModel
-    out = tmp_path_factory.mktemp("bad_inputs_model")
-    data = PreparedData(small_data)
-    cfg = CrossRecConfig(num_items=data.num_items, num_domains=2, domain_names=data.domain_names,
-                         pretrain_domains=["b"], hidden_size=16, num_layers=1, num_heads=2, max_len=10)
-    CrossRecModel(cfg).save_pretrained(out, safe_serialization=True)
-    write_vocab(data, out)
-    return out
+    from conftest import untrained_model
+    return untrained_model(small_data, tmp_path_factory.mktemp("bad_inputs_model"), ["b"])
 
 
 _MODEL: dict = {}

@@ -46,17 +46,8 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(data, tmp_path_factory):
     """A tiny untrained model with the dataset's vocabulary: enough for loading and exporting."""
-    from crossrec_dist.data.prepared import PreparedData
-    from crossrec_dist.export.vocab import write_vocab
-    from crossrec_dist.models.config import CrossRecConfig
-    from crossrec_dist.models.model import CrossRecModel
-    out = tmp_path_factory.mktemp("traps_model")
-    prepared = PreparedData(data)
-    cfg = CrossRecConfig(num_items=prepared.num_items, num_domains=2, domain_names=prepared.domain_names,
-                         pretrain_domains=["many"], hidden_size=16, num_layers=1, num_heads=2, max_len=10)
-    CrossRecModel(cfg).save_pretrained(out, safe_serialization=True)
-    write_vocab(prepared, out)
-    return out
+    from conftest import untrained_model
+    return untrained_model(data, tmp_path_factory.mktemp("traps_model"), ["many"])
 
 
 def _adapter(model: Path, path: Path, *, safe: bool) -> Path:

@@ -161,18 +161,18 @@ def test_finetune_regions_refuse_replacing_an_adapter_and_resume_skips_finished_
 
 def test_multi_process_exits_never_abort_beside_a_busy_cpu(tmp_path):
     """Before: a 2-process ZeRO-3 run's rank aborted at exit with "terminate called without an active
-    exception" on a busy machine (Gloo threads alive into interpreter finalization). crossrec now destroys
-    the process group (engine/distributed.py shutdown); 4 Gloo ranks beside 2 busy processes, 3 times.
-    Without shutdown() this failed 6 of 15 times (benchmarks/teardown_stress.py)."""
+    exception" on a busy machine (Gloo process groups freed during interpreter finalization). Launched
+    ranks now leave through cli.exit_process; here 4 Gloo ranks that leave with their group alive, beside
+    2 busy processes, 3 times. A plain exit aborted in 9 of 15 such runs (benchmarks/teardown_stress.py)."""
     script = tmp_path / "exit.py"
     script.write_text("import torch, torch.distributed as dist\n"
-                      "from crossrec_dist.engine.distributed import shutdown\n"
+                      "from crossrec_dist.cli import exit_process\n"
                       "dist.init_process_group('gloo')\n"
                       "t = torch.ones(1000)\n"
                       "[dist.all_reduce(t) for _ in range(20)]\n"
                       "box = [{'x': 1}] if dist.get_rank() == 0 else [None]\n"
                       "dist.broadcast_object_list(box, src=0)\n"
-                      "shutdown()\n")
+                      "exit_process(0)\n")
     hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
     try:
         for i in range(3):

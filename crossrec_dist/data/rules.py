@@ -57,29 +57,26 @@ def time_column(ts: pa.ChunkedArray, col: str, path: str, n: int, rule: TimeRule
         ts = pc.cast(ts, ts.type.value_type)
     t = ts.type
     why = WHAT_IS_READ
+    numeric = None                     # rows that are epoch numbers (checked for a likely unit mistake)
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         values, numeric = text_times(ts, rule)
-        warning = unit_warning(values, numeric, rule, col)
-        if warning and notes is not None:
-            notes.setdefault("warnings", []).append(f"{path}: {warning}")
         out = pa.chunked_array([pa.array(values, pa.float64())])
-        return out, ~np.isfinite(values), why
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        bad = ~np.isfinite(values)
+    elif pa.types.is_timestamp(t) or pa.types.is_date(t):
         out = typed_times(ts, rule)
         bad = pc.is_null(ts).to_numpy(zero_copy_only=False)
     elif pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t):
         out = pc.multiply(pc.cast(ts, pa.float64()), UNITS[rule.unit])
         bad = pc.is_null(ts).to_numpy(zero_copy_only=False)
-        if notes is not None:
-            secs = pc.fill_null(out, np.nan).to_numpy(zero_copy_only=False)
-            warning = unit_warning(secs, np.ones(len(secs), dtype=bool), rule, col)
-            if warning:
-                notes.setdefault("warnings", []).append(f"{path}: {warning}")
+        numeric = ~bad
     else:
         raise InputError(f"timestamps must be numbers, dates or ISO-8601 text, not {t}"
                          + (" (a true/false column is not a time)" if pa.types.is_boolean(t) else ""),
                          path=path, field=col)
-    values = pc.fill_null(out, 0.0).to_numpy(zero_copy_only=False)
+    values = pc.fill_null(out, np.nan).to_numpy(zero_copy_only=False)
+    warning = unit_warning(values, numeric, rule, col) if numeric is not None and notes is not None else None
+    if warning:
+        notes.setdefault("warnings", []).append(f"{path}: {warning}")
     return out, bad | ~np.isfinite(values), why
 
 

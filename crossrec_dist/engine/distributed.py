@@ -72,19 +72,6 @@ def check_launch() -> None:
                          f"--nproc_per_node {asked}", field="--num_processes")
 
 
-def shutdown() -> None:
-    """End a multi-process world cleanly: every rank meets, then destroys its process group (on a
-    normal end accelerate's ``end_training`` has done so already; a collective stop, e.g. a
-    preemption, gets here with the group alive). Only after a command succeeded on every rank, or
-    stopped on every rank together: a rank that failed alone must not wait for ranks that never come.
-
-    Not enough on its own: see ``cli.exit_process`` for why a launched rank also skips interpreter
-    finalization."""
-    if dist.is_available() and dist.is_initialized() and world_size() > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def placement() -> dict:
     """Where this rank runs and whom it met: its host and address, the rendezvous it was given
     (MASTER_ADDR/PORT from the launcher), its node (GROUP_RANK = machine rank under torchrun) and the

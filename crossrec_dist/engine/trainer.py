@@ -86,7 +86,6 @@ class Engine:
 
     def __init__(self, cfg: TrainConfig, out_dir: str | Path, hidden_size: int = 64, log: Callable = print):
         validate_train_config(cfg)
-        dist_info.check_launch()            # asked for N processes, got 1: say so before anything runs
         self.cfg, self.out_dir, self._log = cfg, Path(out_dir), log
         if cfg.deepspeed not in (None, "none", "off") or dscfg.launcher_uses_deepspeed():
             dist_info.ensure_single_process_env()   # DeepSpeed wants a process group even for one process

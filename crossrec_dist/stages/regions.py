@@ -12,7 +12,7 @@ from ..errors import InputError
 from ..export.manifest import update_manifest
 from ..models.config import CrossRecConfig
 from ..paths import inside
-from ..run_folder import drop_aside, plan_output, set_aside
+from ..run_folder import plan_output, replacing
 from .finetune import FinetuneConfig, run_finetune
 
 
@@ -51,13 +51,10 @@ def finetune_regions(cfg: FinetuneConfig, base_dir: str, data_dir: str, spec: st
     for domain in domains:
         if actions[domain] == "done":
             continue
-        if actions[domain] == "replace":
-            set_aside(inside(out, domain), log=log)
         AcceleratorState._reset_state()  # a fresh engine per region; the process group stays
-        record = run_finetune(copy.deepcopy(cfg), base_dir, data, domain, inside(out, domain), log=log)
+        with replacing(inside(out, domain), actions[domain], log=log):
+            record = run_finetune(copy.deepcopy(cfg), base_dir, data, domain, inside(out, domain), log=log)
         if dist_info.is_main():
             update_manifest(out, base_dir, domain, record)
-        if actions[domain] == "replace":
-            drop_aside(inside(out, domain), log=log)
         records[domain] = record
     return records

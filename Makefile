@@ -19,10 +19,10 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 ifeq ($(HAS_GPU),1)
-	$(PY) -m pip install -q -e '.[onnx,test]'
+	$(PY) -m pip install -q -e '.[onnx,serve,test]'
 else
 	$(PY) -m pip install -q $(TORCH_CPU_SPEC)
-	$(PY) -m pip install -q -e '.[onnx,test]'
+	$(PY) -m pip install -q -e '.[onnx,serve,test]'
 endif
 	touch $@
 

@@ -6,8 +6,12 @@ chosen handler; this module never imports the CLI.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from .data.fetch import fetch
 from .errors import InputError
@@ -159,7 +163,8 @@ def _cmd_finetune(a):
 
 def _cmd_export(a):
     from .export.bundle import export_bundle
-    export_bundle(a.base, a.adapters, a.out, merge=a.merge, onnx=a.onnx)
+    export_bundle(a.base, a.adapters, a.out, merge=a.merge, onnx=a.onnx, students=a.student or [],
+                  student_default=a.student_default)
 
 
 def _cmd_distill(a):
@@ -179,14 +184,79 @@ def _cmd_bench_serve(a):
 
 
 def _cmd_recommend(a):
+    if a.input:
+        if a.history:
+            raise InputError("give --history (one user) or --input (a file of users), not both", field="--history")
+        if not a.out or not a.region_col or not a.history_col:
+            raise InputError("--input needs --out, --region-col and --history-col", field="--input")
+        from .serving.batch import recommend_file
+        recommend_file(a.bundle, a.input, a.out, region_col=a.region_col, history_col=a.history_col,
+                       user_col=a.user_col, fmt=a.format, k=a.k, model=a.model,
+                       unknown="error" if a.unknown == "error" else "drop", min_known=a.min_known,
+                       sep=a.sep, chunk_rows=a.chunk_rows)
+        return
     from .export.serving import Recommender
     from .models.loading import check_model_dir
+    from .serving.students import STUDENTS
     bundle = Path(a.bundle)
     check_model_dir(bundle / "base")          # a clear error for a folder that is not a bundle
     adapters = bundle / "adapters" if (bundle / "adapters" / "manifest.json").is_file() else None
-    rec = Recommender(bundle / "base", adapters)
-    print(json.dumps(rec.recommendation(a.history or [], a.domain, a.k, unknown=a.unknown, min_known=a.min_known),
-                     ensure_ascii=False))
+    students = bundle / STUDENTS if (bundle / STUDENTS).is_dir() else None
+    rec = Recommender(bundle / "base", adapters, students=students)
+    print(json.dumps(rec.recommendation(a.history or [], a.domain, a.k, unknown=a.unknown or "error",
+                                        min_known=a.min_known,
+                                        model=a.model), ensure_ascii=False))
+
+
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
+
+
+def require_serve() -> None:
+    """Refuse before loading anything when the optional [serve] extra does not import."""
+    missing = []
+    for name in SERVE_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except (ImportError, OSError) as e:
+            missing.append(f"{name} ({e})")
+    if missing:
+        raise InputError(f"serving needs the optional [serve] extra, and {'; '.join(missing)} cannot be imported: "
+                         f"pip install 'crossrec-dist[serve]'", field="serve")
+
+
+def _cmd_serve(a):
+    require_serve()
+    from .serving.admin import read_token
+    from .serving.app import serve
+    token = read_token(a.admin_token_file)
+    if a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"WARNING: serving on {a.host}, reachable from other machines; put it behind your own TLS and "
+              f"access control (the server has neither)")
+    serve(a.bundle, a.host, a.port, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, mode=a.batching,
+          max_body_bytes=a.max_body_bytes, admin_token=token)
+
+
+def _cmd_push_adapter(a):
+    from .serving.admin import read_token, zip_adapter
+    token = read_token(a.token_file)
+    if token is None:
+        raise InputError("no admin token: give --token-file or set $CROSSREC_ADMIN_TOKEN", field="--token-file")
+    body = zip_adapter(a.adapter)
+    url = f"{a.url.rstrip('/')}/v1/admin/regions/{quote(a.region, safe='')}/adapter"
+    req = urllib.request.Request(url, data=body, method="PUT", headers={
+        "Authorization": f"Bearer {token}", "Content-Type": "application/zip"})
+    try:
+        with urllib.request.urlopen(req, timeout=a.timeout) as resp:
+            print(resp.read().decode())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")
+        try:
+            detail = json.loads(detail).get("error", detail)
+        except ValueError:
+            pass
+        raise InputError(f"the server refused the adapter ({e.code}): {detail}", field="--adapter") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise InputError(f"cannot reach the server: {getattr(e, 'reason', e)}", field="--url") from None
 
 
 def _cmd_experiment(a):
@@ -340,6 +410,11 @@ def add_commands(sub) -> None:
     e.add_argument("--merge", action="store_true", help="also write one merged model per adapter region")
     e.add_argument("--onnx", action="store_true", help="also write model.onnx for the base and merged models "
                    "(checked against PyTorch with ONNX Runtime)")
+    e.add_argument("--student", action="append", metavar="DIR",
+                   help="a distilled student (crossrec distill's --out), served for its region through ONNX Runtime "
+                        "(repeat for several regions; needs the [onnx] extra)")
+    e.add_argument("--student-default", action="store_true",
+                   help="answer each region that has a student by it unless a request asks for its adapter")
     e.set_defaults(func=_cmd_export)
 
     d = sub.add_parser("distill", help="distil a teacher (base [+ adapter]) into a compact student")
@@ -376,11 +451,54 @@ def add_commands(sub) -> None:
     r.add_argument("--domain", default=None, help="the region (default: the base alone)")
     r.add_argument("--history", nargs="*", metavar="ITEM_ID", help="raw item ids, oldest first (none: a new user)")
     r.add_argument("--k", type=at_least(1), default=10, help="number of items to recommend (default 10)")
-    r.add_argument("--unknown", choices=["error", "skip"], default="error",
-                   help="an item id the region does not know: an error, or left out and listed under skipped")
+    r.add_argument("--unknown", choices=["error", "skip"], default=None,
+                   help="an item id the region does not know: an error, or left out and listed under skipped "
+                        "(default: error for --history, skip for --input, where the output counts them in 'dropped')")
     r.add_argument("--min-known", type=at_least(0), default=1,
                    help="fewer known events than this: the region's popularity list (docs/serving.md)")
+    r.add_argument("--model", choices=["default", "adapter", "model", "base", "student"], default=None,
+                   help="which of the region's models answers (default: the region's default)")
+    r.add_argument("--input", default=None,
+                   help="batch mode: a file of users' histories (.parquet, .csv, .jsonl) -> --out Parquet, one row "
+                        "per user (docs/serving.md); --unknown defaults to skip here")
+    r.add_argument("--out", default=None, help="batch mode: the Parquet file to write")
+    r.add_argument("--region-col", default=None, help="batch mode: the column naming each user's region")
+    r.add_argument("--history-col", default=None,
+                   help="batch mode: the column with each user's history, oldest first (a list, or ids separated "
+                        "by --sep)")
+    r.add_argument("--user-col", default=None, help="batch mode: a column copied to the output (e.g. user id)")
+    r.add_argument("--format", choices=["parquet", "csv", "jsonl"], default=None,
+                   help="batch mode: the input's format (default: from its name)")
+    r.add_argument("--sep", default=" ", help="batch mode: separator of ids in a string history (default a space)")
+    r.add_argument("--chunk-rows", type=at_least(1), default=8192,
+                   help="batch mode: users read, answered and written per chunk (default 8192)")
     r.set_defaults(func=_cmd_recommend)
+
+    v = sub.add_parser("serve", help="HTTP server for every region of an exported bundle (needs the [serve] extra)")
+    v.add_argument("--bundle", required=True, help="crossrec export's --out folder")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    v.add_argument("--port", type=at_least(0), default=8000, help="port (default 8000)")
+    v.add_argument("--max-batch", type=at_least(1), default=32,
+                   help="most queries answered by one forward pass (default 32)")
+    v.add_argument("--max-wait-ms", type=at_least(0.0, float), default=2.0,
+                   help="how long the first query of a batch waits for others (default 2 ms)")
+    v.add_argument("--batching", choices=["mixed", "switch"], default="mixed",
+                   help="mixed: rows of any regions in one pass (default); switch: one request at a time, "
+                        "switching the active adapter (the baseline)")
+    v.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20,
+                   help="larger request bodies get 413 (default 1 MiB)")
+    v.add_argument("--admin-token-file", default=None,
+                   help="file whose first line is the token for PUT /v1/admin/... (or $CROSSREC_ADMIN_TOKEN; "
+                        "neither: admin endpoints are off)")
+    v.set_defaults(func=_cmd_serve)
+
+    u = sub.add_parser("push-adapter", help="send a region's adapter to a running server (live, no restart)")
+    u.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
+    u.add_argument("--region", required=True, help="the region it serves")
+    u.add_argument("--adapter", required=True, help="the adapter folder (crossrec finetune's output)")
+    u.add_argument("--token-file", default=None, help="file with the admin token (or $CROSSREC_ADMIN_TOKEN)")
+    u.add_argument("--timeout", type=at_least(1.0, float), default=300.0, help="seconds to wait (default 300)")
+    u.set_defaults(func=_cmd_push_adapter)
 
     x = sub.add_parser("experiment", help="the whole pipeline from a recipe, with a report (the main job)")
     x.add_argument("--config", required=True, help="recipe YAML, e.g. launch/recipes/ml100k_regions.yaml")

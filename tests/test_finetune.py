@@ -256,7 +256,7 @@ def _short_histories_are_served_sensibly(rec, ml100k, tiny_base, bundle):
     below = rec.recommendation([top], region, k=5, min_known=2)
     assert below["source"] == "popularity" and top not in below["items"]
     assert (below["items"], below["scores"]) == by_hand([region], drop={top})
-    with pytest.raises(InputError, match="unknown domain"):
+    with pytest.raises(InputError, match="unknown region"):
         rec.recommendation([], "atlantis")
     # the same from the command line
     cli = run_cli("recommend", "--bundle", bundle, "--domain", region, "--history", "new-sku", "50", "--unknown", "skip",

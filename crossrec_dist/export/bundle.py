@@ -7,6 +7,7 @@ every part (merges, ONNX graphs and their parity checks) is done: an export that
 half way leaves the previous bundle, or none, never a bundle that looks complete and is not."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,22 +21,28 @@ from .loading import adapter_items, check_model_weights, load_model
 from .manifest import read_manifest
 from .onnx import export_onnx, onnx_parity, require_onnx
 from .vocab import POPULARITY, UNTRAINED, VOCAB
+from ..jsonfile import read_json
+from ..serving.students import CONTRACT, STUDENTS, student_region, write_student
 
 # The entries of --out a bundle consists of; an export replaces all of them together (an old merged/
 # next to a new base/ would serve stale models), and leaves anything else in --out alone.
-BUNDLE_PARTS = ("base", "adapters", "merged")
+BUNDLE_PARTS = ("base", "adapters", "merged", "students")
 
 
 def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False, onnx: bool = False,
-                  log=print) -> Path:
+                  log=print, students: list[str] = (), student_default: bool = False) -> Path:
     """``adapters`` may be None: then the bundle is the base (e.g. a distilled student) alone."""
     out_dir, base_dir = Path(out), Path(base)
     ad_root = Path(adapters) if adapters else None
     manifest = read_manifest(ad_root) if ad_root else {"domains": {}}
     if merge and ad_root is None:
         raise InputError("--merge needs --adapters", field="--merge")
-    if onnx:
-        require_onnx()            # before anything is written
+    if student_default and not students:
+        raise InputError("--student-default needs --student", field="--student-default")
+    if onnx or students:
+        require_onnx("--student" if students and not onnx else "--onnx")      # before anything is written
+    for student in students:
+        student_region(student)
     load_model(base_dir)  # fail early on a bad base
     _check_regions(ad_root, manifest)
     created = not out_dir.exists()
@@ -45,6 +52,9 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
     try:
         stage.mkdir()
         _write_bundle(stage, out_dir, base_dir, ad_root, manifest, merge, onnx, log)
+        for student in students:
+            write_student(student, stage / STUDENTS, student_default, log)
+        _readable(stage)
         _swap_in(stage, out_dir)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
@@ -52,6 +62,16 @@ def export_bundle(base: str, adapters: str | None, out: str, merge: bool = False
             out_dir.rmdir()       # a failed export into a new folder leaves no empty "bundle" behind
     log(f"exported {len(manifest['domains'])} domain(s) -> {out_dir}")
     return out_dir
+
+
+def _readable(root: Path) -> None:
+    """Every file of the bundle readable as the umask allows (safetensors writes its files 0600, so a
+    service user other than the one who exported could not load the weights)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _check_regions(ad_root: Path | None, manifest: dict) -> None:
@@ -72,6 +92,9 @@ def _write_bundle(stage: Path, out_dir: Path, base_dir: Path, ad_root: Path | No
     for f in base_dir.iterdir():
         if f.name in keep or (f.suffix == ".safetensors"):
             shutil.copy2(f, stage / "base" / f.name)
+    if (base_dir / "metrics.json").is_file() and read_json(base_dir / "metrics.json").get("stage") == "distill":
+        # a student exported as the bundle's base serves its own region only (and says so)
+        (stage / "base" / CONTRACT).write_text(json.dumps({"region": student_region(base_dir)}))
     if ad_root is not None:
         shutil.copytree(ad_root, stage / "adapters",
                         ignore=shutil.ignore_patterns("best", "checkpoints", "logs", "*.tmp", ".export.*"))

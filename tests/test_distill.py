@@ -86,8 +86,6 @@ def student(tiny_base, ml100k, tmp_path_factory):
 def test_default_student_is_half_the_teacher_and_loads_with_from_pretrained_alone(student, tiny_base):
     """Without a preset the student is the teacher at half width and depth (tiny: hidden 32 -> 16,
     2 layers -> 1, FFN 64 -> 32), strictly smaller, and the log says its share of the teacher."""
-    from transformers import AutoConfig  # noqa: F401  (no trust_remote_code, no hub)
-
     from crossrec_dist import CrossRecModel
     m = json.loads((student / "metrics.json").read_text())
     n, t = m["params"]["total"], m["teacher"]["params"]["total"]

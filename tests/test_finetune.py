@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TARGET_REGIONS, accelerate_launch, run_cli, child_env
+from conftest import TARGET_REGIONS, run_cli, child_env
 
 # Mechanics on a few steps: the trained output is kept whatever it scores (must_beat_base: false; the
 # guard that keeps the base unless beaten is tested on its own below and in test_references.py).

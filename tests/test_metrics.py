@@ -72,7 +72,6 @@ def test_target_catalogue_ranks_only_the_domains_items(tmp_path):
     """Domain a uses items i0-i5, domain b items i4-i9. Ranked over b's catalogue, a scorer that
     prefers a's private items loses them as competitors: each b user's rank drops by exactly the
     number of a-only items it scored above its target, and no target is ever hidden."""
-    import numpy as np
     from crossrec_dist.cli import main
     from crossrec_dist.data.prepared import PreparedData
     from crossrec_dist.evaluation.evaluator import EvalOptions, rank_eval_set

@@ -5,11 +5,9 @@ Each test is a trap a newcomer hit (issue 31): the behaviour before is in its do
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest

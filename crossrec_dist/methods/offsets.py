@@ -18,8 +18,8 @@ class Offsets(Method):
 
     def adapt(self, task, base, engine):
         if base.item_bias is None:
-            raise InputError(f"the base has no per-item offsets to re-estimate (pretrained without "
-                             f"model.item_bias): choose another method, or pretrain with --set model.item_bias=true",
+            raise InputError("the base has no per-item offsets to re-estimate (pretrained without "
+                             "model.item_bias): choose another method, or pretrain with --set model.item_bias=true",
                              path=task.base_dir, field="--method")
         for name, p in base.named_parameters():
             p.requires_grad = name.startswith("item_bias")

@@ -139,6 +139,8 @@ SUITE: list[Bench] = [
     Bench("data_scale", "scale", PY + ["benchmarks.data_scale"]),
     Bench("train_1b_cpu", "scale", PY + ["benchmarks.train_1b_cpu"]),
     Bench("teardown_stress", "scale", PY + ["benchmarks.teardown_stress", "--repeats", "15", "--launches", "16"]),
+    Bench("serve_load", "scale", PY + ["benchmarks.serve_load", "--soak-seconds", "600"]),
+    Bench("ann_recall", "scale", PY + ["benchmarks.ann_recall"]),
     # --- cluster: root and the two-node Slurm test cluster ---
     Bench("gloo_loopback_hostname", "cluster", PY + ["benchmarks.gloo_loopback_hostname"]),
     Bench("slurm_tests", "cluster", PY + ["pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_slurm.py"]),

@@ -208,7 +208,7 @@ def _cmd_recommend(a):
                                         model=a.model), ensure_ascii=False))
 
 
-SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
+SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client", "faiss")
 
 
 def require_serve() -> None:
@@ -232,8 +232,10 @@ def _cmd_serve(a):
     if a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"WARNING: serving on {a.host}, reachable from other machines; put it behind your own TLS and "
               f"access control (the server has neither)")
-    serve(a.bundle, a.host, a.port, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, mode=a.batching,
-          max_body_bytes=a.max_body_bytes, admin_token=token)
+    from .serving.ann import AnnConfig
+    ann = AnnConfig(nprobe=a.faiss_nprobe, nlist=a.faiss_nlist, exact_below=a.faiss_exact_below)
+    serve(a.bundle, a.host, a.port, index=a.index, ann=ann, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
+          mode=a.batching, max_body_bytes=a.max_body_bytes, admin_token=token)
 
 
 def _cmd_push_adapter(a):
@@ -487,6 +489,16 @@ def add_commands(sub) -> None:
                         "switching the active adapter (the baseline)")
     v.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20,
                    help="larger request bodies get 413 (default 1 MiB)")
+    v.add_argument("--index", choices=["exact", "faiss"], default="exact",
+                   help="exact: scores over every item (default); faiss: top k from a FAISS inner-product index "
+                        "over the item table with the offsets folded in, for catalogues of a million items "
+                        "(approximate: benchmarks/RESULTS.md has its recall@10)")
+    v.add_argument("--faiss-nprobe", type=at_least(1), default=32,
+                   help="IVF cells scanned per query: more is slower and closer to exact (default 32)")
+    v.add_argument("--faiss-nlist", type=at_least(1), default=None,
+                   help="IVF cells (default sqrt(catalogue size))")
+    v.add_argument("--faiss-exact-below", type=at_least(0), default=100_000,
+                   help="catalogues smaller than this get an exact FAISS index (default 100,000)")
     v.add_argument("--admin-token-file", default=None,
                    help="file whose first line is the token for PUT /v1/admin/... (or $CROSSREC_ADMIN_TOKEN; "
                         "neither: admin endpoints are off)")

@@ -175,6 +175,46 @@ def test_each_bad_request_gets_its_status_and_message(bundle):
     assert 'status="500"' not in metrics and "crossrec_errors_total" in metrics
 
 
+def test_faiss_index_probing_every_cell_gives_the_exact_answers(bundle):
+    """serve --index faiss: one IVF index per output side ([item table | offsets], the region's own rows
+    and offsets patched in; base-served regions share the base's). Probing every cell is exhaustive, so
+    each row's top k -- shared adapters, the base and the ONNX student in one batch -- equals the exact
+    engine's; probing one cell of eight is allowed to miss, never to return a history's item."""
+    from crossrec_dist.serving.ann import AnnConfig, index_factory
+    from crossrec_dist.serving.engine import Query, ServingEngine, engine_from_bundle
+    factory = index_factory(AnnConfig(exact_below=0, nlist=4, nprobe=4))
+    exact = _engine(bundle / "bundle")
+    ann = engine_from_bundle(bundle / "bundle", item_index=factory)
+    assert len({id(ann.regions[r].primary.ann) for r in REGIONS}) == 3          # each its own offsets
+    base_only = ServingEngine(bundle / "bundle" / "base", item_index=factory)     # every region base-served
+    assert len({id(r.primary.ann) for r in base_only.regions.values()}) == 1 and len(base_only.regions) == 3
+    rng = random.Random(3)
+
+    def queries(engine, student=True):
+        rng.seed(3)
+        out = []
+        for i in range(24):
+            region = REGIONS[i % len(REGIONS)]
+            route = engine.region(region).route("student" if student and region == "d2" and i % 4 == 2 else None)
+            history = [rng.choice(engine.vocab) for _ in range(rng.randint(0, 15))]
+            out.append(Query(route, engine.encode(route, history)[0], 10, exclude_seen=i % 5 != 0))
+        return out
+
+    want, got = exact.answer(queries(exact)), ann.answer(queries(ann))
+    for w, g in zip(want, got):
+        assert g[0] == w[0] and max(abs(a - b) for a, b in zip(g[1], w[1])) < 1e-4
+    base_exact = ServingEngine(bundle / "bundle" / "base")
+    for w, g in zip(base_exact.answer(queries(base_exact, False)[:6]), base_only.answer(queries(base_only, False)[:6])):
+        assert g[0] == w[0] and g[2].kind == "base"
+    for region in REGIONS:
+        ann.regions[region].primary.ann.index.nprobe = 1
+    for q, (items, _, _) in zip(queries(ann), ann.answer(queries(ann))):
+        assert len(items) == 10 and (not q.exclude_seen or not {ann.index[i] for i in items} & set(q.known))
+    with serving(ann) as (client, _):
+        listed = {r["region"]: r["index"] for r in client.get("/v1/regions").json()["regions"]}
+    assert listed["d0"].startswith("ivf-flat(nlist=4")
+
+
 def test_a_region_without_an_adapter_is_answered_by_the_base_and_says_so(bundle, shifted):
     from crossrec_dist.serving.engine import ServingEngine
     engine = ServingEngine(bundle / "bundle" / "base")        # no adapters: every region is the base's

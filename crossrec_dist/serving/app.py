@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
 from .admin import record_in_manifest, token_matches, unpack_adapter
+from .ann import AnnConfig, index_factory
 from .batcher import MicroBatcher
 from .engine import NotFound, Query, ServingEngine, adapter_record, engine_from_bundle
 from .metrics import ServerMetrics
@@ -273,8 +274,10 @@ def create_app(engine: ServingEngine, *, max_batch: int = 32, max_wait_ms: float
     return app
 
 
-def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Load the bundle, then serve it until interrupted (``crossrec serve``)."""
-    engine = engine_from_bundle(Path(bundle))
+def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, index: str = "exact",
+          ann: AnnConfig | None = None, **options) -> None:
+    """Load the bundle, then serve it until interrupted (``crossrec serve``). ``index="faiss"``: top k
+    through a FAISS index per output side (``ann.py``) instead of exact scores over every item."""
+    engine = engine_from_bundle(Path(bundle), item_index=index_factory(ann or AnnConfig()) if index == "faiss" else None)
     app = create_app(engine, **options)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

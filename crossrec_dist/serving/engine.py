@@ -58,6 +58,7 @@ class Route:
     adapter_name: str = BASE      # serving == shared
     model: object = None          # serving == merged: a CrossRecModel; onnx: a Student
     note: str | None = None
+    ann: object = None            # an ItemIndex (serve --index faiss): top k from the hidden state
 
     def describe(self) -> dict:
         out = {"kind": self.kind, "version": self.version, "serving": self.serving}
@@ -109,11 +110,15 @@ class Query:
 class ServingEngine:
     """Load a bundle (``crossrec export``'s folder: base/, adapters/, students/) for serving.
 
-    ``base`` and ``adapters`` may also be given apart (``Recommender(base, adapters)``)."""
+    ``base`` and ``adapters`` may also be given apart (``Recommender(base, adapters)``). ``item_index``:
+    (item table, offsets) -> an index whose ``search(hidden, k, exclude)`` answers top k (``ann.py``'s
+    FAISS ``ItemIndex``; None: exact scores over every item). One index per distinct output side,
+    built when a route is loaded, before it takes traffic."""
 
     def __init__(self, base: str | Path, adapters: str | Path | None = None, students: str | Path | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", item_index=None):
         self.base_dir, self.device = Path(base), device
+        self.item_index, self._indexes = item_index, {}
         check_model_weights(self.base_dir)
         self.lock = threading.RLock()     # install_adapter vs answer when no batcher serialises them
         self.vocab = read_vocab(self.base_dir)
@@ -148,6 +153,8 @@ class ServingEngine:
                 raise InputError(f"a student for region {student.region!r}, which the bundle does not serve",
                                  path=str(student.folder))
             region.student, region.prefer_student = self._student_route(student), student.default
+        for region in self.regions.values():
+            self._attach_index(region.primary)
 
     # ---- loading -------------------------------------------------------------------------------------
 
@@ -225,12 +232,37 @@ class ServingEngine:
             self.check_adapter(folder)
             old = self.regions.get(region)
             route = self._load_route(region, "adapter", folder)
+            try:
+                self._attach_index(route)
+            except Exception:
+                if route.serving == "shared":
+                    self.shared.remove_loaded(route.adapter_name)
+                raise
             if old is not None and old.primary.serving == "shared":
                 self.shared.remove_loaded(old.primary.adapter_name)
+                self._indexes.pop(old.primary.adapter_name, None)
+            elif old is not None and old.primary.serving == "merged":
+                self._indexes.pop(id(old.primary.model), None)
             merged_info = {**(old.info if old else {}), **(info or {}), "source": False}
             self.regions[region] = Region(region, route, old.student if old else None,
                                           old.prefer_student if old else False, merged_info)
             return route
+
+    def _attach_index(self, route: Route) -> None:
+        """Give ``route`` the index over the item table and offsets it scores with (shared with every
+        route that scores with the same ones: all base-served regions use one)."""
+        if self.item_index is None or route.serving == "onnx":
+            return
+        if route.serving == "merged":
+            bias = route.model.output_bias()
+            key, table = id(route.model), route.model.item_weight()
+        else:
+            key, table, bias = self.shared.output_side(route.adapter_name)
+        if key not in self._indexes:
+            with torch.no_grad():
+                self._indexes[key] = self.item_index(table.detach().float().cpu().numpy(),
+                                                     None if bias is None else bias.detach().float().cpu().numpy())
+        route.ann = self._indexes[key]
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -286,7 +318,8 @@ class ServingEngine:
                 groups.setdefault(key, []).append(i)
             for rows in groups.values():
                 qs = [queries[i] for i in rows]
-                for i, q, result in zip(rows, qs, self._top(qs, self._scores(qs))):
+                top = self._top(qs, self._scores(qs)) if any(q.route.ann is None for q in qs) else self._top_ann(qs)
+                for i, q, result in zip(rows, qs, top):
                     out[i] = (*result, q.route)
             return out
 
@@ -300,17 +333,21 @@ class ServingEngine:
             scores = self.shared.scores_switching(ids.to(self.device), doms.to(self.device), query.route.adapter_name)
             return (*self._top([query], scores.cpu())[0], query.route)
 
-    def _batch(self, qs: list[Query]) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.zeros(len(qs), self.max_len, dtype=torch.long)
+    def _batch(self, qs: list[Query], full: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded histories, as wide as the batch's longest (``full``: ``max_len``, what an ONNX graph
+        takes). Narrower is the same answer -- padding is masked and rotary positions are relative -- for
+        less work: a 10-item history in a 50-wide window pays for 50 positions."""
+        width = self.max_len if full else max(1, min(self.max_len, max(len(q.known) for q in qs)))
+        ids = torch.zeros(len(qs), width, dtype=torch.long)
         for row, q in enumerate(qs):
-            seq = q.known[-self.max_len:]
+            seq = q.known[-width:]
             if seq:
                 ids[row, -len(seq):] = torch.tensor(seq)
         return ids, torch.tensor([q.route.domain_id for q in qs], dtype=torch.long)
 
     def _scores(self, qs: list[Query]) -> torch.Tensor:
-        ids, doms = self._batch(qs)
         route = qs[0].route
+        ids, doms = self._batch(qs, full=route.serving == "onnx")
         if route.serving == "onnx":
             return torch.from_numpy(route.model.scores(ids.numpy(), doms.numpy()))
         if route.serving == "merged":
@@ -318,6 +355,33 @@ class ServingEngine:
                 return route.model(input_ids=ids.to(self.device), domain_ids=doms.to(self.device),
                                    return_scores=True).cpu()
         return self.shared.scores(ids.to(self.device), doms.to(self.device), [q.route.adapter_name for q in qs]).cpu()
+
+    def _top_ann(self, qs: list[Query]) -> list[tuple[list, list[float]]]:
+        """Top k through each route's item index: the hidden states in one forward, then one search per
+        index present."""
+        ids, doms = self._batch(qs)
+        ids, doms = ids.to(self.device), doms.to(self.device)
+        route = qs[0].route
+        if route.serving == "merged":
+            with torch.inference_mode():
+                hidden = route.model.encode(ids, doms, None)[:, -1]
+        else:
+            hidden = self.shared.hidden(ids, doms, [q.route.adapter_name for q in qs])
+        hidden = hidden.float().cpu().numpy()
+        by_index: dict[int, list[int]] = {}
+        for row, q in enumerate(qs):
+            by_index.setdefault(id(q.route.ann), []).append(row)
+        out: list = [None] * len(qs)
+        for rows in by_index.values():
+            ann = qs[rows[0]].route.ann
+            scores, items = ann.search(hidden[rows], max(qs[r].k for r in rows),
+                                       [qs[r].known if qs[r].exclude_seen else [] for r in rows])
+            for r, s, ix in zip(rows, scores, items):
+                q = qs[r]
+                keep = [j for j in range(min(q.k, len(s))) if s[j] != -np.inf]
+                vocab = q.route.vocab
+                out[r] = ([vocab[int(ix[j]) - 1] if vocab else int(ix[j]) for j in keep], [float(s[j]) for j in keep])
+        return out
 
     @staticmethod
     def _top(qs: list[Query], scores: torch.Tensor) -> list[tuple[list, list[float]]]:
@@ -350,7 +414,8 @@ class ServingEngine:
         for name, r in sorted(self.regions.items()):
             out.append({"region": name, **r.info, "model": r.default.describe(), "primary": r.primary.describe(),
                         "student": r.student.describe() if r.student else None,
-                        "catalogue": self.catalogue_size(r.default), "base_fingerprint": self.fingerprint})
+                        "catalogue": self.catalogue_size(r.default), "base_fingerprint": self.fingerprint,
+                        "index": r.default.ann.kind if r.default.ann is not None else "exact"})
         return out
 
 
@@ -366,9 +431,9 @@ def adapter_record(folder: Path) -> dict:
             "valid": metrics.get("valid"), "test": metrics.get("test"), "new_items": info.get("new_items", 0)}
 
 
-def engine_from_bundle(bundle: str | Path, device: str = "cpu") -> ServingEngine:
+def engine_from_bundle(bundle: str | Path, device: str = "cpu", item_index=None) -> ServingEngine:
     bundle = Path(bundle)
     check_model_dir(bundle / "base")
     adapters = bundle / "adapters" if (bundle / "adapters" / "manifest.json").is_file() else None
     students = bundle / STUDENTS if (bundle / STUDENTS).is_dir() else None
-    return ServingEngine(bundle / "base", adapters, students, device)
+    return ServingEngine(bundle / "base", adapters, students, device, item_index)

@@ -170,13 +170,32 @@ class SharedAdapters:
         return module.original_module.weight if hasattr(module, "original_module") else module.weight
 
     @torch.inference_mode()
+    def hidden(self, input_ids: torch.Tensor, domain_ids: torch.Tensor, names: list[str]) -> torch.Tensor:
+        """The final hidden state after each history (B, H), row i through adapter ``names[i]``."""
+        if self.model is None or all(n == BASE for n in names):
+            return self._base_hidden(input_ids, domain_ids)[:, -1]
+        return self.model(input_ids=input_ids, domain_ids=domain_ids, adapter_names=list(names)).hidden_states[:, -1]
+
+    def output_side(self, name: str) -> tuple[str, torch.Tensor, torch.Tensor | None]:
+        """(key, item table, offsets) adapter ``name`` scores with: the base's, its rows and offsets patched
+        in. The key names what is shared: adapters that change neither score with the base's ("base")."""
+        head = self.heads.get(name)
+        base_bias = self._base_bias()
+        own_rows = head is not None and head.rows.tolist() != PADDING_ROW
+        own_bias = head is not None and head.bias is not None
+        if not (own_rows or own_bias):
+            return BASE, self._base_table().detach(), None if base_bias is None else base_bias.detach()
+        table = self._base_table().detach()
+        if own_rows:
+            table = table.clone()
+            table[head.rows] = head.row_weights
+        bias = head.bias if own_bias else base_bias
+        return name, table, None if bias is None else bias.detach()
+
+    @torch.inference_mode()
     def scores(self, input_ids: torch.Tensor, domain_ids: torch.Tensor, names: list[str]) -> torch.Tensor:
         """Scores over every item (B, N+1), row i through adapter ``names[i]`` (``BASE``: the base)."""
-        if self.model is None or all(n == BASE for n in names):
-            hidden = self._base_hidden(input_ids, domain_ids)
-        else:
-            hidden = self.model(input_ids=input_ids, domain_ids=domain_ids, adapter_names=list(names)).hidden_states
-        hidden = hidden[:, -1]
+        hidden = self.hidden(input_ids, domain_ids, names)
         scores = hidden @ self._base_table().t()
         base_bias = self._base_bias()
         for name in dict.fromkeys(names):

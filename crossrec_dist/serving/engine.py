@@ -259,9 +259,8 @@ class ServingEngine:
         else:
             key, table, bias = self.shared.output_side(route.adapter_name)
         if key not in self._indexes:
-            with torch.no_grad():
-                self._indexes[key] = self.item_index(table.detach().float().cpu().numpy(),
-                                                     None if bias is None else bias.detach().float().cpu().numpy())
+            self._indexes[key] = self.item_index(table.detach().float().cpu().numpy(),
+                                                 None if bias is None else bias.detach().float().cpu().numpy())
         route.ann = self._indexes[key]
 
     # ---- requests ------------------------------------------------------------------------------------
@@ -377,10 +376,7 @@ class ServingEngine:
             scores, items = ann.search(hidden[rows], max(qs[r].k for r in rows),
                                        [qs[r].known if qs[r].exclude_seen else [] for r in rows])
             for r, s, ix in zip(rows, scores, items):
-                q = qs[r]
-                keep = [j for j in range(min(q.k, len(s))) if s[j] != -np.inf]
-                vocab = q.route.vocab
-                out[r] = ([vocab[int(ix[j]) - 1] if vocab else int(ix[j]) for j in keep], [float(s[j]) for j in keep])
+                out[r] = _raw_ids(qs[r], s[:qs[r].k].tolist(), ix[:qs[r].k].tolist())
         return out
 
     @staticmethod
@@ -394,10 +390,7 @@ class ServingEngine:
         values, indices = torch.topk(scores, k, dim=1)
         out = []
         for row, q in enumerate(qs):
-            v, ix = values[row, :q.k].tolist(), indices[row, :q.k].tolist()
-            keep = [j for j, s in enumerate(v) if s != -np.inf]       # fewer unseen items than k
-            vocab = q.route.vocab
-            out.append(([vocab[ix[j] - 1] if vocab else ix[j] for j in keep], [v[j] for j in keep]))
+            out.append(_raw_ids(q, values[row, :q.k].tolist(), indices[row, :q.k].tolist()))
         return out
 
     def popular(self, route: Route, known: list[int], k: int, exclude_seen: bool = True):
@@ -417,6 +410,13 @@ class ServingEngine:
                         "catalogue": self.catalogue_size(r.default), "base_fingerprint": self.fingerprint,
                         "index": r.default.ann.kind if r.default.ann is not None else "exact"})
         return out
+
+
+def _raw_ids(q: Query, scores: list[float], indices: list[int]) -> tuple[list, list[float]]:
+    """A row's top k as the route's raw item ids, the -inf tail (fewer unseen items than k) left out."""
+    keep = [j for j, s in enumerate(scores) if s != -np.inf]
+    vocab = q.route.vocab
+    return [vocab[indices[j] - 1] if vocab else indices[j] for j in keep], [scores[j] for j in keep]
 
 
 def _index(ids):

@@ -369,7 +369,10 @@ def test_batch_recommend_matches_the_server_in_every_input_format(bundle, tmp_pa
         run_cli("recommend", "--bundle", bundle / "bundle", "--input", tmp_path / f"h.{ext}", "--region-col", "region",
                 "--history-col", "items", "--user-col", "user", "--k", "5", "--out", out, "--chunk-rows", "16")
         outs[ext] = pq.read_table(out).to_pylist()
-    assert outs["parquet"] == outs["csv"] == outs["jsonl"]
+    # the same rows, ids and order; scores to float32 rounding (a batch is padded to its longest history,
+    # so chunking by parquet row group or by line changes the matmul shapes, not the answer)
+    _same_recommendations(outs["parquet"], outs["csv"])
+    _same_recommendations(outs["parquet"], outs["jsonl"])
     rows = outs["parquet"]
     assert [r["row"] for r in rows] == list(range(40)) and [r["user"] for r in rows] == [u for u, _, _ in users]
     with serving(engine) as (client, app):
@@ -386,7 +389,14 @@ def test_batch_recommend_matches_the_server_in_every_input_format(bundle, tmp_pa
     accelerate_launch("cpu_ddp_2proc.yaml", "recommend", "--bundle", bundle / "bundle", "--input", tmp_path / "h.parquet",
                       "--region-col", "region", "--history-col", "items", "--user-col", "user", "--k", "5",
                       "--out", out2, "--chunk-rows", "16")
-    assert pq.read_table(out2).to_pylist() == rows
+    _same_recommendations(pq.read_table(out2).to_pylist(), rows)
+
+
+def _same_recommendations(left: list[dict], right: list[dict]) -> None:
+    assert len(left) == len(right)
+    for a, b in zip(left, right):
+        assert {k: v for k, v in a.items() if k != "scores"} == {k: v for k, v in b.items() if k != "scores"}
+        assert a["scores"] == pytest.approx(b["scores"], rel=1e-5, abs=1e-6)
 
 
 def test_crossrec_serve_answers_a_real_client(bundle):

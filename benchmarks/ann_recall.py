@@ -109,7 +109,9 @@ def run_table(name: str, table, bias, hidden, args) -> dict:
     index = ItemIndex(table, bias, AnnConfig(exact_below=0, nlist=args.nlist, nprobe=args.nprobe[0]))
     out["build_s"] = round(time.perf_counter() - start, 1)
     out["index"] = index.kind
-    out["index_bytes"] = int(index.index.ntotal * (table.shape[1] + 1) * 4)
+    # vectors (H + 2 float32 columns: the offset and the equal-norm one), an 8-byte id per list entry and
+    # 8 bytes of direct map per item (to rescore hits)
+    out["index_bytes"] = int(index.index.ntotal * (index.index.d * 4 + 16))
     out["nprobe"] = {}
     for nprobe in args.nprobe:
         index.index.nprobe = nprobe

@@ -8,6 +8,7 @@ Tiers (benchmarks/README.md lists every script, what it measures, its time and w
   study    needs a finished study folder (`make demo`: runs/ml_cross_platform), given by --study
   scale    long, or more memory than a laptop: distillation seeds, 100M interactions, the 1b preset
   cluster  needs root and the two-node Slurm test cluster (sudo bash .ci/slurm_up.sh)
+  gpu      needs one CUDA GPU (H100/H200): the 1b preset's tokens/s and MFU, ML-1M epochs, serving (~4 min)
 
 Each script writes its raw output under benchmarks/out/ (not committed; the quick tier under
 benchmarks/out/quick/, so that its small artefacts are never reused by a full-size run). This runner
@@ -16,7 +17,7 @@ the machine (CPU model, cores, memory, load, library versions, commit) and every
 (or its output's last lines if it makes none); and benchmarks/results/run_all/<YYYY-MM-DD>-<tier>.json,
 the tier's total.
 
-usage: python -m benchmarks.run_all [--tier quick|full|study|scale|cluster] [--only NAME ...] [--list]
+usage: python -m benchmarks.run_all [--tier quick|full|study|scale|cluster|gpu] [--only NAME ...] [--list]
        [--study runs/ml_cross_platform] [--note TEXT] [--no-results]
 """
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 from benchmarks.common import BENCH, OUT, RESULTS, machine_info
 
 REPO = BENCH.parent
-TIERS = ("quick", "full", "study", "scale", "cluster")
+TIERS = ("quick", "full", "study", "scale", "cluster", "gpu")
 PY = ["python", "-m"]
 ACCELERATE_2PROC = ["accelerate", "launch", "--config_file", "launch/cpu_zero3_2proc.yaml",
                     "--main_process_port", "29620", "-m"]
@@ -145,6 +146,8 @@ SUITE: list[Bench] = [
     Bench("gloo_loopback_hostname", "cluster", PY + ["benchmarks.gloo_loopback_hostname"]),
     Bench("slurm_tests", "cluster", PY + ["pytest", "-q", "-s", "-p", "no:cacheprovider", "tests/test_slurm.py"]),
     Bench("slurm_job_times", "cluster", PY + ["benchmarks.slurm_job_times", "--since", "{start}"]),
+    # --- gpu: one CUDA GPU ---
+    Bench("gpu_suite", "gpu", PY + ["benchmarks.gpu_suite"]),
 ]
 BY_NAME = {b.name: b for b in SUITE}
 
@@ -219,7 +222,11 @@ def main() -> None:
         return
     if a.tier == "study" and not (Path(a.study) / "configs" / "pretrain.yaml").exists():
         sys.exit(f"{a.study}: not a finished study folder (run `make demo` first, or pass --study)")
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if a.tier == "gpu":        # DeepSpeed finds the GPU itself (make bench sets DS_ACCELERATOR=cpu for the rest)
+        env.pop("DS_ACCELERATOR", None)
+    else:
+        env["DS_ACCELERATOR"] = os.environ.get("DS_ACCELERATOR", "cpu")
     out = OUT
     if a.tier == "quick" and not os.environ.get("CROSSREC_BENCH_OUT"):
         out = OUT / "quick"

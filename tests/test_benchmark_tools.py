@@ -118,7 +118,7 @@ def test_every_benchmark_script_is_in_a_tier_and_in_the_readme():
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     scripts = {p.stem for p in bench.glob("*.py")} - {"__init__", "common", "run_all"}
     listed: dict[str, set[str]] = {}
-    for tier in ("quick", "full", "study", "scale", "cluster"):
+    for tier in ("quick", "full", "study", "scale", "cluster", "gpu"):
         out = subprocess.run([sys.executable, "-m", "benchmarks.run_all", "--tier", tier, "--list"], cwd=bench.parent,
                              capture_output=True, text=True, check=True).stdout
         listed[tier] = set(re.findall(r"-m benchmarks\.(\w+)", out))
@@ -128,3 +128,26 @@ def test_every_benchmark_script_is_in_a_tier_and_in_the_readme():
     readme = (bench / "README.md").read_text()
     assert not [s for s in scripts if f"`{s}.py`" not in readme], "README.md misses a script"
     assert "--tier $(or $(TIER),quick)" in (bench.parent / "Makefile").read_text()
+
+
+def test_gpu_suite_dry_run_takes_every_figure_on_the_cpu(tmp_path):
+    """``benchmarks/gpu_suite.py --dry-run``: the GPU suite's parts (1b throughput, ML-1M epochs, serving)
+    at toy sizes on the CPU, so that the command a GPU machine runs keeps working where none is."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu_suite.json"
+    env = {**os.environ, "CROSSREC_BENCH_OUT": str(tmp_path / "bench"), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_suite", "--dry-run", "--json", str(out)], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = json.loads(out.read_text())["parts"]
+    assert set(parts) == {"1b_throughput", "ml1m_epoch_small", "ml1m_epoch_medium", "serving"}
+    assert parts["1b_throughput"]["updates"] == 3 and parts["1b_throughput"]["tokens_per_second"] > 0
+    assert parts["1b_throughput"]["mfu"] is None                 # no GPU peak on a CPU: no MFU, not a made-up one
+    assert all(parts[p]["train_seconds"] > 0 and "ndcg@10" in parts[p]["test"] for p in ("ml1m_epoch_small",
+                                                                                         "ml1m_epoch_medium"))
+    assert parts["serving"]["batch1_ms"]["n"] == 20 and parts["serving"]["batch32_ms"]["p50"] > 0

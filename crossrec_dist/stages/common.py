@@ -173,8 +173,9 @@ def training_batches(data: PreparedData, domains, max_len: int, micro_batch: int
 
 def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size: int = 1024,
                    device="cpu", catalogue: np.ndarray | None = None) -> dict:
-    """valid and test metrics of a plain (one-process) model (ranking ``catalogue``'s items only, if given)."""
-    model.eval()
+    """valid and test metrics of a plain (one-process) model (ranking ``catalogue``'s items only, if given),
+    on ``device`` (the stages pass their engine's: a run on a GPU evaluates there, not on the host)."""
+    model.to(device).eval()
     scorer = model_scorer(model)
     return {split: evaluate(data, scorer, EvalOptions(split=split, domains=domains, batch_size=batch_size,
                                                       max_len=max_len, catalogue=catalogue), device)

@@ -220,10 +220,10 @@ class FinetuneTask(RecommenderTask):
     def final_record(self, engine, result) -> dict:
         model = self.method.load(engine.out_dir, self.base_dir)
         ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
-                            catalogue=self.catalogue)
+                            catalogue=self.catalogue, device=engine.device)
         extra = {**self.method.record(self, model, engine.out_dir), **catalogue_record(self.catalogue, self.data)}
         refs = reference_evaluations(self.base_dir, self.data, self.domain, self.train.eval_batch_size,
-                                     self.catalogue, self.train_users)
+                                     self.catalogue, self.train_users, device=engine.device)
         vs = paired_vs(ev, refs)
         selection = selection_record(result, self.must_beat_start)
         if self.cfg.source_replay > 0:

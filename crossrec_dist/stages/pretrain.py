@@ -72,7 +72,8 @@ class PretrainTask(RecommenderTask):
     def final_record(self, engine, result) -> dict:
         model = CrossRecModel.from_pretrained(engine.out_dir)  # the consolidated best model, in one process
         t0 = time.perf_counter()
-        ev = evaluate_model(model, self.data, self.domains, self.max_len, self.train.eval_batch_size)
+        ev = evaluate_model(model, self.data, self.domains, self.max_len, self.train.eval_batch_size,
+                            device=engine.device)
         return metrics_record(
             stage="pretrain", domain=None, method="pretrain", params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], per_domain=ev["test"]["per_domain"],

@@ -234,8 +234,8 @@ def _cmd_serve(a):
               f"access control (the server has neither)")
     from .serving.ann import AnnConfig
     ann = AnnConfig(nprobe=a.faiss_nprobe, nlist=a.faiss_nlist, exact_below=a.faiss_exact_below)
-    serve(a.bundle, a.host, a.port, index=a.index, ann=ann, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
-          mode=a.batching, max_body_bytes=a.max_body_bytes, admin_token=token)
+    serve(a.bundle, a.host, a.port, index=a.index, ann=ann, threads=a.threads, max_batch=a.max_batch,
+          max_wait_ms=a.max_wait_ms, mode=a.batching, max_body_bytes=a.max_body_bytes, admin_token=token)
 
 
 def _cmd_push_adapter(a):
@@ -487,6 +487,9 @@ def add_commands(sub) -> None:
     v.add_argument("--batching", choices=["mixed", "switch"], default="mixed",
                    help="mixed: rows of any regions in one pass (default); switch: one request at a time, "
                         "switching the active adapter (the baseline)")
+    v.add_argument("--threads", type=at_least(1), default=None,
+                   help="torch threads for the models (default: cores - 1, at most 4; 1 on 2 cores, leaving a core "
+                        "to the HTTP event loop)")
     v.add_argument("--max-body-bytes", type=at_least(1), default=1 << 20,
                    help="larger request bodies get 413 (default 1 MiB)")
     v.add_argument("--index", choices=["exact", "faiss"], default="exact",

@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
+import torch
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -274,10 +275,23 @@ def create_app(engine: ServingEngine, *, max_batch: int = 32, max_wait_ms: float
     return app
 
 
+def default_threads(cores: int | None = None) -> int:
+    """Torch threads for the models: one core is left to the event loop, and more than 4 do not pay for a
+    recommender's small matmuls. On 2 cores that is 1 thread: the load test (benchmarks/RESULTS.md §6.2)
+    served 1.3x (``medium``) to 1.9x (``small``) the requests with 1 thread as with 2, whose second OpenMP
+    worker spins on the core that parses HTTP."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(4, cores - 1))
+
+
 def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, index: str = "exact",
-          ann: AnnConfig | None = None, **options) -> None:
+          ann: AnnConfig | None = None, threads: int | None = None, **options) -> None:
     """Load the bundle, then serve it until interrupted (``crossrec serve``). ``index="faiss"``: top k
-    through a FAISS index per output side (``ann.py``) instead of exact scores over every item."""
+    through a FAISS index per output side (``ann.py``) instead of exact scores over every item. ``threads``:
+    torch's intra-op threads (None: ``default_threads()``). uvicorn takes httptools and uvloop, the [serve]
+    extra's C parser and event loop, where they import."""
+    torch.set_num_threads(threads or default_threads())
     engine = engine_from_bundle(Path(bundle), item_index=index_factory(ann or AnnConfig()) if index == "faiss" else None)
     app = create_app(engine, **options)
+    print(f"crossrec serve: {len(engine.regions)} region(s), torch threads {torch.get_num_threads()}", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="info", access_log=False)

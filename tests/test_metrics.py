@@ -145,3 +145,51 @@ def test_several_validation_targets_per_user_rank_as_one_history_each(tmp_path):
     cut = eval_batches(many, 64, True, 5)
     assert max(k for k, _ in cut) == 5 and sum(len(ex) for _, ex in cut) == len(many.targets)
     assert rank_eval_set(data, many, grouped, short, show_progress=False).shape == (len(many.targets),)
+
+
+def test_eval_users_sample_is_seeded_and_the_score_memory_is_capped(tmp_path, monkeypatch):
+    """``train.eval_users``: a seeded sample of users (the same one every time and for valid and test),
+    all of them at 0 or when asked for more; passes over a big catalogue take fewer users each, and the
+    ranks are the same as with one pass for everyone."""
+    from crossrec_dist.cli import main
+    from crossrec_dist.data.prepared import PreparedData
+    from crossrec_dist.evaluation import evaluator
+    from crossrec_dist.evaluation.evaluator import EvalOptions, evaluate, sample_users, score_batch_size
+
+    rng = np.random.default_rng(1)
+    rows = [f"u{u},i{int(i)},{100 + t}" for u in range(60) for t, i in enumerate(rng.integers(0, 40, 6))]
+    (tmp_path / "in.csv").write_text("user_id,item_id,timestamp\n" + "\n".join(rows) + "\n")
+    assert main(["prepare", "--format", "csv", "--input", str(tmp_path / "in.csv"), "--out", str(tmp_path / "d")]) == 0
+    data = PreparedData(tmp_path / "d")
+    test, valid = data.eval_set("test"), data.eval_set("valid")
+    a, b = sample_users(test, 20, seed=3), sample_users(test, 20, seed=3)
+    assert len(np.unique(a.seq_index)) == 20 and (a.seq_index == b.seq_index).all()
+    assert (sample_users(valid, 20, seed=3).seq_index == a.seq_index).all()        # valid and test: the same users
+    assert set(sample_users(test, 20, seed=4).seq_index) != set(a.seq_index)
+    assert len(sample_users(test, 0, seed=3).targets) == len(sample_users(test, 10_000, seed=3).targets) == 60
+
+    assert score_batch_size(1024, 3_706) == 1024 and score_batch_size(1024, 1_000_000) == 67
+    assert score_batch_size(1024, 10**9) == 1
+    scores = torch.from_numpy(rng.normal(size=(1, data.num_items + 1)).astype(np.float32))
+    scorer = lambda hist, doms: scores.expand(len(hist), -1) + hist[:, -1:].float() * 1e-3   # noqa: E731
+    whole = evaluate(data, scorer, EvalOptions(batch_size=1024, users=20, seed=3))
+    monkeypatch.setattr(evaluator, "SCORE_BUDGET", 3 * (data.num_items + 1))       # 3 users per pass
+    capped = evaluate(data, scorer, EvalOptions(batch_size=1024, users=20, seed=3))
+    assert whole["overall"]["users"] == 20
+    assert (whole["examples"]["rank"] == capped["examples"]["rank"]).all()
+    assert (whole["examples"]["seq_index"] == a.seq_index).all()
+
+
+def test_eval_users_reaches_metrics_json(synth_data, tmp_path):
+    import json
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    run_cli("pretrain", "--preset", "tiny", "--data", synth_data, "--out", out, "--set", "train.max_steps=2",
+            "--set", "train.eval_users=25", "--set", "train.tensorboard=false")
+    rec = json.loads((out / "metrics.json").read_text())
+    assert rec["eval_users"] == {"sampled": True, "requested": 25, "seed": 0, "valid": 25, "test": 25}
+    assert len(rec["test_ranks"]["seq_index"]) == 25
+    bad = run_cli("pretrain", "--preset", "tiny", "--data", synth_data, "--out", tmp_path / "bad",
+                  "--set", "train.eval_users=-1", check=False)
+    assert bad.returncode == 2 and "train.eval_users" in bad.stderr and "Traceback" not in bad.stderr

@@ -33,6 +33,31 @@ class EvalOptions:
     exclude_history: bool = True
     # Bool mask over item indices (PreparedData.catalogue): rank only these items (None: every item).
     catalogue: np.ndarray | None = None
+    # A seeded sample of this many users (sequences) is ranked; 0: every user (sample_users).
+    users: int = 0
+    seed: int = 0
+
+
+# Scores held at once by one forward pass: users per pass are capped so that (users x (items + 1)) stays
+# under this many float32 values (256 MiB). At 3,706 items a pass takes up to ~18,000 users (batch_size
+# decides); at a million, 67 -- full ranking over 1M+ items then needs more passes, not more memory.
+SCORE_BUDGET = 1 << 26
+
+
+def score_batch_size(batch_size: int, num_items: int) -> int:
+    """Users per forward pass: ``batch_size``, fewer where the catalogue would not fit SCORE_BUDGET."""
+    return max(1, min(batch_size, SCORE_BUDGET // (num_items + 1)))
+
+
+def sample_users(ev: EvalSet, users: int, seed: int) -> EvalSet:
+    """The examples of ``users`` sequences drawn without replacement with ``seed`` (all when ``users`` is
+    0 or at least as many as there are). Drawn from the sorted sequence ids, so every rank, every
+    validation of a run and its final test draw the same users wherever their eval sets hold the same."""
+    present = np.unique(ev.seq_index)
+    if users <= 0 or users >= len(present):
+        return ev
+    chosen = np.random.default_rng(seed).choice(present, size=users, replace=False)
+    return ev.only(np.sort(chosen))
 
 
 def left_padded(data: PreparedData, seq: np.ndarray, end: np.ndarray, max_len: int) -> np.ndarray:
@@ -107,7 +132,8 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
     Histories are excluded per target as always. k = 1 (every test set) is one pass per history."""
     ranks = torch.zeros(len(ev.targets), dtype=torch.long)
     hidden = None if opts.catalogue is None else torch.from_numpy(~opts.catalogue).to(device)  # items never ranked
-    batches = eval_batches(ev, opts.batch_size, getattr(scorer, "last_k", None) is not None, opts.max_len)
+    batches = eval_batches(ev, score_batch_size(opts.batch_size, data.num_items),
+                           getattr(scorer, "last_k", None) is not None, opts.max_len)
     for k, ex in track(batches, len(batches), f"evaluate {opts.split}", enabled=show_progress):
         seq, end = ev.seq_index[ex], ev.hist_end[ex]
         with torch.no_grad():
@@ -132,7 +158,7 @@ def rank_eval_set(data: PreparedData, ev: EvalSet, scorer: Scorer, opts: EvalOpt
 
 def evaluate(data: PreparedData, scorer: Scorer, opts: EvalOptions, device="cpu") -> dict:
     """Overall metrics of ``opts.split`` plus a ``per_domain`` breakdown when several domains are in it."""
-    ev = data.eval_set(opts.split, opts.domains)
+    ev = sample_users(data.eval_set(opts.split, opts.domains), opts.users, opts.seed)
     return summarize_ranks(data, ev, rank_eval_set(data, ev, scorer, opts, device), opts.ks)
 
 

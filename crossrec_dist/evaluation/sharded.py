@@ -11,7 +11,7 @@ import torch
 
 from ..data.prepared import EvalSet, PreparedData
 from ..engine import distributed as dist_info
-from .evaluator import EvalOptions, eval_batches, rank_eval_set, summarize_ranks
+from .evaluator import EvalOptions, eval_batches, rank_eval_set, score_batch_size, summarize_ranks
 
 
 def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions, device) -> dict:
@@ -22,7 +22,8 @@ def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions,
     users = np.unique(ev.seq_index, return_inverse=True)[1] if len(ev.targets) else np.zeros(0, dtype=np.int64)
     owner = users % world
     shards = [np.flatnonzero(owner == r) for r in range(world)]
-    passes = [len(eval_batches(_subset(ev, s), opts.batch_size, grouped, opts.max_len)) for s in shards]
+    per_pass = score_batch_size(opts.batch_size, data.num_items)      # as rank_eval_set batches them
+    passes = [len(eval_batches(_subset(ev, s), per_pass, grouped, opts.max_len)) for s in shards]
     mine = shards[rank]
     ranks = rank_eval_set(data, _subset(ev, mine), scorer, opts, device, show_progress=rank == 0)
     for _ in range(passes[rank], max(passes, default=0)):  # keep collective forward passes in step across ranks

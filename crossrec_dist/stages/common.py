@@ -20,7 +20,7 @@ from ..engine.task import LossTerms, Selection, TrainTask, Validation
 from ..engine.trainer import Engine
 from ..errors import InputError
 from ..evaluation.bootstrap import interval_record, paired_on_users, per_user_ndcg
-from ..evaluation.evaluator import EvalOptions, evaluate, model_scorer
+from ..evaluation.evaluator import EvalOptions, evaluate, model_scorer, sample_users
 from ..evaluation.record import catalogue_record, write_metrics
 from ..evaluation.sharded import sharded_evaluate
 from ..models.sizing import param_counts
@@ -86,16 +86,18 @@ class RecommenderTask(TrainTask):
     def validate(self, engine: Engine) -> Validation:
         domains = self.validation_domains()
         opts = EvalOptions(split="valid", domains=domains, batch_size=self.train.eval_batch_size, max_len=self.max_len,
-                           catalogue=self.catalogue)
+                           catalogue=self.catalogue, users=self.train.eval_users, seed=self.train.seed)
         scorer = model_scorer(engine.model)
         with torch.no_grad():
             valid = self.data.eval_set("valid", domains, targets_per_user=self.valid_targets)
             if self.train_users is not None:
                 valid = valid.only(self.train_users)
+            valid = sample_users(valid, opts.users, opts.seed)
             details = sharded_evaluate(self.data, valid, scorer, opts, engine.device)
             tracked = {}
             if self.train.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
-                test = sharded_evaluate(self.data, self.data.eval_set("test", domains), scorer,
+                test = sharded_evaluate(self.data, sample_users(self.data.eval_set("test", domains), opts.users, opts.seed),
+                                        scorer,
                                         replace(opts, split="test"), engine.device)["overall"]
                 tracked = {"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]}
         examples = details.pop("examples", None)     # per-user ranks: only the final test record keeps them
@@ -172,14 +174,24 @@ def training_batches(data: PreparedData, domains, max_len: int, micro_batch: int
 
 
 def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size: int = 1024,
-                   device="cpu", catalogue: np.ndarray | None = None) -> dict:
+                   device="cpu", catalogue: np.ndarray | None = None, users: int = 0, seed: int = 0) -> dict:
     """valid and test metrics of a plain (one-process) model (ranking ``catalogue``'s items only, if given),
-    on ``device`` (the stages pass their engine's: a run on a GPU evaluates there, not on the host)."""
+    on ``device`` (the stages pass their engine's: a run on a GPU evaluates there, not on the host), over a
+    seeded sample of ``users`` users (0: all; ``train.eval_users``)."""
     model.to(device).eval()
     scorer = model_scorer(model)
     return {split: evaluate(data, scorer, EvalOptions(split=split, domains=domains, batch_size=batch_size,
-                                                      max_len=max_len, catalogue=catalogue), device)
+                                                      max_len=max_len, catalogue=catalogue, users=users,
+                                                      seed=seed), device)
             for split in ("valid", "test")}
+
+
+def eval_users_record(train, ev: dict) -> dict:
+    """metrics.json's ``eval_users``: how many users the final valid/test metrics rank, and whether (and
+    with which seed) they are a sample (``train.eval_users``)."""
+    return {"eval_users": {"sampled": train.eval_users > 0, "requested": train.eval_users or "all",
+                           "seed": train.seed if train.eval_users > 0 else None,
+                           "valid": ev["valid"]["overall"]["users"], "test": ev["test"]["overall"]["users"]}}
 
 
 def target_catalogue(cfg, data: PreparedData, domain: str) -> np.ndarray | None:

@@ -259,9 +259,11 @@ class DistillTask(RecommenderTask):
     def final_record(self, engine, result) -> dict:
         student = CrossRecModel.from_pretrained(engine.out_dir, use_safetensors=True)
         ev = evaluate_model(student, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
-                            catalogue=self.target_catalogue, device=engine.device)
+                            catalogue=self.target_catalogue, device=engine.device, users=self.train.eval_users,
+                            seed=self.train.seed)
         tev = evaluate_model(self.teacher, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
-                             catalogue=self.target_catalogue, device=engine.device)
+                             catalogue=self.target_catalogue, device=engine.device, users=self.train.eval_users,
+                             seed=self.train.seed)
         return metrics_record(
             stage="distill", domain=self.domain, method="kd" if self.cfg.alpha < 1 else "ce", params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], train=result.train_record(),

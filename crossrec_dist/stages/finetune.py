@@ -31,8 +31,8 @@ from ..methods.base import Method
 from ..models.loading import load_model_config
 from ..models.sizing import param_counts
 from .alignment import DISCRIMINATOR, DomainDiscriminator, adversarial, distance, last_hidden
-from .common import (RecommenderTask, catalogue_record, evaluate_model, on_main, run_stage, seed_everything,
-                     target_catalogue)
+from .common import (RecommenderTask, catalogue_record, eval_users_record, evaluate_model, on_main, run_stage,
+                     seed_everything, target_catalogue)
 from .configs import FinetuneConfig, check_finetune_config
 from .references import paired_vs, reference_evaluations, selection_line, selection_record, verdict_lines
 
@@ -220,10 +220,12 @@ class FinetuneTask(RecommenderTask):
     def final_record(self, engine, result) -> dict:
         model = self.method.load(engine.out_dir, self.base_dir)
         ev = evaluate_model(model, self.data, [self.domain], self.max_len, self.train.eval_batch_size,
-                            catalogue=self.catalogue, device=engine.device)
+                            catalogue=self.catalogue, device=engine.device, users=self.train.eval_users,
+                            seed=self.train.seed)
         extra = {**self.method.record(self, model, engine.out_dir), **catalogue_record(self.catalogue, self.data)}
         refs = reference_evaluations(self.base_dir, self.data, self.domain, self.train.eval_batch_size,
-                                     self.catalogue, self.train_users, device=engine.device)
+                                     self.catalogue, self.train_users, device=engine.device,
+                                     users=self.train.eval_users, seed=self.train.seed)
         vs = paired_vs(ev, refs)
         selection = selection_record(result, self.must_beat_start)
         if self.cfg.source_replay > 0:
@@ -248,6 +250,7 @@ class FinetuneTask(RecommenderTask):
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
             train_users=None if self.train_users is None else len(self.train_users), vs=vs, selection=selection,
+            **eval_users_record(self.train, ev),
             cohorts=cohorts(self.data, ev["test"]["examples"],
                             unseen_items(self.data, self.base_config.pretrain_domains, self.base_items,
                                          self.untrained)),
@@ -272,7 +275,8 @@ def _reference_run(cfg, base_dir, data, domain, out, log, base_items: int):
     t0 = time.perf_counter()
     users = sample_users(data, domain, cfg.train_fraction, cfg.train.seed)
     catalogue = target_catalogue(cfg, data, domain)
-    refs = reference_evaluations(base_dir, data, domain, cfg.train.eval_batch_size, catalogue, users)
+    refs = reference_evaluations(base_dir, data, domain, cfg.train.eval_batch_size, catalogue, users,
+                                 eval_users=cfg.train.eval_users, seed=cfg.train.seed)
     ev = refs.pop(method.role)
     vs = paired_vs(ev, refs)
     params = param_counts(load_base(base_dir, data.num_items)) if method.role == "zero-shot" else {"total": 0}

@@ -15,7 +15,7 @@ from ..models.flops import flops_per_token
 from ..models.model import CrossRecModel
 from ..models.presets import PRESETS
 from ..models.sizing import param_counts
-from .common import RecommenderTask, evaluate_model, resolve_domains, run_stage, seed_everything
+from .common import RecommenderTask, eval_users_record, evaluate_model, resolve_domains, run_stage, seed_everything
 from .configs import PretrainConfig, check_pretrain_config, check_preset
 
 
@@ -73,7 +73,7 @@ class PretrainTask(RecommenderTask):
         model = CrossRecModel.from_pretrained(engine.out_dir)  # the consolidated best model, in one process
         t0 = time.perf_counter()
         ev = evaluate_model(model, self.data, self.domains, self.max_len, self.train.eval_batch_size,
-                            device=engine.device)
+                            device=engine.device, users=self.train.eval_users, seed=self.train.seed)
         return metrics_record(
             stage="pretrain", domain=None, method="pretrain", params=self.params,
             valid=ev["valid"]["overall"], test=ev["test"]["overall"], per_domain=ev["test"]["per_domain"],
@@ -82,7 +82,8 @@ class PretrainTask(RecommenderTask):
             config={"model": self.model_config.to_diff_dict(), "train": asdict(self.train)},
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             zero3_init=engine.settings.zero3_init, grad_accum=engine.settings.grad_accum,
-            eval_seconds=round(time.perf_counter() - t0, 3), test_ranks=ev["test"]["examples"])
+            eval_seconds=round(time.perf_counter() - t0, 3), test_ranks=ev["test"]["examples"],
+            **eval_users_record(self.train, ev))
 
 
 def run_pretrain(cfg: PretrainConfig, data_dir: str, out: str, log=print) -> dict:

@@ -22,16 +22,18 @@ LABELS = {"zero-shot": "zero-shot (the base as it is)", "popularity": "the regio
 
 
 def reference_evaluations(base_dir: str, data: PreparedData, domain: str, batch_size: int,
-                          catalogue: np.ndarray | None, users: np.ndarray | None, device="cpu") -> dict[str, dict]:
+                          catalogue: np.ndarray | None, users: np.ndarray | None, device="cpu",
+                          eval_users: int = 0, seed: int = 0) -> dict[str, dict]:
     """``{"zero-shot": ev, "popularity": ev}``, each ``{"valid": ..., "test": ...}`` as
     :func:`evaluate_model` returns them. Popularity counts the training histories of ``users`` (the
     sampled training users; None: all of the domain's) -- what the region's data says, nothing more."""
     base = load_base(base_dir, data.num_items)     # items new to the base (--vocab-from) as average ones
     refs = {"zero-shot": evaluate_model(base, data, [domain], base.config.max_len, batch_size, catalogue=catalogue,
-                                        device=device)}
+                                        device=device, users=eval_users, seed=seed)}
     counts_scorer = popularity_scorer(data, [domain], only=users)
     refs["popularity"] = {split: evaluate(data, counts_scorer, EvalOptions(
-        split=split, domains=[domain], batch_size=batch_size, max_len=base.config.max_len, catalogue=catalogue))
+        split=split, domains=[domain], batch_size=batch_size, max_len=base.config.max_len, catalogue=catalogue,
+        users=eval_users, seed=seed))
         for split in ("valid", "test")}
     return refs
 

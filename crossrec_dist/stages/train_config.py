@@ -21,6 +21,8 @@ class RecommenderTrainConfig(TrainConfig):
     track_test: bool = False            # also record test NDCG/HR at each validation (benchmarks' time-to-
                                         # quality curves); selection and early stopping still use valid only
     window_stride: int = 0              # training windows per sequence: 0 = non-overlapping max_len chunks
+    eval_users: int = 0                 # validation and the final evaluation rank a sample of this many users
+                                        # (seeded by train.seed, the same users every time); 0 = all of them
 
 
 def validate_recommender_train_config(cfg: RecommenderTrainConfig, prefix: str = "") -> None:
@@ -29,5 +31,7 @@ def validate_recommender_train_config(cfg: RecommenderTrainConfig, prefix: str =
     validate_train_config(cfg, prefix)
     if cfg.eval_batch_size < 1:
         raise InputError(f"must be >= 1, got {cfg.eval_batch_size}", field=prefix + "train.eval_batch_size")
+    if cfg.eval_users < 0:
+        raise InputError(f"must be >= 0 (0: every user), got {cfg.eval_users}", field=prefix + "train.eval_users")
     if cfg.window_stride < 0:
         raise InputError(f"must be >= 0, got {cfg.window_stride}", field=prefix + "train.window_stride")

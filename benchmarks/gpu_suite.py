@@ -5,15 +5,15 @@ serving engine in this one), on one GPU, bf16 (accelerate's autocast, fp32 maste
 
 1. ``1b``: the ``1b`` preset (hidden 2048, 24 layers, 1.2B parameters with 3,706 items, windows of 512)
    trained for ``--steps-1b`` updates of ``--micro-1b`` sequences on a synthetic log of 1,000 users with
-   600 events on average (``crossrec data synth``: windows mostly full, and a final evaluation of 1,000
-   users rather than ML-1M's 6,040 at 512 positions each); tokens/s and MFU are the engine's own log
-   records after the first (warm-up) window, median over the rest.
+   600 events on average (``crossrec data synth``: long histories, though ~1/3 of the window positions are
+   still padding, and a final evaluation of 1,000 users rather than ML-1M's 6,040 at 512 positions each);
+   tokens/s and MFU are the engine's own log records after the first (warm-up) window, median over the rest.
    FLOPs per token (``crossrec_dist/models/flops.py``, PaLM appendix B):
    ``6 * N_body + 6 * H * V + 12 * L * H * S`` (N_body: transformer parameters without the item table,
    H hidden, V items + 1, L layers, S window length); MFU = tokens/s x FLOPs/token / peak, peak = the
    GPU's dense bf16 tensor-core rate (``crossrec_dist/engine/flops.py``: 989 TFLOP/s for H100 and H200).
-   Windows are counted at their full length S, padding included (ML-1M's histories are shorter than
-   512 on average), so MFU counts the work done, not only the useful part.
+   Windows are counted at their full length S, padding included (the engine's convention: it computes
+   over them), so tokens/s and MFU count the work done; ~66% of those positions carry a label here.
 2. ``small`` and ``medium`` on ML-1M: one epoch each with the main job's settings (micro-batch 32, as
    ``launch/recipes/ml_cross_platform.yaml``); training seconds (validation excluded) and the final
    full-ranking evaluation's seconds, from the run's metrics.json.
@@ -79,6 +79,7 @@ def throughput(metrics: dict) -> dict:
     for key in ("tokens_per_second", "samples_per_second", "mfu"):
         values = [r[key] for r in steady if key in r]
         out[key] = statistics.median(values) if values else None
+    out["windows"] = [{k: r.get(k) for k in ("step", "loss", "tokens_per_second", "mfu")} for r in recs]
     return out
 
 

@@ -171,10 +171,18 @@ def test_eval_users_sample_is_seeded_and_the_score_memory_is_capped(tmp_path, mo
     assert score_batch_size(1024, 3_706) == 1024 and score_batch_size(1024, 1_000_000) == 67
     assert score_batch_size(1024, 10**9) == 1
     scores = torch.from_numpy(rng.normal(size=(1, data.num_items + 1)).astype(np.float32))
-    scorer = lambda hist, doms: scores.expand(len(hist), -1) + hist[:, -1:].float() * 1e-3   # noqa: E731
+    rows_per_pass = []
+
+    def scorer(hist, doms):
+        rows_per_pass.append(len(hist))
+        return scores.expand(len(hist), -1) + hist[:, -1:].float() * 1e-3
+
     whole = evaluate(data, scorer, EvalOptions(batch_size=1024, users=20, seed=3))
+    assert rows_per_pass == [20]
     monkeypatch.setattr(evaluator, "SCORE_BUDGET", 3 * (data.num_items + 1))       # 3 users per pass
+    rows_per_pass.clear()
     capped = evaluate(data, scorer, EvalOptions(batch_size=1024, users=20, seed=3))
+    assert max(rows_per_pass) == 3 and sum(rows_per_pass) == 20
     assert whole["overall"]["users"] == 20
     assert (whole["examples"]["rank"] == capped["examples"]["rank"]).all()
     assert (whole["examples"]["seq_index"] == a.seq_index).all()
@@ -188,7 +196,9 @@ def test_eval_users_reaches_metrics_json(synth_data, tmp_path):
     run_cli("pretrain", "--preset", "tiny", "--data", synth_data, "--out", out, "--set", "train.max_steps=2",
             "--set", "train.eval_users=25", "--set", "train.tensorboard=false")
     rec = json.loads((out / "metrics.json").read_text())
-    assert rec["eval_users"] == {"sampled": True, "requested": 25, "seed": 0, "valid": 25, "test": 25}
+    assert rec["eval_users"] == {"sampled": True, "requested": 25, "seed": 0, "of": rec["eval_users"]["of"],
+                                 "valid": 25, "test": 25}
+    assert rec["eval_users"]["of"] > 25
     assert len(rec["test_ranks"]["seq_index"]) == 25
     bad = run_cli("pretrain", "--preset", "tiny", "--data", synth_data, "--out", tmp_path / "bad",
                   "--set", "train.eval_users=-1", check=False)

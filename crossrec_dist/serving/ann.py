@@ -137,6 +137,11 @@ def recall_at_k(found: np.ndarray, exact: np.ndarray) -> float:
     return hits / max(total, 1)
 
 
+def set_threads(n: int) -> None:
+    """FAISS's OpenMP threads (its default: every core), as many as the server gives torch."""
+    faiss.omp_set_num_threads(n)
+
+
 def index_factory(config: AnnConfig):
     """What ``ServingEngine(item_index=...)`` takes: (table, bias) -> an ``ItemIndex``."""
     return lambda table, bias: ItemIndex(table, bias, config)

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import InputError
 from .admin import record_in_manifest, token_matches, unpack_adapter
-from .ann import AnnConfig, index_factory
+from .ann import AnnConfig, index_factory, set_threads
 from .batcher import MicroBatcher
 from .engine import NotFound, Query, ServingEngine, adapter_record, engine_from_bundle
 from .metrics import ServerMetrics
@@ -278,9 +278,9 @@ def create_app(engine: ServingEngine, *, max_batch: int = 32, max_wait_ms: float
 def default_threads(cores: int | None = None) -> int:
     """Torch threads for the models: one core is left to the event loop, and more than 4 do not pay for a
     recommender's small matmuls. On 2 cores that is 1 thread: the load test (benchmarks/RESULTS.md §6.2)
-    served 1.3x (``medium``) to 1.9x (``small``) the requests with 1 thread as with 2, whose second OpenMP
-    worker spins on the core that parses HTTP."""
-    cores = cores or os.cpu_count() or 1
+    served 1.9x the requests with 1 thread as with 2 (``small`` body, 16 regions, concurrency 32), whose
+    second OpenMP worker spins on the core that parses HTTP."""
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()) or 1
     return max(1, min(4, cores - 1))
 
 
@@ -291,6 +291,7 @@ def serve(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, index: 
     torch's intra-op threads (None: ``default_threads()``). uvicorn takes httptools and uvloop, the [serve]
     extra's C parser and event loop, where they import."""
     torch.set_num_threads(threads or default_threads())
+    set_threads(torch.get_num_threads())      # FAISS takes as many (ONNX Runtime: CROSSREC_ORT_THREADS)
     engine = engine_from_bundle(Path(bundle), item_index=index_factory(ann or AnnConfig()) if index == "faiss" else None)
     app = create_app(engine, **options)
     print(f"crossrec serve: {len(engine.regions)} region(s), torch threads {torch.get_num_threads()}", flush=True)

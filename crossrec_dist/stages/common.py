@@ -89,10 +89,12 @@ class RecommenderTask(TrainTask):
                            catalogue=self.catalogue, users=self.train.eval_users, seed=self.train.seed)
         scorer = model_scorer(engine.model)
         with torch.no_grad():
-            valid = self.data.eval_set("valid", domains, targets_per_user=self.valid_targets)
+            # the eval_users sample is drawn from every user, as the final evaluation draws it, and only then
+            # narrowed to the users trained on: validation ranks a subset of the final evaluation's users
+            valid = sample_users(self.data.eval_set("valid", domains, targets_per_user=self.valid_targets),
+                                 opts.users, opts.seed)
             if self.train_users is not None:
                 valid = valid.only(self.train_users)
-            valid = sample_users(valid, opts.users, opts.seed)
             details = sharded_evaluate(self.data, valid, scorer, opts, engine.device)
             tracked = {}
             if self.train.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
@@ -177,20 +179,32 @@ def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size:
                    device="cpu", catalogue: np.ndarray | None = None, users: int = 0, seed: int = 0) -> dict:
     """valid and test metrics of a plain (one-process) model (ranking ``catalogue``'s items only, if given),
     on ``device`` (the stages pass their engine's: a run on a GPU evaluates there, not on the host), over a
-    seeded sample of ``users`` users (0: all; ``train.eval_users``)."""
-    model.to(device).eval()
-    scorer = model_scorer(model)
-    return {split: evaluate(data, scorer, EvalOptions(split=split, domains=domains, batch_size=batch_size,
-                                                      max_len=max_len, catalogue=catalogue, users=users,
-                                                      seed=seed), device)
-            for split in ("valid", "test")}
+    seeded sample of ``users`` users (0: all; ``train.eval_users``). A GPU without room for another copy
+    beside the engine's (its model and optimizer are still there) evaluates on the host instead, and says so."""
+    def run(on):
+        model.to(on).eval()
+        scorer = model_scorer(model)
+        return {split: evaluate(data, scorer, EvalOptions(split=split, domains=domains, batch_size=batch_size,
+                                                          max_len=max_len, catalogue=catalogue, users=users,
+                                                          seed=seed), on)
+                for split in ("valid", "test")}
+    try:
+        return run(device)
+    except torch.OutOfMemoryError:
+        if str(device) == "cpu":
+            raise
+        torch.cuda.empty_cache()
+        print(f"evaluation: out of memory on {device}; evaluating on the CPU instead", flush=True)
+        return run("cpu")
 
 
-def eval_users_record(train, ev: dict) -> dict:
+def eval_users_record(train, ev: dict, data: PreparedData, domains) -> dict:
     """metrics.json's ``eval_users``: how many users the final valid/test metrics rank, and whether (and
-    with which seed) they are a sample (``train.eval_users``)."""
-    return {"eval_users": {"sampled": train.eval_users > 0, "requested": train.eval_users or "all",
-                           "seed": train.seed if train.eval_users > 0 else None,
+    with which seed) they are a sample (``train.eval_users`` below the number of users there are)."""
+    population = len(np.unique(data.eval_set("test", domains).seq_index))
+    sampled = 0 < train.eval_users < population
+    return {"eval_users": {"sampled": sampled, "requested": train.eval_users or "all",
+                           "seed": train.seed if sampled else None, "of": population,
                            "valid": ev["valid"]["overall"]["users"], "test": ev["test"]["overall"]["users"]}}
 
 

@@ -35,7 +35,7 @@ from ..models.config import CrossRecConfig
 from ..models.losses import distillation_loss, full_softmax
 from ..models.model import CrossRecModel
 from ..models.sizing import count_parameters, param_counts
-from .common import (RecommenderTask, catalogue_record, evaluate_model, run_stage, seed_everything,
+from .common import (RecommenderTask, catalogue_record, eval_users_record, evaluate_model, run_stage, seed_everything,
                      target_catalogue)
 from .configs import DistillConfig, check_distill_config, check_model_options
 from .pretrain import model_config
@@ -272,7 +272,8 @@ class DistillTask(RecommenderTask):
                      "valid": tev["valid"]["overall"], "test": tev["test"]["overall"]},
             kept_test_ndcg=ev["test"]["overall"]["ndcg@10"] / max(tev["test"]["overall"]["ndcg@10"], 1e-12),
             config=asdict(self.cfg), world_size=dist_info.world_size(), test_ranks=ev["test"]["examples"],
-            **catalogue_record(self.target_catalogue, self.data))
+            **catalogue_record(self.target_catalogue, self.data),
+            **eval_users_record(self.train, ev, self.data, [self.domain]))
 
 
 def run_distill(cfg: DistillConfig, teacher: str, adapter: str | None, data_dir: str, domain: str, out: str,

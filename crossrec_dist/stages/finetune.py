@@ -225,7 +225,7 @@ class FinetuneTask(RecommenderTask):
         extra = {**self.method.record(self, model, engine.out_dir), **catalogue_record(self.catalogue, self.data)}
         refs = reference_evaluations(self.base_dir, self.data, self.domain, self.train.eval_batch_size,
                                      self.catalogue, self.train_users, device=engine.device,
-                                     users=self.train.eval_users, seed=self.train.seed)
+                                     eval_users=self.train.eval_users, seed=self.train.seed)
         vs = paired_vs(ev, refs)
         selection = selection_record(result, self.must_beat_start)
         if self.cfg.source_replay > 0:
@@ -250,7 +250,7 @@ class FinetuneTask(RecommenderTask):
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             grad_accum=engine.settings.grad_accum, test_ranks=ev["test"]["examples"],
             train_users=None if self.train_users is None else len(self.train_users), vs=vs, selection=selection,
-            **eval_users_record(self.train, ev),
+            **eval_users_record(self.train, ev, self.data, [self.domain]),
             cohorts=cohorts(self.data, ev["test"]["examples"],
                             unseen_items(self.data, self.base_config.pretrain_domains, self.base_items,
                                          self.untrained)),
@@ -288,7 +288,8 @@ def _reference_run(cfg, base_dir, data, domain, out, log, base_items: int):
                             cohorts=cohorts(data, ev["test"]["examples"], unseen_items(
                                 data, _base_domains(base_dir), base_items,
                                 read_untrained_items(base_dir))),
-                            train_users=None if users is None else len(users), **catalogue_record(catalogue, data))
+                            train_users=None if users is None else len(users), **catalogue_record(catalogue, data),
+                            **eval_users_record(cfg.train, ev, data, [domain]))
     write_metrics(out, record)
     for line in verdict_lines(cfg.method, domain, vs):
         log(line)

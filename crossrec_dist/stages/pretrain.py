@@ -83,7 +83,7 @@ class PretrainTask(RecommenderTask):
             world_size=dist_info.world_size(), zero_stage=engine.zero_stage if engine.ds_config else None,
             zero3_init=engine.settings.zero3_init, grad_accum=engine.settings.grad_accum,
             eval_seconds=round(time.perf_counter() - t0, 3), test_ranks=ev["test"]["examples"],
-            **eval_users_record(self.train, ev))
+            **eval_users_record(self.train, ev, self.data, self.domains))
 
 
 def run_pretrain(cfg: PretrainConfig, data_dir: str, out: str, log=print) -> dict:

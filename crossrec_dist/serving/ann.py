@@ -99,7 +99,6 @@ class ItemIndex:
                 out_i[row, :len(keep)] = [i for _, i in keep]
         return out_s, out_i
 
-
     def _search_cells(self, queries: np.ndarray, fetch: int) -> tuple[np.ndarray, np.ndarray]:
         """Nearest in the equal-norm space, then each hit's inner product with the query recomputed from its
         stored vector and the row re-sorted by it; ids -1 (fewer than ``fetch`` in the probed cells) last."""

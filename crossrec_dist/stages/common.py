@@ -98,9 +98,9 @@ class RecommenderTask(TrainTask):
             details = sharded_evaluate(self.data, valid, scorer, opts, engine.device)
             tracked = {}
             if self.train.track_test:   # benchmarks' quality-vs-time curves; never used to choose a model
-                test = sharded_evaluate(self.data, sample_users(self.data.eval_set("test", domains), opts.users, opts.seed),
-                                        scorer,
-                                        replace(opts, split="test"), engine.device)["overall"]
+                test_set = sample_users(self.data.eval_set("test", domains), opts.users, opts.seed)
+                test = sharded_evaluate(self.data, test_set, scorer, replace(opts, split="test"),
+                                        engine.device)["overall"]
                 tracked = {"test_ndcg@10": test["ndcg@10"], "test_hr@10": test["hr@10"]}
         examples = details.pop("examples", None)     # per-user ranks: only the final test record keeps them
         overall = details["overall"]
@@ -201,11 +201,13 @@ def evaluate_model(model, data: PreparedData, domains, max_len: int, batch_size:
 def eval_users_record(train, ev: dict, data: PreparedData, domains) -> dict:
     """metrics.json's ``eval_users``: how many users the final valid/test metrics rank, and whether (and
     with which seed) they are a sample (``train.eval_users`` below the number of users there are)."""
-    population = len(np.unique(data.eval_set("test", domains).seq_index))
+    ranked = ev["test"]["overall"]["users"]
+    # every user was ranked unless a sample was asked for: only then count how many there are
+    population = len(np.unique(data.eval_set("test", domains).seq_index)) if train.eval_users > 0 else ranked
     sampled = 0 < train.eval_users < population
     return {"eval_users": {"sampled": sampled, "requested": train.eval_users or "all",
                            "seed": train.seed if sampled else None, "of": population,
-                           "valid": ev["valid"]["overall"]["users"], "test": ev["test"]["overall"]["users"]}}
+                           "valid": ev["valid"]["overall"]["users"], "test": ranked}}
 
 
 def target_catalogue(cfg, data: PreparedData, domain: str) -> np.ndarray | None:

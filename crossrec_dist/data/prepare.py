@@ -22,6 +22,8 @@ import pyarrow.compute as pc
 from ..errors import InputError
 from ..paths import check_output_dir
 from ..progress import Phases
+from . import outofcore
+from .outofcore import EngineSettings, choose_engine
 from .prepared import ARRAYS, write_arrays
 from .readers import DUPLICATES, Columns
 from .sources import item_sharing, make_sources, read_sources
@@ -114,22 +116,25 @@ def _split_points(lengths: np.ndarray, seq_of_row: np.ndarray, ts: np.ndarray, o
 
 
 def prepare(input_path: str | Path | list, out: str | Path, opts: PrepareOptions, log=print,
-            source_names: list[str] | None = None, force: bool = False) -> dict:
+            source_names: list[str] | None = None, force: bool = False,
+            engine: EngineSettings | None = None) -> dict:
     """``input_path``: one input, or a list of inputs (one prepared dataset from several sources;
     ``opts.format`` then is one format for all or a list, one per input; see ``data/sources.py``).
+    ``engine``: in memory (numpy, fastest below ~1e8 rows) or out of core on DuckDB (bounded memory,
+    ``data/outofcore.py``); ``auto`` picks by the inputs' size. Both write the same dataset.
 
     A prepare that fails leaves no trace: an ``--out`` it had to create is removed again, so the
     next step never finds an empty folder that looks like a result."""
     created = not Path(out).exists()
     try:
-        return _prepare(input_path, out, opts, log, source_names, force)
+        return _prepare(input_path, out, opts, log, source_names, force, (engine or EngineSettings()).check())
     except BaseException:
         if created and Path(out).is_dir() and not any(Path(out).iterdir()):
             Path(out).rmdir()
         raise
 
 
-def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bool) -> dict:
+def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bool, settings: EngineSettings) -> dict:
     datasets.disable_progress_bars()
     t0 = time.perf_counter()
     inputs = [str(i) for i in input_path] if isinstance(input_path, (list, tuple)) else [str(input_path)]
@@ -137,6 +142,8 @@ def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bo
     sources = make_sources(inputs, formats, source_names)
     opts = check_prepare_options(opts)
     out = _check_out(Path(out), force)
+    if choose_engine(settings, inputs) == "duckdb":
+        return _prepare_out_of_core(sources, inputs, opts, out, log, settings, t0)
     phases = Phases(["read", "domains", "sequences", "write"], "prepare")
     combined = read_sources(sources, opts, log)
     phases.done("read")
@@ -281,7 +288,8 @@ def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bo
         "sources": [asdict(s) for s in sources], "options": _options_record(opts),
         "domains": [dom_names[d] for d in present], "num_items": int(num_items),
         "vocab_hash": vocab_hash(item_ids), **split_info,
-        "seconds": round(time.perf_counter() - t0, 3),
+        "seconds": round(time.perf_counter() - t0, 3), "engine": "memory",
+        "rows_per_second": round(n_read / max(time.perf_counter() - t0, 1e-9)),
     }
 
     def write(folder: Path) -> None:
@@ -300,6 +308,40 @@ def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bo
     log(f"prepared {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items, "
         f"{len(present)} domain(s) in {meta['seconds']:.1f}s -> {out}")
     if extension is not None:
+        log(f"vocabulary from the base: its {extension['base_items']:,} items keep their indices "
+            f"({extension['base_items_in_log']:,} of them in this log), {extension['new_items']:,} item(s) new "
+            f"to the base appended after them")
+    return stats
+
+
+def _prepare_out_of_core(sources, inputs, opts: PrepareOptions, out: Path, log, settings: EngineSettings,
+                         t0: float) -> dict:
+    """The same dataset through ``data/outofcore.py`` (DuckDB; memory bounded by one piece of input)."""
+    built = outofcore.build(sources, opts, settings, out, log)
+    try:
+        stats = built.stats
+        meta = {
+            "format_version": FORMAT_VERSION, "input": inputs[0] if len(inputs) == 1 else inputs,
+            "sources": [asdict(s) for s in sources], "options": _options_record(opts),
+            "domains": built.domains, "num_items": built.num_items,
+            "vocab_hash": built.vocab_hash, **built.split_info,
+        }
+
+        def write(folder: Path) -> None:
+            built.write(folder)
+            seconds = time.perf_counter() - t0
+            meta.update({"seconds": round(seconds, 3), "engine": "duckdb",
+                         "rows_per_second": round(built.rows_read / max(seconds, 1e-9))})
+            (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
+            (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
+        write_atomically(out, write)
+    finally:
+        built.close()
+    log(f"prepared {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items, "
+        f"{len(built.domains)} domain(s) in {meta['seconds']:.1f}s ({meta['rows_per_second']:,} rows/s read, "
+        f"out of core) -> {out}")
+    if "vocab_from" in stats:
+        extension = stats["vocab_from"]
         log(f"vocabulary from the base: its {extension['base_items']:,} items keep their indices "
             f"({extension['base_items_in_log']:,} of them in this log), {extension['new_items']:,} item(s) new "
             f"to the base appended after them")

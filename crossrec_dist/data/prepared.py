@@ -37,10 +37,12 @@ def write_arrays(folder: Path, offsets: np.ndarray, items: np.ndarray, train_end
                  valid_end: np.ndarray, seq_domain: np.ndarray, num_items: int) -> None:
     """The ``arrays/`` of a prepared dataset (see the module docstring): plain ``.npy``, no pickles."""
     folder.mkdir(parents=True, exist_ok=True)
-    small = np.int32 if len(items) < 2**31 else np.int64      # split points are positions in a sequence
+    small = np.int32 if int(offsets[-1]) < 2**31 else np.int64      # split points are positions in a sequence
     for name, values, dtype in (("offsets", offsets, np.int64), ("items", items, item_dtype(num_items)),
                                 ("train_end", train_end, small), ("valid_end", valid_end, small),
                                 ("seq_domain", seq_domain, np.int32)):
+        if values is None:      # written by the caller (the out-of-core prepare streams items.npy)
+            continue
         np.save(folder / f"{name}.npy", np.ascontiguousarray(values, dtype=dtype), allow_pickle=False)
 
 

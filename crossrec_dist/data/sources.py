@@ -96,7 +96,7 @@ def read_sources(sources: list[Source], opts, log=print) -> CombinedLog:
         raw = read_log(src.path, src.format, opts.columns, on_bad_rows=opts.on_bad_rows, user_attrs=opts.user_attrs,
                        item_attrs=opts.item_attrs, duplicates=opts.duplicates,
                        time_rule=TimeRule(opts.timezone, opts.time_unit))
-        _report(raw, opts, log)
+        report_rules(raw.source.path, raw.skipped, raw.notes, opts, log)
         if opts.domain_from == SOURCE_RULE:
             code, names = np.zeros(raw.interactions.num_rows, dtype=np.int32), [src.name]
         else:
@@ -127,17 +127,17 @@ def read_sources(sources: list[Source], opts, log=print) -> CombinedLog:
                        sources=sources, raws=raws)
 
 
-def _report(raw: RawLog, opts, log) -> None:
-    path = raw.source.path
-    if raw.skipped:
-        log(f"skipped {raw.skipped} bad row(s) of {path} (--on-bad-rows skip)")
-    if raw.notes.get("stripped_whitespace_ids"):
-        log(f"stripped surrounding whitespace from {raw.notes['stripped_whitespace_ids']} id value(s) "
+def report_rules(path: str, skipped: int, notes: dict, opts, log) -> None:
+    """One line per input rule that changed something in ``path`` (skipped rows, trimmed ids, duplicates)."""
+    if skipped:
+        log(f"skipped {skipped} bad row(s) of {path} (--on-bad-rows skip)")
+    if notes.get("stripped_whitespace_ids"):
+        log(f"stripped surrounding whitespace from {notes['stripped_whitespace_ids']} id value(s) "
             f"of {path} (' u1 ' and 'u1' are one id)")
-    if raw.notes.get("duplicate_rows"):
+    if notes.get("duplicate_rows"):
         verb = "dropped" if opts.duplicates == "drop" else "kept"
-        log(f"{verb} {raw.notes['duplicate_rows']} exact duplicate row(s) of {path} (--duplicates {opts.duplicates})")
-    for warning in raw.notes.get("warnings", []):
+        log(f"{verb} {notes['duplicate_rows']} exact duplicate row(s) of {path} (--duplicates {opts.duplicates})")
+    for warning in notes.get("warnings", []):
         log(f"WARNING: {warning}")
 
 

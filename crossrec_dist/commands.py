@@ -82,7 +82,7 @@ def _cmd_prepare(a):
         vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None, until=a.until,
         timezone=a.timezone, time_unit=a.time_unit)
     engine = EngineSettings(engine=a.engine, memory_limit=a.memory_limit, work_dir=a.work_dir,
-                            block_size=a.block_size)
+                            block_size=a.block_size, step=a.step, parts=a.parts, part=a.part)
     prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name, force=a.force,
             engine=engine)
 
@@ -371,6 +371,14 @@ def add_commands(sub) -> None:
                     "next to --out; needs ~2-3x the input's size free)")
     pr.add_argument("--block-size", type=at_least(1 << 16), default=64 << 20,
                     help="duckdb engine: bytes of input read per piece (default 64 MiB)")
+    pr.add_argument("--parts", type=at_least(1), default=1,
+                    help="duckdb engine: sort the rows in this many user partitions (CRC-32 of the user id), one "
+                         "after another, or side by side as steps (slurm/prepare.sbatch); the dataset is the same")
+    pr.add_argument("--step", default="all", choices=["all", "plan", "part", "finish"],
+                    help="duckdb engine across processes/nodes: plan (read the inputs into --work-dir), part "
+                         "(one per partition, --part I; any node sharing --work-dir), finish (write --out); every "
+                         "step takes the plan's arguments. all (default): the three in this process")
+    pr.add_argument("--part", type=at_least(0), default=None, help="--step part: which partition (0-based)")
     pr.set_defaults(func=_cmd_prepare)
 
     ev = sub.add_parser("evaluate", help="full-ranking HR/NDCG/MRR@K as metrics.json")

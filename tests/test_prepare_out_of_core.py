@@ -47,6 +47,7 @@ def _same_dataset(a, b):
     assert json.loads((a / "stats.json").read_text()) == json.loads((b / "stats.json").read_text())
     ma, mb = (json.loads((p / "meta.json").read_text()) for p in (a, b))
     assert (ma.pop("engine"), mb.pop("engine")) == ("memory", "duckdb")
+    mb.pop("parts")
     for m in (ma, mb):
         m.pop("seconds"), m.pop("rows_per_second")
     assert ma == mb
@@ -183,3 +184,63 @@ def test_cli_engine_auto_and_a_second_run(tmp_path):
     assert json.loads((tmp_path / "d" / "meta.json").read_text())["engine"] == "duckdb"
     r = run_cli(*args[:-4], "--out", str(tmp_path / "e"), "--memory-limit", "lots", "--engine", "duckdb", check=False)
     assert r.returncode == 2 and "--memory-limit" in r.stderr
+
+
+def test_steps_in_parts_give_the_one_process_dataset(tmp_path):
+    """plan, then the parts in any order (as a job array runs them), then finish: the dataset of a
+    one-process prepare, whatever the number of parts. Each step refuses what does not fit the plan."""
+    rng = np.random.default_rng(2)
+    lines = _messy_log(rng, n=6000)
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp,region\n" + "\n".join(lines) + "\n")
+    opts = PrepareOptions(format="csv", columns=Columns(domain="region"), min_item_interactions=2)
+    prepare(str(csv), tmp_path / "memory", opts, log=lambda *_: None, engine=EngineSettings("memory"))
+    work = tmp_path / "plan"
+
+    def step(name, part=None, parts=3, out="stepped", options=opts):
+        return prepare(str(csv), tmp_path / out, options, log=lambda *_: None,
+                       engine=EngineSettings("duckdb", work_dir=str(work), step=name, parts=parts, part=part,
+                                             block_size=SMALL_PIECES))
+    step("plan")
+    with pytest.raises(InputError, match="already holds a plan"):
+        step("plan")
+    with pytest.raises(InputError, match=r"part\(s\) \[0, 1, 2\] of 3 have not finished"):
+        step("finish")
+    with pytest.raises(InputError, match="other inputs or options"):
+        step("part", part=0, options=PrepareOptions(format="csv", columns=Columns(domain="region")))
+    with pytest.raises(InputError, match="other inputs or options"):
+        step("part", part=0, parts=2)
+    with pytest.raises(InputError, match=r"0\.\.2, not 3"):
+        step("part", part=3)
+    for part in (2, 0, 1):
+        step("part", part=part)
+    step("finish")
+    assert not work.exists()
+    _same_parts(tmp_path / "memory", tmp_path / "stepped")
+    # The same in one process with 4 parts, and with 1.
+    for parts in (4, 1):
+        prepare(str(csv), tmp_path / f"all{parts}", opts, log=lambda *_: None,
+                engine=EngineSettings("duckdb", parts=parts, block_size=SMALL_PIECES))
+        _same_parts(tmp_path / "memory", tmp_path / f"all{parts}")
+
+
+def _same_parts(a, b):
+    meta = json.loads((b / "meta.json").read_text())
+    assert meta["engine"] == "duckdb" and meta["parts"] >= 1
+    _same_dataset(a, b)
+
+
+def test_step_options_are_checked_before_any_work(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\nu1,i1,1\n")
+    for settings, field in ((EngineSettings(step="part"), "--work-dir"),
+                            (EngineSettings(step="part", work_dir=str(tmp_path / "w")), "--part"),
+                            (EngineSettings(step="plan", engine="memory", work_dir=str(tmp_path / "w")), "--step"),
+                            (EngineSettings(engine="memory", parts=2), "--parts")):
+        with pytest.raises(InputError) as e:
+            prepare(str(csv), tmp_path / "out", PrepareOptions(format="csv"), log=lambda *_: None, engine=settings)
+        assert e.value.field == field
+    with pytest.raises(InputError, match="holds no plan"):
+        prepare(str(csv), tmp_path / "out", PrepareOptions(format="csv"), log=lambda *_: None,
+                engine=EngineSettings(step="finish", work_dir=str(tmp_path / "none")))
+    assert not (tmp_path / "out").exists()

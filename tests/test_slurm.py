@@ -16,7 +16,9 @@ The jobs, each as short as still proves its point:
   it must fail within a bounded time with a message naming its last checkpoint, and the same job
   resubmitted must resume from that checkpoint and finish (needs root, to find the node's processes);
 * a 2-task ``finetune_regions.sbatch`` array (one LoRA adapter per region, 2 steps each) on the base
-  model the two-node job wrote, and a ``distill.sbatch`` job (2 steps) from that base and an adapter.
+  model the two-node job wrote, and a ``distill.sbatch`` job (2 steps) from that base and an adapter;
+* ``prepare.sbatch``: a plan job that submits a 3-task array (one user partition each, on both nodes)
+  and a finish job; the dataset must equal a one-process prepare of the same arguments.
 
 Jobs run as the submitting user on the cluster's nodes, so the temporary folders used here must be
 visible there (true on the one-machine cluster; on a real cluster point TMPDIR / --basetemp at a shared
@@ -37,6 +39,10 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, child_env
+from crossrec_dist.commands import _auto_format
+from crossrec_dist.data.outofcore import EngineSettings
+from crossrec_dist.data.prepare import PrepareOptions, prepare
+from test_prepare_out_of_core import _same_dataset
 
 pytestmark = [
     pytest.mark.slow,
@@ -69,7 +75,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 SCRIPT_PARAMS = {"REPO", "VENV", "DATA", "OUT", "PRESET", "DOMAINS", "DS_CONFIG", "LAUNCH_CONFIG", "NPROC_PER_NODE",
                  "CPU_PROCS_PER_NODE", "MASTER_PORT", "PREEMPT_RESEND", "EXTRA_ARGS", "BASE", "REGIONS", "REGIONS_FILE",
                  "METHOD", "OUT_ROOT", "TEACHER", "DOMAIN", "ADAPTER", "STUDENT_PRESET", "DS_ACCELERATOR",
-                 "OMP_NUM_THREADS"}
+                 "OMP_NUM_THREADS", "PREPARE_ARGS", "PARTS", "WORK_DIR", "MEMORY_LIMIT", "PART_ARGS", "STEP"}
 # Generous: they bound a broken run, not a passing one (jobs may queue behind other users' jobs).
 JOB_TIMEOUT = 420
 POLL = 1.0
@@ -457,3 +463,29 @@ def test_distill_job(slurm_cluster, slurm_adapters, slurm_base, ml100k, tmp_path
     assert_completed(wait_for(job, logdir), logdir)
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file(), _tail(logs(logdir))
     assert json.loads((out / "metrics.json").read_text())["domain"] == "3"
+
+
+def test_prepare_array_across_nodes_equals_one_process_prepare(two_nodes, ml100k_raw, tmp_path):
+    """``prepare.sbatch``: the plan job submits a 3-task array (one user partition per task; --exclusive
+    spreads the tasks over both nodes) and a finish job after it; the dataset equals the in-memory
+    prepare of the same arguments, array by array."""
+    fmt = _auto_format(str(ml100k_raw))
+    logdir, out = tmp_path / "logs", tmp_path / "prepared"
+    args = f"--input {ml100k_raw} --format {fmt} --domain-from user.zip_code:prefix1 --min-item 2 --out {out}"
+    job = submit("prepare.sbatch", logdir, PREPARE_ARGS=args, PARTS="3", WORK_DIR=str(logdir / "plan"),
+                 PART_ARGS="--exclusive", MEMORY_LIMIT="500MB")
+    assert_completed(wait_for(job, logdir), logdir)
+    m = re.search(r"submitted part array job (\d+) \(tasks 0-2\) and finish job (\d+)", logs(logdir))
+    assert m, _tail(logs(logdir))
+    _submitted.extend([m[1], m[2]])
+    assert_completed(wait_for(m[1], logdir), logdir)
+    assert_completed(wait_for(m[2], logdir), logdir)
+    parts = re.findall(r"array job \d+_(\d) on (\S+): part", logs(logdir))
+    assert sorted(p for p, _ in parts) == ["0", "1", "2"], _tail(logs(logdir))
+    assert {h for _, h in parts} == set(two_nodes), parts
+    assert not (logdir / "plan").exists()            # the finish removes the shared work folder
+    one = tmp_path / "one_process"
+    prepare(str(ml100k_raw), one, PrepareOptions(format=fmt, domain_from="user.zip_code:prefix1",
+                                                  min_item_interactions=2),
+            log=lambda *_: None, engine=EngineSettings("memory"))
+    _same_dataset(one, out)

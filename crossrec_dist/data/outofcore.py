@@ -1,33 +1,39 @@
 """``crossrec prepare`` for logs bigger than memory: the same dataset, built on DuckDB.
 
 The in-memory path (``prepare.py``) holds every interaction as numpy arrays at once, ~120 B each at its
-peak: 1e8 interactions need 12.5 GiB. This path keeps memory bounded by the size of one piece, not the
-log, in three stages:
+peak: 1e8 interactions need 12.5 GiB. This path keeps memory bounded by DuckDB's ``memory_limit`` and the
+size of one piece of input, not by the log, in three steps that can run in one process or across nodes
+(``slurm/prepare.sbatch``), sharing one work folder:
 
-1. **Read in pieces** (``readers.ChunkedLog``): each input is parsed in blocks of ``block_size`` bytes
-   through the very same row rules (ids, times, bad rows named by file:line) and domain rules, and each
-   piece is spilled to a Parquet file: (row in file order, source, user, item, time, domain).
-2. **Relational work on DuckDB** (out-of-core hash aggregates, joins and sorts that spill to
-   ``temp_directory`` under ``memory_limit``): exact duplicates, first-seen user and item order, the
-   k-core filter, the item vocabulary, per-sequence lengths and split points, the sharing counts.
-3. **Stream the result out** in (sequence, time, file order) order: ``arrays/items.npy`` is written
-   through a memory map and the ``sequences`` dataset batch by batch with ``datasets``' ``ArrowWriter``.
+1. **plan** (one process):
+   a. *read in pieces* (``readers.ChunkedLog``): each input is parsed in blocks of ``block_size`` bytes
+      through the very same row rules (ids, times, bad rows named by file:line) and domain rules, and
+      each piece is spilled to Parquet: (row in file order, source, user, item, time, domain);
+   b. *relations on DuckDB* (out-of-core hash aggregates, joins and sorts that spill to its
+      ``temp_directory``): exact duplicates, first-seen user and item order, the k-core filter, the item
+      vocabulary, per-sequence lengths and split points, the sharing counts, and each user's partition
+      (CRC-32 of the user id modulo ``parts``).
+2. **part** (one per partition, side by side on any nodes that share the work folder): the partition's
+   interactions sorted by (sequence, time, file order), read from the plan's database read-only.
+3. **finish** (one process): the parts scattered into the global order (``arrays/items.npy``, a memory
+   map), then the ``sequences`` dataset written batch by batch with ``datasets``' ``ArrowWriter``.
 
-The output equals the in-memory path's, field by field (tests/test_prepare_out_of_core.py): the same
-vocabulary in first-seen order, chronological sequences whose equal times keep file order, the same
-splits and stats.json. Only per-sequence arrays (one entry per user and domain) are held in numpy.
+The output equals the in-memory path's, field by field, for any number of parts
+(tests/test_prepare_out_of_core.py; across two Slurm nodes: tests/test_slurm.py): the same vocabulary in
+first-seen order, chronological sequences whose equal times keep file order, the same splits and
+stats.json. Only per-sequence arrays (one entry per user and domain) are ever held in numpy.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import shutil
-import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
 import datasets
 import duckdb
 import numpy as np
@@ -45,6 +51,7 @@ from .times import TimeRule
 from .vocabulary import vocab_hash
 
 ENGINES = ("auto", "memory", "duckdb")
+STEPS = ("all", "plan", "part", "finish")
 # "auto" takes the out-of-core path from this much input (bytes on disk; compressed inputs count 4x):
 # below it the in-memory path is faster and its peak (~120 B per interaction) is far from any limit.
 AUTO_BYTES = 1 << 30
@@ -58,10 +65,30 @@ class EngineSettings:
     work_dir: str | None = None          # spill files and DuckDB's temp files (default: next to --out)
     threads: int | None = None           # DuckDB threads (default: the usable cores)
     block_size: int = 64 << 20           # bytes of input per piece
+    # Across processes or nodes (slurm/prepare.sbatch): "plan" reads the inputs into work_dir, "part"
+    # (one per user partition, side by side) sorts one partition, "finish" writes the dataset; "all"
+    # runs the three in this process. The result is the same for any number of parts.
+    step: str = "all"
+    parts: int = 1
+    part: int | None = None
 
     def check(self) -> "EngineSettings":
         if self.engine not in ENGINES:
             raise InputError(f"must be one of {', '.join(ENGINES)}, not {self.engine!r}", field="--engine")
+        if self.step not in STEPS:
+            raise InputError(f"must be one of {', '.join(STEPS)}, not {self.step!r}", field="--step")
+        if self.parts < 1:
+            raise InputError(f"must be >= 1, got {self.parts}", field="--parts")
+        if self.engine == "memory" and self.parts > 1:
+            raise InputError("--parts splits the duckdb engine's work; drop --engine memory", field="--parts")
+        if self.step != "all":
+            if self.engine == "memory":
+                raise InputError(f"--step {self.step} is a step of the duckdb engine; drop --engine memory",
+                                 field="--step")
+            if not self.work_dir:
+                raise InputError(f"--step {self.step} needs --work-dir: the folder the steps share", field="--work-dir")
+        if (self.step == "part") != (self.part is not None):
+            raise InputError("--part I goes with --step part (and only there)", field="--part")
         if self.block_size < 1 << 16:
             raise InputError(f"must be at least 65536 bytes, got {self.block_size}", field="--block-size")
         if self.threads is not None and self.threads < 1:
@@ -70,6 +97,8 @@ class EngineSettings:
 
 
 def choose_engine(settings: EngineSettings, paths: list[str]) -> str:
+    if settings.step != "all" or settings.parts > 1:
+        return "duckdb"
     if settings.engine != "auto":
         return settings.engine
     size = 0
@@ -77,19 +106,6 @@ def choose_engine(settings: EngineSettings, paths: list[str]) -> str:
         files = [f for f in p.rglob("*") if f.is_file()] if p.is_dir() else [p] if p.is_file() else []
         size += sum(f.stat().st_size * (4 if f.name.lower().endswith(".gz") else 1) for f in files)
     return "duckdb" if size >= AUTO_BYTES else "memory"
-
-
-@dataclass
-class Built:
-    """What ``prepare.py`` turns into meta.json and the folder: the counts, and ``write(folder)``."""
-    stats: dict
-    split_info: dict
-    num_items: int
-    domains: list[str]
-    vocab_hash: str
-    rows_read: int
-    write: Callable[[Path], None]
-    close: Callable[[], None]
 
 
 def _table(con, sql: str) -> pa.Table:
@@ -113,41 +129,223 @@ def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _connect(work: Path, settings: EngineSettings) -> duckdb.DuckDBPyConnection:
-    con = duckdb.connect(str(work / "prepare.duckdb"))
+def _connect(work: Path, settings: EngineSettings, read_only: bool = False,
+             temp: Path | None = None) -> duckdb.DuckDBPyConnection:
+    try:
+        con = duckdb.connect(str(work / DB), read_only=read_only)
+    except duckdb.Error as e:
+        raise InputError(f"cannot open the plan's database: {e}", path=str(work / DB), field="--work-dir") from None
     threads = settings.threads or max(1, len(os.sched_getaffinity(0)))
     try:
         con.execute(f"SET memory_limit = {_sql_str(settings.memory_limit)}")
     except duckdb.Error as e:
         con.close()
         raise InputError(f"not a memory size DuckDB reads (e.g. 3GB, 500MB): {e}", field="--memory-limit") from None
-    con.execute(f"SET temp_directory = {_sql_str(str(work / 'duckdb-temp'))}")
+    con.execute(f"SET temp_directory = {_sql_str(str(temp or work / 'duckdb-temp'))}")
     con.execute(f"SET threads = {int(threads)}")
     con.execute("SET preserve_insertion_order = false")     # every result that needs an order says ORDER BY
     return con
 
 
-def build(sources, opts, settings: EngineSettings, out: Path, log=print) -> Built:
-    """Read ``sources`` (``sources.Source``) by ``opts`` (``prepare.PrepareOptions``, already checked)."""
-    base = Path(settings.work_dir) if settings.work_dir else out.parent
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=base))
-    except OSError as e:
-        raise InputError(f"cannot create the work folder: {e.strerror or e}", path=str(base), field="--work-dir") from None
-    con = None
+PLAN = "plan.json"
+DB = "prepare.duckdb"
 
-    def close():
-        if con is not None:
-            con.close()
-        shutil.rmtree(work, ignore_errors=True)
+
+def part_of_users(user_ids: pa.Array, parts: int) -> np.ndarray:
+    """The user partition of each sequence: CRC-32 of the user id (UTF-8) modulo ``parts``. Every
+    sequence of a user (one per domain) lands in the same partition; stable across runs and machines."""
+    if parts == 1:
+        return np.zeros(len(user_ids), dtype=np.int32)
+    return np.fromiter((zlib.crc32(u.encode("utf-8", "surrogatepass")) % parts for u in user_ids.to_pylist()),
+                       dtype=np.int32, count=len(user_ids))
+
+
+def plan(sources, opts, settings: EngineSettings, work: Path, parts: int, fingerprint: str, log=print) -> dict:
+    """Step 1 of 3: read every input (stages 1 and 2 above) and leave in ``work`` what the parts and the
+    finish need: the DuckDB database (the kept rows, the vocabulary index, each sequence's partition),
+    the per-sequence arrays, the vocabulary, the counts (``plan.json``)."""
+    t0 = time.perf_counter()
+    if (work / PLAN).exists():
+        raise InputError("already holds a plan; use a new --work-dir (or remove this one)", path=str(work),
+                         field="--work-dir")
     try:
-        spilled = _spill(sources, opts, settings, work / "rows", log)
-        con = _connect(work, settings)
-        return _relational(con, spilled, sources, opts, work, log, close)
-    except BaseException:
-        close()
-        raise
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create the work folder: {e.strerror or e}", path=str(work), field="--work-dir") from None
+    spilled = _spill(sources, opts, settings, work / "rows", log)
+    con = _connect(work, settings)
+    try:
+        record = _relational(con, spilled, sources, opts, work, parts, log)
+        con.execute("DROP VIEW raw")
+    finally:
+        con.close()
+    shutil.rmtree(work / "rows", ignore_errors=True)
+    record.update({"parts": parts, "fingerprint": fingerprint, "rows_read": spilled.rows,
+                   "plan_seconds": round(time.perf_counter() - t0, 3)})
+    (work / PLAN).write_text(json.dumps(record, indent=1, allow_nan=False))
+    return record
+
+
+def read_plan(work: Path, fingerprint: str) -> dict:
+    """The plan in ``work``, checked against this command's inputs and options."""
+    try:
+        record = json.loads((work / PLAN).read_text())
+    except (OSError, ValueError):
+        raise InputError("holds no plan: run `crossrec prepare --step plan` with this --work-dir first",
+                         path=str(work), field="--work-dir") from None
+    if record.get("fingerprint") != fingerprint:
+        raise InputError("its plan was made from other inputs or options than this command's; give the plan's "
+                         "exact arguments to every step", path=str(work), field="--work-dir")
+    return record
+
+
+def _part_files(work: Path, part: int) -> tuple[Path, Path, Path]:
+    """A part's item indices and times (raw little-endian arrays, appended to, never memory-mapped:
+    mapped pages would count in the process's memory) and its completion record."""
+    stem = work / "parts" / f"part-{part:05d}"
+    return stem.with_suffix(".items.bin"), stem.with_suffix(".ts.bin"), stem.with_suffix(".done.json")
+
+
+def run_part(work: Path, part: int, settings: EngineSettings, record: dict, log=print) -> None:
+    """Step 2 (one task of a job array per partition): the partition's interactions in (sequence, time,
+    file order) order, as two arrays in ``work/parts/``. Reads the plan's database read-only, so the
+    parts run side by side on any nodes that share ``work``."""
+    parts = record["parts"]
+    if not 0 <= part < parts:
+        raise InputError(f"the plan has {parts} part(s): 0..{parts - 1}, not {part}", field="--part")
+    t0 = time.perf_counter()
+    seq_part = np.load(work / "seq_part.npy")
+    lengths = np.diff(np.load(work / "offsets.npy"))
+    rows = int(lengths[seq_part == part].sum())
+    items_path, ts_path, done = _part_files(work, part)
+    items_path.parent.mkdir(exist_ok=True)
+    done.unlink(missing_ok=True)
+    temp = work / f"duckdb-temp-part-{part}"
+    dtype = np.dtype(item_dtype(record["num_items"])).newbyteorder("<")
+    con = _connect(work, settings, read_only=True, temp=temp)
+    pos = 0
+    try:
+        where = f"WHERE sq.part = {int(part)}" if parts > 1 else ""
+        with open(items_path, "wb") as fi, open(ts_path, "wb") as ft:
+            for batch in _batches(con, "SELECT v.idx, f.ts FROM f JOIN v USING (icode) JOIN sq USING (seq) "
+                                       f"{where} ORDER BY f.seq, f.ts, f.row", 1 << 20):
+                batch.column(0).to_numpy().astype(dtype, copy=False).tofile(fi)
+                batch.column(1).to_numpy().astype("<f8", copy=False).tofile(ft)
+                pos += batch.num_rows
+    finally:
+        con.close()
+        shutil.rmtree(temp, ignore_errors=True)
+    if pos != rows:
+        raise RuntimeError(f"part {part} streamed {pos} interactions, the plan counted {rows}")
+    done.write_text(json.dumps({"part": part, "rows": rows, "seconds": round(time.perf_counter() - t0, 3)}))
+    log(f"part {part} of {parts}: {rows:,} interactions in {time.perf_counter() - t0:.1f}s")
+
+
+def part_seconds(work: Path, parts: int) -> list[float]:
+    return [json.loads(_part_files(work, k)[2].read_text())["seconds"] for k in range(parts)]
+
+
+# Sequences per block of the finish step (and per record batch of the ``sequences`` dataset).
+_SEQS_PER_BLOCK = 50_000
+# Bytes of Arrow data per file of the ``sequences`` dataset (datasets' own default shard size).
+_SHARD_BYTES = 500 << 20
+SEQUENCES_SCHEMA = pa.schema([("user_id", pa.string()), ("domain", pa.string()), ("item_ids", pa.list_(pa.int32())),
+                              ("timestamps", pa.list_(pa.float64())), ("train_end", pa.int32()),
+                              ("valid_end", pa.int32())])
+
+
+def finish(work: Path, folder: Path, record: dict, log=print) -> None:
+    """Step 3: one pass over the sequences in their global order, a block at a time: each part holds
+    its share of a block as one contiguous run (a part's sequences keep the global order), so a block is
+    a read from each part, written on to ``arrays/items.npy`` and the ``sequences`` dataset. Plain file
+    reads and writes: nothing grows with the log but the per-sequence arrays."""
+    t0 = time.perf_counter()
+    parts = record["parts"]
+    missing = [k for k in range(parts) if not _part_files(work, k)[2].is_file()]
+    if missing:
+        raise InputError(f"part(s) {missing[:10]} of {parts} have not finished (run `--step part --part I` for "
+                         "each, e.g. as a job array)", path=str(work), field="--work-dir")
+    offsets = np.load(work / "offsets.npy")
+    seq_part = np.load(work / "seq_part.npy")
+    train_end, valid_end = np.load(work / "train_end.npy"), np.load(work / "valid_end.npy")
+    users = pq.read_table(work / "sequences.parquet")
+    user_ids, dom_arr = users["user_id"].combine_chunks(), users["domain"].combine_chunks()
+    del users
+    lengths = np.diff(offsets)
+    n_seq, total = len(lengths), int(offsets[-1])
+    dtype = np.dtype(item_dtype(record["num_items"]))
+    disk_dtype = dtype.newbyteorder("<")
+    readers = [(open(_part_files(work, k)[0], "rb"), open(_part_files(work, k)[1], "rb")) for k in range(parts)]
+    (folder / ARRAYS).mkdir(parents=True)
+    seq_folder = folder / "sequences"
+    seq_folder.mkdir()
+    shards: list[Path] = []
+    writer, shard_bytes = None, 0
+    try:
+        with open(folder / ARRAYS / "items.npy", "wb") as items_out:
+            np.lib.format.write_array_header_1_0(items_out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                             "fortran_order": False, "shape": (total,)})
+            for lo in range(0, max(n_seq, 1), _SEQS_PER_BLOCK):
+                hi = min(n_seq, lo + _SEQS_PER_BLOCK)
+                a, b = int(offsets[lo]), int(offsets[hi])
+                items, ts = np.empty(b - a, dtype=dtype), np.empty(b - a, dtype=np.float64)
+                part_of = seq_part[lo:hi]
+                row_part = np.repeat(part_of, lengths[lo:hi])
+                for k in np.unique(part_of):
+                    mine = row_part == k
+                    n = int(mine.sum())
+                    fi, ft = readers[k]
+                    items[mine] = np.fromfile(fi, dtype=disk_dtype, count=n)
+                    ts[mine] = np.fromfile(ft, dtype="<f8", count=n)
+                items.tofile(items_out)
+                if writer is None:
+                    shards.append(seq_folder / f"shard-{len(shards):05d}.arrow")
+                    writer = ArrowWriter(schema=SEQUENCES_SCHEMA, path=str(shards[-1]))
+                local = pa.array((offsets[lo:hi + 1] - a).astype(np.int32))
+                table = pa.table({
+                    "user_id": user_ids.slice(lo, hi - lo), "domain": dom_arr.slice(lo, hi - lo),
+                    "item_ids": pa.ListArray.from_arrays(local, pa.array(items, pa.int32())),
+                    "timestamps": pa.ListArray.from_arrays(local, pa.array(ts, pa.float64())),
+                    "train_end": pa.array(train_end[lo:hi], pa.int32()),
+                    "valid_end": pa.array(valid_end[lo:hi], pa.int32())}, schema=SEQUENCES_SCHEMA)
+                writer.write_table(table)
+                shard_bytes += table.nbytes
+                if shard_bytes >= _SHARD_BYTES or hi == n_seq:
+                    writer.finalize()
+                    writer.close()
+                    writer, shard_bytes = None, 0
+    finally:
+        unread = [fi.tell() != os.fstat(fi.fileno()).st_size for fi, _ in readers]
+        for fi, ft in readers:
+            fi.close()
+            ft.close()
+        if writer is not None:
+            writer.close()
+    if any(unread):
+        raise RuntimeError("not every row of the parts was placed: the parts do not match the plan")
+    _save_layout(seq_folder, shards, fingerprint=f"{record['vocab_hash']}:{n_seq}:{total}")
+    datasets.Dataset(pq.read_table(work / "vocab.parquet")).save_to_disk(str(folder / "items"))
+    write_arrays(folder / ARRAYS, offsets, None, train_end, valid_end, np.load(work / "seq_domain.npy"),
+                 record["num_items"])
+    log(f"wrote the dataset in {time.perf_counter() - t0:.1f}s")
+
+
+def _save_layout(folder: Path, shards: list[Path], fingerprint: str) -> None:
+    """Make ``folder``'s Arrow files (written by ``datasets``' ArrowWriter) a ``save_to_disk`` folder:
+    ``datasets`` writes the metadata files itself (from an empty dataset of the same features), and only
+    the list of data files is ours. Writing the rows through ``Dataset.save_to_disk`` would read them
+    back through a memory map, whose pages count in the process's memory (~12 bytes per interaction)."""
+    meta = folder.parent / f".{folder.name}.meta"
+    datasets.Dataset(SEQUENCES_SCHEMA.empty_table()).save_to_disk(str(meta))
+    os.replace(meta / "dataset_info.json", folder / "dataset_info.json")
+    state = json.loads((meta / "state.json").read_text())
+    names = [f"data-{k:05d}-of-{len(shards):05d}.arrow" for k in range(len(shards))]
+    for shard, name in zip(shards, names):
+        os.replace(shard, folder / name)
+    state["_data_files"] = [{"filename": name} for name in names]
+    state["_fingerprint"] = hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+    (folder / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True))
+    shutil.rmtree(meta)
 
 
 @dataclass
@@ -212,8 +410,9 @@ def _spill(sources, opts, settings: EngineSettings, folder: Path, log) -> _Spill
     return _Spilled(row, per_source, rows_per_source, sorted(names_seen), has_dcol, seconds)
 
 
-def _relational(con, sp: _Spilled, sources, opts, work: Path, log, close) -> Built:
-    """Stage 2: the dataset's relations on DuckDB; returns the counts and the stage-3 writer."""
+def _relational(con, sp: _Spilled, sources, opts, work: Path, parts: int, log) -> dict:
+    """Stage 2: the dataset's relations on DuckDB. Leaves the per-sequence arrays, the vocabulary and
+    the sequence -> partition table in ``work``; returns the counts (the plan's record)."""
     t0 = time.perf_counter()
     q = con.sql     # runs a statement now; a query returns a relation to fetch (to its end)
     q(f"CREATE VIEW raw AS SELECT * FROM read_parquet({_sql_str(str(work / 'rows' / '*.parquet'))})")
@@ -355,20 +554,21 @@ def _relational(con, sp: _Spilled, sources, opts, work: Path, log, close) -> Bui
         stats["sources"] = {s.name: {"input": s.path, "format": s.format, "interactions": int(inter.get(k, 0)),
                                      "items": int(src_total[k]), "shared_items": int(src_shared[k]),
                                      "private_items": int(src_total[k] - src_shared[k])} for k, s in enumerate(sources)}
-    log(f"relations in {time.perf_counter() - t0:.1f}s (DuckDB)")
     code = np.full(n_dom, -1, dtype=np.int64)
     code[present] = np.arange(len(present))
-    dom_arr = pa.array(dom_names, pa.string()).take(pa.array(seq_dom))
-
-    def write(folder: Path) -> None:
-        t1 = time.perf_counter()
-        _write_sequences(con, folder, work, offsets, user_ids, dom_arr, train_end, valid_end, num_items)
-        datasets.Dataset(vocab).save_to_disk(str(folder / "items"))
-        write_arrays(folder / ARRAYS, offsets, None, train_end, valid_end, code[seq_dom], num_items)
-        log(f"wrote the sequences in {time.perf_counter() - t1:.1f}s")
-
-    return Built(stats=stats, split_info=split_info, num_items=int(num_items), domains=[dom_names[x] for x in present],
-                 vocab_hash=vocab_hash(vocab["item_id"].to_pylist()), rows_read=sp.rows, write=write, close=close)
+    seq_part = part_of_users(user_ids, parts)
+    for name, values in (("offsets", offsets), ("train_end", train_end), ("valid_end", valid_end),
+                         ("seq_domain", code[seq_dom]), ("seq_part", seq_part)):
+        np.save(work / f"{name}.npy", values, allow_pickle=False)
+    pq.write_table(pa.table({"user_id": user_ids, "domain": pa.array(dom_names, pa.string()).take(pa.array(seq_dom))}),
+                   work / "sequences.parquet")
+    pq.write_table(vocab, work / "vocab.parquet")
+    con.register("part_table", pa.table({"seq": seq_key, "part": seq_part}))
+    q("CREATE TABLE sq AS SELECT * FROM part_table")
+    con.unregister("part_table")
+    log(f"relations in {time.perf_counter() - t0:.1f}s (DuckDB)")
+    return {"stats": stats, "split_info": split_info, "num_items": int(num_items),
+            "domains": [dom_names[x] for x in present], "vocab_hash": vocab_hash(vocab["item_id"].to_pylist())}
 
 
 def _refuse_duplicates(con, sp: _Spilled, keys: str, sources) -> None:
@@ -455,69 +655,3 @@ def _sharing(con, group: str, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
     for g, t, s in rows:
         total[g], shared[g] = t, s
     return shared, total
-
-
-# Sequences per ``sequences`` record batch written (the in-memory path's Arrow table is one batch; the
-# dataset's rows and columns are the same either way).
-_ROWS_PER_WRITE = 50_000
-
-
-def _write_sequences(con, folder: Path, work: Path, offsets, user_ids, dom_arr, train_end, valid_end,
-                     num_items: int) -> None:
-    """Stage 3: every kept interaction once, in (sequence, time, file order) order, into
-    ``arrays/items.npy`` (a memory map) and the ``sequences`` dataset (batches of whole sequences)."""
-    total = int(offsets[-1])
-    (folder / ARRAYS).mkdir(parents=True, exist_ok=True)
-    items_out = np.lib.format.open_memmap(folder / ARRAYS / "items.npy", mode="w+", dtype=item_dtype(num_items),
-                                          shape=(total,))
-    schema = pa.schema([("user_id", pa.string()), ("domain", pa.string()), ("item_ids", pa.list_(pa.int32())),
-                        ("timestamps", pa.list_(pa.float64())), ("train_end", pa.int32()), ("valid_end", pa.int32())])
-    staged = work / "sequences.arrow"
-    writer = ArrowWriter(schema=schema, path=str(staged))
-    reader = _batches(con, "SELECT v.idx, f.ts FROM f JOIN v USING (icode) ORDER BY f.seq, f.ts, f.row", 1 << 20)
-    buf_items, buf_ts = [], []
-    done_rows, next_seq, n_seq = 0, 0, len(offsets) - 1      # rows written to the dataset; first sequence not written
-    pos = 0
-    for batch in reader:
-        idx = batch.column(0).to_numpy()
-        items_out[pos:pos + len(idx)] = idx
-        pos += len(idx)
-        buf_items.append(idx.astype(np.int32, copy=False))
-        buf_ts.append(batch.column(1).to_numpy())
-        # Whole sequences now buffered: those ending at or before ``pos``.
-        last = int(np.searchsorted(offsets, pos, side="right")) - 1
-        while next_seq < last:
-            stop = min(last, next_seq + _ROWS_PER_WRITE)
-            next_seq, done_rows, buf_items, buf_ts = _emit(writer, offsets, next_seq, stop, done_rows, buf_items,
-                                                           buf_ts, user_ids, dom_arr, train_end, valid_end)
-    while next_seq < n_seq:
-        stop = min(n_seq, next_seq + _ROWS_PER_WRITE)
-        next_seq, done_rows, buf_items, buf_ts = _emit(writer, offsets, next_seq, stop, done_rows, buf_items,
-                                                       buf_ts, user_ids, dom_arr, train_end, valid_end)
-    if pos != total:
-        raise RuntimeError(f"out-of-core prepare streamed {pos} interactions, expected {total}")
-    writer.finalize()
-    writer.close()
-    items_out.flush()
-    del items_out
-    staged_ds = datasets.Dataset.from_file(str(staged))
-    staged_ds.save_to_disk(str(folder / "sequences"))
-    del staged_ds
-    staged.unlink()
-
-
-def _emit(writer, offsets, lo: int, hi: int, done_rows: int, buf_items, buf_ts, user_ids, dom_arr, train_end,
-          valid_end):
-    """Write sequences ``lo..hi-1`` (all buffered) and keep what follows them in the buffer."""
-    items = np.concatenate(buf_items) if len(buf_items) != 1 else buf_items[0]
-    ts = np.concatenate(buf_ts) if len(buf_ts) != 1 else buf_ts[0]
-    n = int(offsets[hi] - done_rows)
-    local = pa.array((offsets[lo:hi + 1] - done_rows).astype(np.int32))
-    writer.write_table(pa.table({
-        "user_id": user_ids.slice(lo, hi - lo), "domain": dom_arr.slice(lo, hi - lo),
-        "item_ids": pa.ListArray.from_arrays(local, pa.array(items[:n], pa.int32())),
-        "timestamps": pa.ListArray.from_arrays(local, pa.array(ts[:n], pa.float64())),
-        "train_end": pa.array(train_end[lo:hi], pa.int32()), "valid_end": pa.array(valid_end[lo:hi], pa.int32()),
-    }))
-    return hi, int(offsets[hi]), [items[n:]], [ts[n:]]
-

@@ -6,10 +6,12 @@ k-core filter is repeated ``bincount``s, and the Arrow list column is built from
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -316,30 +318,72 @@ def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bo
 
 def _prepare_out_of_core(sources, inputs, opts: PrepareOptions, out: Path, log, settings: EngineSettings,
                          t0: float) -> dict:
-    """The same dataset through ``data/outofcore.py`` (DuckDB; memory bounded by one piece of input)."""
-    built = outofcore.build(sources, opts, settings, out, log)
-    try:
-        stats = built.stats
-        meta = {
-            "format_version": FORMAT_VERSION, "input": inputs[0] if len(inputs) == 1 else inputs,
-            "sources": [asdict(s) for s in sources], "options": _options_record(opts),
-            "domains": built.domains, "num_items": built.num_items,
-            "vocab_hash": built.vocab_hash, **built.split_info,
-        }
+    """The same dataset through ``data/outofcore.py`` (DuckDB; memory bounded by one piece of input),
+    in one process (``step="all"``) or as one of its steps (``plan``, ``part``, ``finish``)."""
+    fingerprint = _fingerprint(sources, opts, settings.parts)
+    if settings.step == "all":
+        base = Path(settings.work_dir) if settings.work_dir else out.parent
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            work = Path(tempfile.mkdtemp(prefix=f".{out.name}.prepare-", dir=base))
+        except OSError as e:
+            raise InputError(f"cannot create the work folder: {e.strerror or e}", path=str(base),
+                             field="--work-dir") from None
+        try:
+            record = outofcore.plan(sources, opts, settings, work, settings.parts, fingerprint, log)
+            for part in range(settings.parts):
+                outofcore.run_part(work, part, settings, record, log)
+            return _finish(work, record, sources, inputs, opts, out, log, t0)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    work = Path(settings.work_dir)
+    if settings.step == "plan":
+        record = outofcore.plan(sources, opts, settings, work, settings.parts, fingerprint, log)
+        log(f"planned {record['stats']['interactions']:,} interactions in {record['parts']} part(s) in "
+            f"{record['plan_seconds']:.1f}s -> {work}; next: --step part --part I for I in 0..{record['parts'] - 1}, "
+            "then --step finish")
+        return record["stats"]
+    record = outofcore.read_plan(work, fingerprint)
+    if settings.step == "part":
+        outofcore.run_part(work, settings.part, settings, record, log)
+        return record["stats"]
+    stats = _finish(work, record, sources, inputs, opts, out, log, t0, stepped=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return stats
 
-        def write(folder: Path) -> None:
-            built.write(folder)
-            seconds = time.perf_counter() - t0
-            meta.update({"seconds": round(seconds, 3), "engine": "duckdb",
-                         "rows_per_second": round(built.rows_read / max(seconds, 1e-9))})
-            (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
-            (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
-        write_atomically(out, write)
-    finally:
-        built.close()
+
+def _fingerprint(sources, opts: PrepareOptions, parts: int) -> str:
+    """What every step of one out-of-core prepare must agree on: inputs, options, partitions."""
+    text = json.dumps({"sources": [asdict(s) for s in sources], "options": _options_record(opts), "parts": parts},
+                      sort_keys=True)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _finish(work: Path, record: dict, sources, inputs, opts: PrepareOptions, out: Path, log, t0: float,
+            stepped: bool = False) -> dict:
+    stats = record["stats"]
+    meta = {
+        "format_version": FORMAT_VERSION, "input": inputs[0] if len(inputs) == 1 else inputs,
+        "sources": [asdict(s) for s in sources], "options": _options_record(opts),
+        "domains": record["domains"], "num_items": record["num_items"],
+        "vocab_hash": record["vocab_hash"], **record["split_info"],
+    }
+
+    def write(folder: Path) -> None:
+        outofcore.finish(work, folder, record, log)
+        # One process: this run's time; steps: the plan's, the slowest part's and the finish's (the
+        # critical path when the parts run side by side).
+        seconds = time.perf_counter() - t0
+        if stepped:
+            seconds += record["plan_seconds"] + max(outofcore.part_seconds(work, record["parts"]))
+        meta.update({"seconds": round(seconds, 3), "engine": "duckdb", "parts": record["parts"],
+                     "rows_per_second": round(record["rows_read"] / max(seconds, 1e-9))})
+        (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
+        (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
+    write_atomically(out, write)
     log(f"prepared {stats['interactions']:,} interactions, {stats['users']:,} users, {stats['items']:,} items, "
-        f"{len(built.domains)} domain(s) in {meta['seconds']:.1f}s ({meta['rows_per_second']:,} rows/s read, "
-        f"out of core) -> {out}")
+        f"{len(record['domains'])} domain(s) in {meta['seconds']:.1f}s ({meta['rows_per_second']:,} rows/s read, "
+        f"out of core, {record['parts']} part(s)) -> {out}")
     if "vocab_from" in stats:
         extension = stats["vocab_from"]
         log(f"vocabulary from the base: its {extension['base_items']:,} items keep their indices "

@@ -80,7 +80,7 @@ def _cmd_prepare(a):
         temporal_valid=a.temporal_valid, temporal_test=a.temporal_test, on_bad_rows=a.on_bad_rows,
         duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs,
         vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None, until=a.until,
-        timezone=a.timezone, time_unit=a.time_unit)
+        timezone=a.timezone, time_unit=a.time_unit, shards=a.shards)
     engine = EngineSettings(engine=a.engine, memory_limit=a.memory_limit, work_dir=a.work_dir,
                             block_size=a.block_size, step=a.step, parts=a.parts, part=a.part)
     prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name, force=a.force,
@@ -371,6 +371,9 @@ def add_commands(sub) -> None:
                     "next to --out; needs ~2-3x the input's size free)")
     pr.add_argument("--block-size", type=at_least(1 << 16), default=64 << 20,
                     help="duckdb engine: bytes of input read per piece (default 64 MiB)")
+    pr.add_argument("--shards", type=at_least(0), default=0,
+                    help="write the item ids as N user-hash shards (CRC-32 of the user id): each training or "
+                         "evaluation rank then reads only its own shards' rows (shard %% world size); default 0: one file")
     pr.add_argument("--parts", type=at_least(1), default=1,
                     help="duckdb engine: sort the rows in this many user partitions (CRC-32 of the user id), one "
                          "after another, or side by side as steps (slurm/prepare.sbatch); the dataset is the same")

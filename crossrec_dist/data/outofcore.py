@@ -44,7 +44,7 @@ from datasets.arrow_writer import ArrowWriter
 
 from ..errors import InputError
 from .domains import assign_domains
-from .prepared import ARRAYS, item_dtype, write_arrays
+from .prepared import ARRAYS, SEQ_SHARD, SHARDS, item_dtype, shard_file, write_arrays
 from .readers import ChunkedLog
 from .sources import SOURCE_RULE, check_domain_names, report_rules
 from .times import TimeRule
@@ -180,7 +180,7 @@ def plan(sources, opts, settings: EngineSettings, work: Path, parts: int, finger
     finally:
         con.close()
     shutil.rmtree(work / "rows", ignore_errors=True)
-    record.update({"parts": parts, "fingerprint": fingerprint, "rows_read": spilled.rows,
+    record.update({"parts": parts, "shards": opts.shards, "fingerprint": fingerprint, "rows_read": spilled.rows,
                    "plan_seconds": round(time.perf_counter() - t0, 3)})
     (work / PLAN).write_text(json.dumps(record, indent=1, allow_nan=False))
     return record
@@ -200,10 +200,11 @@ def read_plan(work: Path, fingerprint: str) -> dict:
 
 
 def _part_files(work: Path, part: int) -> tuple[Path, Path, Path]:
-    """A part's item indices and times (raw little-endian arrays, appended to, never memory-mapped:
-    mapped pages would count in the process's memory) and its completion record."""
+    """A part's item indices (a ``.npy``: with ``--shards`` it becomes the shard's file) and times (raw
+    float64), both appended to, never memory-mapped (mapped pages would count in the process's
+    memory), and its completion record."""
     stem = work / "parts" / f"part-{part:05d}"
-    return stem.with_suffix(".items.bin"), stem.with_suffix(".ts.bin"), stem.with_suffix(".done.json")
+    return stem.with_suffix(".items.npy"), stem.with_suffix(".ts.bin"), stem.with_suffix(".done.json")
 
 
 def run_part(work: Path, part: int, settings: EngineSettings, record: dict, log=print) -> None:
@@ -221,15 +222,17 @@ def run_part(work: Path, part: int, settings: EngineSettings, record: dict, log=
     items_path.parent.mkdir(exist_ok=True)
     done.unlink(missing_ok=True)
     temp = work / f"duckdb-temp-part-{part}"
-    dtype = np.dtype(item_dtype(record["num_items"])).newbyteorder("<")
+    dtype = np.dtype(item_dtype(record["num_items"]))
     con = _connect(work, settings, read_only=True, temp=temp)
     pos = 0
     try:
         where = f"WHERE sq.part = {int(part)}" if parts > 1 else ""
         with open(items_path, "wb") as fi, open(ts_path, "wb") as ft:
+            np.lib.format.write_array_header_1_0(fi, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                      "fortran_order": False, "shape": (rows,)})
             for batch in _batches(con, "SELECT v.idx, f.ts FROM f JOIN v USING (icode) JOIN sq USING (seq) "
                                        f"{where} ORDER BY f.seq, f.ts, f.row", 1 << 20):
-                batch.column(0).to_numpy().astype(dtype, copy=False).tofile(fi)
+                batch.column(0).to_numpy().astype(dtype, copy=False).tofile(fi)      # native order, as np.save
                 batch.column(1).to_numpy().astype("<f8", copy=False).tofile(ft)
                 pos += batch.num_rows
     finally:
@@ -274,17 +277,24 @@ def finish(work: Path, folder: Path, record: dict, log=print) -> None:
     lengths = np.diff(offsets)
     n_seq, total = len(lengths), int(offsets[-1])
     dtype = np.dtype(item_dtype(record["num_items"]))
-    disk_dtype = dtype.newbyteorder("<")
-    readers = [(open(_part_files(work, k)[0], "rb"), open(_part_files(work, k)[1], "rb")) for k in range(parts)]
+    readers = []
+    for k in range(parts):
+        fi = open(_part_files(work, k)[0], "rb")
+        np.lib.format.read_magic(fi)              # written by run_part as format 1.0
+        np.lib.format.read_array_header_1_0(fi)
+        readers.append((fi, open(_part_files(work, k)[1], "rb")))
+    sharded = bool(record.get("shards"))
     (folder / ARRAYS).mkdir(parents=True)
     seq_folder = folder / "sequences"
     seq_folder.mkdir()
     shards: list[Path] = []
     writer, shard_bytes = None, 0
     try:
-        with open(folder / ARRAYS / "items.npy", "wb") as items_out:
-            np.lib.format.write_array_header_1_0(items_out, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                                             "fortran_order": False, "shape": (total,)})
+        # Sharded: the parts' files are the shards, and there is no items.npy of the whole log.
+        with open(os.devnull if sharded else folder / ARRAYS / "items.npy", "wb") as items_out:
+            if not sharded:
+                np.lib.format.write_array_header_1_0(items_out, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                                                 "fortran_order": False, "shape": (total,)})
             for lo in range(0, max(n_seq, 1), _SEQS_PER_BLOCK):
                 hi = min(n_seq, lo + _SEQS_PER_BLOCK)
                 a, b = int(offsets[lo]), int(offsets[hi])
@@ -295,9 +305,10 @@ def finish(work: Path, folder: Path, record: dict, log=print) -> None:
                     mine = row_part == k
                     n = int(mine.sum())
                     fi, ft = readers[k]
-                    items[mine] = np.fromfile(fi, dtype=disk_dtype, count=n)
+                    items[mine] = np.fromfile(fi, dtype=dtype, count=n)
                     ts[mine] = np.fromfile(ft, dtype="<f8", count=n)
-                items.tofile(items_out)
+                if not sharded:
+                    items.tofile(items_out)
                 if writer is None:
                     shards.append(seq_folder / f"shard-{len(shards):05d}.arrow")
                     writer = ArrowWriter(schema=SEQUENCES_SCHEMA, path=str(shards[-1]))
@@ -324,6 +335,11 @@ def finish(work: Path, folder: Path, record: dict, log=print) -> None:
     if any(unread):
         raise RuntimeError("not every row of the parts was placed: the parts do not match the plan")
     _save_layout(seq_folder, shards, fingerprint=f"{record['vocab_hash']}:{n_seq}:{total}")
+    if sharded:
+        (folder / ARRAYS / SHARDS).mkdir()
+        for k in range(parts):
+            os.replace(_part_files(work, k)[0], shard_file(folder / ARRAYS, k, parts))
+        np.save(folder / ARRAYS / f"{SEQ_SHARD}.npy", seq_part, allow_pickle=False)
     datasets.Dataset(pq.read_table(work / "vocab.parquet")).save_to_disk(str(folder / "items"))
     write_arrays(folder / ARRAYS, offsets, None, train_end, valid_end, np.load(work / "seq_domain.npy"),
                  record["num_items"])

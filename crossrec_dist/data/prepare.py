@@ -25,8 +25,8 @@ from ..errors import InputError
 from ..paths import check_output_dir
 from ..progress import Phases
 from . import outofcore
-from .outofcore import EngineSettings, choose_engine
-from .prepared import ARRAYS, write_arrays
+from .outofcore import EngineSettings, choose_engine, part_of_users
+from .prepared import ARRAYS, SEQ_SHARD, SHARDS, item_dtype, shard_file, write_arrays
 from .readers import DUPLICATES, Columns
 from .sources import item_sharing, make_sources, read_sources
 from .times import TimeRule, time_option
@@ -61,6 +61,10 @@ class PrepareOptions:
     # How times are read (data/times.py): the zone of naive date-times and dates, and the unit of epoch numbers.
     timezone: str = "UTC"
     time_unit: str = "s"
+    # N > 0: the item ids are written as N user-hash shards (arrays/shards/, CRC-32 of the user id
+    # modulo N), so that each training or evaluation rank reads only its own shards' rows (prepared.py,
+    # ShardedItems). Everything else, the sequences dataset included, is the same as without.
+    shards: int = 0
 
 
 def _kcore(seq: np.ndarray, item: np.ndarray, n_seq: int, n_item: int, min_u: int, min_i: int) -> np.ndarray:
@@ -300,8 +304,16 @@ def _prepare(input_path, out, opts: PrepareOptions, log, source_names, force: bo
         # Domain codes as PreparedData numbers them: positions in meta["domains"] (present domains only).
         code = np.full(n_dom, -1, dtype=np.int64)
         code[present] = np.arange(len(present))
-        write_arrays(folder / ARRAYS, offsets, items_sorted, train_end, valid_end,
+        write_arrays(folder / ARRAYS, offsets, None if opts.shards else items_sorted, train_end, valid_end,
                      code[seq_dom], num_items)
+        if opts.shards:
+            seq_shard = part_of_users(user_ids, opts.shards)
+            row_shard = np.repeat(seq_shard, lengths)
+            np.save(folder / ARRAYS / f"{SEQ_SHARD}.npy", seq_shard, allow_pickle=False)
+            (folder / ARRAYS / SHARDS).mkdir()
+            for k in range(opts.shards):
+                np.save(shard_file(folder / ARRAYS, k, opts.shards),
+                        items_sorted[row_shard == k].astype(item_dtype(num_items)), allow_pickle=False)
         (folder / "stats.json").write_text(json.dumps(stats, indent=2, allow_nan=False))
         (folder / "meta.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
     write_atomically(out, write)
@@ -320,6 +332,11 @@ def _prepare_out_of_core(sources, inputs, opts: PrepareOptions, out: Path, log, 
                          t0: float) -> dict:
     """The same dataset through ``data/outofcore.py`` (DuckDB; memory bounded by one piece of input),
     in one process (``step="all"``) or as one of its steps (``plan``, ``part``, ``finish``)."""
+    if opts.shards:
+        if settings.parts not in (1, opts.shards):
+            raise InputError(f"--shards {opts.shards} writes one shard per part: give --parts {opts.shards} or "
+                             "leave --parts out", field="--parts")
+        settings = replace(settings, parts=opts.shards)
     fingerprint = _fingerprint(sources, opts, settings.parts)
     if settings.step == "all":
         base = Path(settings.work_dir) if settings.work_dir else out.parent
@@ -399,6 +416,8 @@ def check_prepare_options(opts: PrepareOptions) -> PrepareOptions:
     opts = replace(opts, until=time_option(opts.until, rule, "--until"),
                    temporal_valid=time_option(opts.temporal_valid, rule, "--temporal-valid", quantile_ok=True),
                    temporal_test=time_option(opts.temporal_test, rule, "--temporal-test", quantile_ok=True))
+    if opts.shards < 0:
+        raise InputError(f"must be >= 0 (0: no shards), got {opts.shards}", field="--shards")
     if opts.min_user_interactions < 0:
         raise InputError(f"must be >= 0, got {opts.min_user_interactions}", field="--min-user")
     if opts.min_item_interactions < 0:

@@ -26,6 +26,12 @@ from .vocabulary import vocab_hash
 
 ARRAYS = "arrays"
 ARRAY_NAMES = ("offsets", "items", "train_end", "valid_end", "seq_domain")
+SHARDS = "shards"                 # arrays/shards/: the item ids of a sharded folder, one file per shard
+SEQ_SHARD = "seq_shard"           # arrays/seq_shard.npy: the shard of each sequence
+
+
+def shard_file(folder: Path, shard: int, shards: int) -> Path:
+    return folder / SHARDS / f"shard-{shard:05d}-of-{shards:05d}.npy"
 
 
 def item_dtype(num_items: int):
@@ -44,6 +50,65 @@ def write_arrays(folder: Path, offsets: np.ndarray, items: np.ndarray, train_end
         if values is None:      # written by the caller (the out-of-core prepare streams items.npy)
             continue
         np.save(folder / f"{name}.npy", np.ascontiguousarray(values, dtype=dtype), allow_pickle=False)
+
+
+class ShardedItems:
+    """The item ids of a folder prepared with ``--shards N``, addressed like ``items.npy`` (by global
+    position, ``offsets[s] + k``) but stored as N files, one per user-hash shard, each holding its
+    sequences' rows in the global order. A shard's file is memory-mapped on its first read: a rank
+    that reads only its own shards' sequences (``SequenceBatches`` and the sharded evaluator deal them
+    out that way) never opens, let alone pages in, another shard's rows. ``opened`` says which it did."""
+
+    def __init__(self, folder: Path, offsets: np.ndarray, seq_shard: np.ndarray, shards: int, num_items: int):
+        self.folder, self.offsets, self.seq_shard, self.shards = folder, offsets, seq_shard, shards
+        self.dtype = np.dtype(item_dtype(num_items))
+        self.shape, self.ndim = (int(offsets[-1]),), 1
+        lengths = np.diff(offsets)
+        local_start = np.zeros(len(lengths), dtype=np.int64)
+        for k in range(shards):
+            mine = seq_shard == k
+            local_start[mine] = np.r_[0, np.cumsum(lengths[mine])[:-1]] if mine.any() else 0
+        self.delta = local_start - offsets[:-1]        # global position p of sequence s = local p + delta[s]
+        self.opened: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def shard(self, k: int) -> np.ndarray:
+        if k not in self.opened:
+            file = shard_file(self.folder, k, self.shards)
+            try:
+                self.opened[k] = np.load(file, mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise InputError(f"cannot read shard {k} ({e}); prepare the dataset again", path=str(file)) from None
+        return self.opened[k]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1 and stop > start:
+                seq = int(np.searchsorted(self.offsets, start, side="right")) - 1
+                if stop <= self.offsets[seq + 1]:        # one sequence: one contiguous run of its shard
+                    local = start + int(self.delta[seq])
+                    return self.shard(int(self.seq_shard[seq]))[local:local + stop - start]
+            key = np.arange(start, stop, step)
+        scalar = np.ndim(key) == 0
+        key = np.asarray(key)
+        if key.dtype == bool:
+            key = np.flatnonzero(key)
+        flat = key.reshape(-1).astype(np.int64)
+        seq = np.searchsorted(self.offsets, flat, side="right") - 1
+        shard, local = self.seq_shard[seq], flat + self.delta[seq]
+        out = np.empty(len(flat), dtype=self.dtype)
+        for k in np.unique(shard):
+            mine = shard == k
+            out[mine] = self.shard(int(k))[local[mine]]
+        return out[0] if scalar else out.reshape(key.shape)
+
+    def __array__(self, dtype=None, copy=None):
+        """Every item id in the global order (reads every shard: for small data and tests)."""
+        out = self[np.arange(len(self))]
+        return out if dtype is None else out.astype(dtype)
 
 
 @dataclass
@@ -89,6 +154,8 @@ class PreparedData:
         self.domain_names: list[str] = list(self.meta["domains"])
         self.num_items = int(self.meta["num_items"])
         self._user_ids = None
+        self.shards = 0                    # > 0: a folder prepared with --shards (``seq_shard``, ``ShardedItems``)
+        self.seq_shard: np.ndarray | None = None
         self.memory_mapped = memory_map and (self.path / ARRAYS).is_dir()
         if self.memory_mapped:
             self._map_arrays()
@@ -98,14 +165,22 @@ class PreparedData:
     def _map_arrays(self) -> None:
         folder = self.path / ARRAYS
         arrays = {}
-        for name in ARRAY_NAMES:
+        self.shards = int(self.meta.get("options", {}).get("shards") or 0)
+        for name in ARRAY_NAMES + ((SEQ_SHARD,) if self.shards else ()):
+            if name == "items" and self.shards:
+                continue
             file = folder / f"{name}.npy"
             try:
                 arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
             except (OSError, ValueError) as e:
                 raise InputError(f"cannot read {name}.npy ({e}); prepare the dataset again", path=str(file)) from None
-        self.offsets, self.items = arrays["offsets"], arrays["items"]
+        self.offsets = arrays["offsets"]
         self.train_end, self.valid_end, self.seq_domain = arrays["train_end"], arrays["valid_end"], arrays["seq_domain"]
+        if self.shards:
+            self.seq_shard = np.asarray(arrays[SEQ_SHARD])
+            self.items = ShardedItems(folder, np.asarray(self.offsets), self.seq_shard, self.shards, self.num_items)
+        else:
+            self.items = arrays["items"]
         n = len(self.train_end)
         shapes_ok = (len(self.offsets) == n + 1 and len(self.valid_end) == n and len(self.seq_domain) == n
                      and int(self.offsets[-1]) == len(self.items) == int(self.stats.get("interactions", len(self.items))))

@@ -21,6 +21,10 @@ def sharded_evaluate(data: PreparedData, ev: EvalSet, scorer, opts: EvalOptions,
     # j-th user in order goes to rank j % world.
     users = np.unique(ev.seq_index, return_inverse=True)[1] if len(ev.targets) else np.zeros(0, dtype=np.int64)
     owner = users % world
+    if getattr(data, "seq_shard", None) is not None:
+        # A sharded folder: a user goes to the rank that owns its shard (as in training), whose
+        # histories are then read from that rank's own shard files only.
+        owner = data.seq_shard[ev.seq_index] % world
     shards = [np.flatnonzero(owner == r) for r in range(world)]
     per_pass = score_batch_size(opts.batch_size, data.num_items)      # as rank_eval_set batches them
     passes = [len(eval_batches(_subset(ev, s), per_pass, grouped, opts.max_len)) for s in shards]

@@ -138,6 +138,8 @@ SUITE: list[Bench] = [
     Bench("distill_seeds", "scale",
           PY + ["benchmarks.distill_seeds", "--run", "benchmarks/out/ml100k_distill"]),
     Bench("data_scale", "scale", PY + ["benchmarks.data_scale"]),
+    Bench("prepare_scale", "scale", PY + ["benchmarks.prepare_scale", "--keep-last"]),
+    Bench("train_at_scale", "scale", PY + ["benchmarks.train_at_scale"]),
     Bench("train_1b_cpu", "scale", PY + ["benchmarks.train_1b_cpu"]),
     Bench("teardown_stress", "scale", PY + ["benchmarks.teardown_stress", "--repeats", "15", "--launches", "16"]),
     Bench("serve_load", "scale", PY + ["benchmarks.serve_load", "--soak-seconds", "600"]),

@@ -81,7 +81,7 @@ def _cmd_prepare(a):
         duplicates=a.duplicates, user_attrs=a.user_attrs, item_attrs=a.item_attrs,
         vocab_from=_base_vocabulary(a.vocab_from) if a.vocab_from else None, until=a.until,
         timezone=a.timezone, time_unit=a.time_unit, shards=a.shards)
-    engine = EngineSettings(engine=a.engine, memory_limit=a.memory_limit, work_dir=a.work_dir,
+    engine = EngineSettings(engine=a.engine, memory_limit=a.memory_limit, work_dir=a.work_dir, threads=a.threads,
                             block_size=a.block_size, step=a.step, parts=a.parts, part=a.part)
     prepare(a.input if len(a.input) > 1 else a.input[0], a.out, opts, source_names=a.source_name, force=a.force,
             engine=engine)
@@ -369,6 +369,8 @@ def add_commands(sub) -> None:
                     "process adds ~1 GB)")
     pr.add_argument("--work-dir", default=None, help="duckdb engine: folder for spill and temp files (default: "
                     "next to --out; needs ~2-3x the input's size free)")
+    pr.add_argument("--threads", type=at_least(1), default=None,
+                    help="duckdb engine: DuckDB's threads (default: the usable cores; fewer hold less memory)")
     pr.add_argument("--block-size", type=at_least(1 << 16), default=64 << 20,
                     help="duckdb engine: bytes of input read per piece (default 64 MiB)")
     pr.add_argument("--shards", type=at_least(0), default=0,

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from crossrec_dist.commands import _auto_format
-from crossrec_dist.data.outofcore import EngineSettings
+from crossrec_dist.data.outofcore import EngineSettings, _connect
 from crossrec_dist.data.prepare import PrepareOptions, prepare
 from crossrec_dist.data.readers import Columns
 from crossrec_dist.data.synth import SynthOptions, write_synth
@@ -244,3 +244,17 @@ def test_step_options_are_checked_before_any_work(tmp_path):
         prepare(str(csv), tmp_path / "out", PrepareOptions(format="csv"), log=lambda *_: None,
                 engine=EngineSettings(step="finish", work_dir=str(tmp_path / "none")))
     assert not (tmp_path / "out").exists()
+
+
+def test_duckdb_runs_under_its_limit_with_a_temp_directory_and_no_insertion_order(tmp_path):
+    """PITFALLS 17: DuckDB holds far more than expected unless memory_limit, temp_directory and
+    preserve_insertion_order=false are set; every connection of the out-of-core prepare sets them."""
+    con = _connect(tmp_path, EngineSettings("duckdb", memory_limit="300MB", threads=1))
+    try:
+        limit, temp, order, threads = con.sql(
+            "SELECT current_setting('memory_limit'), current_setting('temp_directory'), "
+            "current_setting('preserve_insertion_order'), current_setting('threads')").fetchall()[0]
+    finally:
+        con.close()
+    assert limit.replace(" ", "").upper() in ("300.0MB", "286.1MIB") and temp == str(tmp_path / "duckdb-temp")
+    assert order is False and threads == 1

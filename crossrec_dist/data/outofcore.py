@@ -25,6 +25,7 @@ stats.json. Only per-sequence arrays (one entry per user and domain) are ever he
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -125,6 +126,18 @@ def one(con, sql: str) -> tuple:
     return con.sql(sql).fetchall()[0]
 
 
+@contextlib.contextmanager
+def _out_of_memory(settings: EngineSettings):
+    """DuckDB's out-of-memory error as the user's to act on (exit 2), not a traceback."""
+    try:
+        yield
+    except duckdb.OutOfMemoryException as e:
+        first = str(e).splitlines()[0]
+        raise InputError(f"DuckDB ran out of memory at --memory-limit {settings.memory_limit} ({first}); give it "
+                         "more if the machine has it, or fewer --threads (each thread holds its own part of a "
+                         "large aggregate)", field="--memory-limit") from None
+
+
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
@@ -173,9 +186,11 @@ def plan(sources, opts, settings: EngineSettings, work: Path, parts: int, finger
     except OSError as e:
         raise InputError(f"cannot create the work folder: {e.strerror or e}", path=str(work), field="--work-dir") from None
     spilled = _spill(sources, opts, settings, work / "rows", log)
+    pa.default_memory_pool().release_unused()    # the pieces' buffers: ~1.3 GB kept by the allocator at 1e8 rows
     con = _connect(work, settings)
     try:
-        record = _relational(con, spilled, sources, opts, work, parts, log)
+        with _out_of_memory(settings):
+            record = _relational(con, spilled, sources, opts, work, parts, log)
         con.execute("DROP VIEW raw")
     finally:
         con.close()
@@ -227,7 +242,7 @@ def run_part(work: Path, part: int, settings: EngineSettings, record: dict, log=
     pos = 0
     try:
         where = f"WHERE sq.part = {int(part)}" if parts > 1 else ""
-        with open(items_path, "wb") as fi, open(ts_path, "wb") as ft:
+        with open(items_path, "wb") as fi, open(ts_path, "wb") as ft, _out_of_memory(settings):
             np.lib.format.write_array_header_1_0(fi, {"descr": np.lib.format.dtype_to_descr(dtype),
                                                       "fortran_order": False, "shape": (rows,)})
             for batch in _batches(con, "SELECT v.idx, f.ts FROM f JOIN v USING (icode) JOIN sq USING (seq) "
@@ -432,15 +447,41 @@ def _relational(con, sp: _Spilled, sources, opts, work: Path, parts: int, log) -
     t0 = time.perf_counter()
     q = con.sql     # runs a statement now; a query returns a relation to fetch (to its end)
     q(f"CREATE VIEW raw AS SELECT * FROM read_parquet({_sql_str(str(work / 'rows' / '*.parquet'))})")
-    keys = "src, user, item, ts, dom" + (", dcol" if sp.has_dcol else "")
+    # Text ids become integers first: the first-seen order of users and items over every row read (a
+    # repeat never comes before the row it repeats, so duplicates do not change it), numbered as
+    # dictionary encoding numbers them; sequences are ordered by (user, domain) in that order. Every
+    # big operation after this one works on fixed-width keys (a hash aggregate over 2.5e8 rows of text
+    # keys ran out of memory at a 3 GB limit; on integers it spills).
+    q("CREATE TABLE u AS SELECT user, (row_number() OVER (ORDER BY first) - 1)::BIGINT AS ucode "
+      "FROM (SELECT user, min(row) AS first FROM raw GROUP BY user)")
+    q("CREATE TABLE i AS SELECT item, (row_number() OVER (ORDER BY first) - 1)::BIGINT AS icode "
+      "FROM (SELECT item, min(row) AS first FROM raw GROUP BY item)")
+    dom_names, n_dom = sp.dom_names, len(sp.dom_names)
+    con.register("dom_table", pa.table({"dom": pa.array(dom_names, pa.string()),
+                                        "dcode": pa.array(np.arange(n_dom, dtype=np.int32))}))
+    q("CREATE TABLE d AS SELECT * FROM dom_table")
+    con.unregister("dom_table")
+    dcol, dcol_join = "", ""
+    if sp.has_dcol:     # the domain column's own value is part of a duplicate's key (a rule may ignore it)
+        q("CREATE TABLE dc AS SELECT dcol, (row_number() OVER (ORDER BY dcol) - 1)::INTEGER AS ccode "
+          "FROM (SELECT DISTINCT dcol FROM raw)")
+        dcol, dcol_join = ", dc.ccode", " JOIN dc USING (dcol)"
+    prow = ", raw.prow" if opts.duplicates == "error" else ""
+    q(f"CREATE TABLE coded AS SELECT raw.row, raw.src, u.ucode, i.icode, raw.ts, d.dcode{dcol}{prow} FROM raw "
+      f"JOIN u USING (user) JOIN i USING (item) JOIN d USING (dom){dcol_join}")
+    keys = "src, ucode, icode, ts, dcode" + (", ccode" if sp.has_dcol else "")
     dup_per_source = [0] * len(sources)
     if opts.duplicates == "keep":
-        q("CREATE VIEW rows AS SELECT row, src, user, item, ts, dom FROM raw")
+        q("CREATE VIEW rows AS SELECT row, src, ucode, icode, ts, dcode FROM coded")
+        # Counted as the in-memory path counts them (per source), though they stay.
+        counted = dict(q(f"SELECT src, sum(c - 1) FROM (SELECT {keys}, count(*) AS c FROM coded GROUP BY {keys}) "
+                         "GROUP BY src").fetchall())
+        dup_per_source = [int(counted.get(k) or 0) for k in range(len(sources))]
     else:
         if opts.duplicates == "error":
-            _refuse_duplicates(con, sp, keys, sources)
+            _refuse_duplicates(con, sp, keys)
         # One row per distinct (source, user, item, time, domain[, domain column]): the first in file order.
-        q(f"CREATE TABLE rows AS SELECT min(row) AS row, src, user, item, ts, dom FROM raw GROUP BY {keys}")
+        q(f"CREATE TABLE rows AS SELECT min(row) AS row, src, ucode, icode, ts, dcode FROM coded GROUP BY {keys}")
         kept = dict(q("SELECT src, count(*) FROM rows GROUP BY src").fetchall())
         dup_per_source = [sp.rows_per_source[k] - int(kept.get(k, 0)) for k in range(len(sources))]
     n_read = int(one(con, "SELECT count(*) FROM rows")[0])
@@ -449,37 +490,18 @@ def _relational(con, sp: _Spilled, sources, opts, work: Path, parts: int, log) -
         if n:
             verb = "dropped" if opts.duplicates == "drop" else "kept"
             log(f"{verb} {n} exact duplicate row(s) of {sp.per_source[k].path} (--duplicates {opts.duplicates})")
-    if opts.duplicates == "keep":
-        # Counted as the in-memory path counts them (per source), though they stay.
-        counted = q(f"SELECT src, sum(c - 1) FROM (SELECT {keys}, count(*) AS c FROM raw GROUP BY {keys}) "
-                    "GROUP BY src").fetchall()
-        for k, n in counted:
-            sp.per_source[k].notes["duplicate_rows"] = int(n)
-            if n:
-                log(f"kept {int(n)} exact duplicate row(s) of {sp.per_source[k].path} (--duplicates keep)")
-
-    # First-seen order of users and items over every row read (before any filter), as dictionary
-    # encoding numbers them; sequences are ordered by (user, domain) in that order.
-    q("CREATE TABLE u AS SELECT user, (row_number() OVER (ORDER BY first) - 1)::BIGINT AS ucode "
-      "FROM (SELECT user, min(row) AS first FROM rows GROUP BY user)")
-    q("CREATE TABLE i AS SELECT item, (row_number() OVER (ORDER BY first) - 1)::BIGINT AS icode "
-      "FROM (SELECT item, min(row) AS first FROM rows GROUP BY item)")
-    dom_names, n_dom = sp.dom_names, len(sp.dom_names)
-    con.register("dom_table", pa.table({"dom": pa.array(dom_names, pa.string()),
-                                        "dcode": pa.array(np.arange(n_dom, dtype=np.int32))}))
-    q("CREATE TABLE d AS SELECT * FROM dom_table")
-    con.unregister("dom_table")
     wanted = ["TRUE"]
     if opts.domains:
         unknown = [x for x in opts.domains if x not in dom_names]
         if unknown:
             raise InputError(f"domain(s) {unknown} have no interactions; present: {dom_names}", field="--domains")
-        wanted.append(f"d.dcode IN ({', '.join(str(dom_names.index(x)) for x in opts.domains)})")
+        wanted.append(f"dcode IN ({', '.join(str(dom_names.index(x)) for x in opts.domains)})")
     if opts.until is not None:
-        wanted.append(f"r.ts <= {float(opts.until)!r}")
-    q(f"CREATE TABLE e AS SELECT r.row, u.ucode * {n_dom} + d.dcode AS seq, i.icode, r.ts, d.dcode, r.src, "
-      f"({' AND '.join(wanted)}) AS wanted FROM rows r JOIN u USING (user) JOIN i USING (item) JOIN d USING (dom)")
+        wanted.append(f"ts <= {float(opts.until)!r}")
+    q(f"CREATE TABLE e AS SELECT row, ucode * {n_dom} + dcode AS seq, icode, ts, dcode, src, "
+      f"({' AND '.join(wanted)}) AS wanted FROM rows")
     q(f"DROP {'VIEW' if opts.duplicates == 'keep' else 'TABLE'} rows")
+    q("DROP TABLE coded")
     if opts.min_user_interactions > 1 or opts.min_item_interactions > 1:
         _kcore(con, opts.min_user_interactions, opts.min_item_interactions)
         q("CREATE VIEW f AS SELECT e.* FROM e SEMI JOIN k USING (row) WHERE wanted")
@@ -587,18 +609,18 @@ def _relational(con, sp: _Spilled, sources, opts, work: Path, parts: int, log) -
             "domains": [dom_names[x] for x in present], "vocab_hash": vocab_hash(vocab["item_id"].to_pylist())}
 
 
-def _refuse_duplicates(con, sp: _Spilled, keys: str, sources) -> None:
+def _refuse_duplicates(con, sp: _Spilled, keys: str) -> None:
     """``--duplicates error``: the first repeated row in file order, named by file:line with the line it repeats."""
     q = con.sql     # runs a statement now; a query returns a relation to fetch (to its end)
-    on = " AND ".join(f"r.{c} IS NOT DISTINCT FROM g.{c}" for c in keys.split(", "))
-    q(f"CREATE TEMP TABLE dup_groups AS SELECT {keys}, min(row) AS first, count(*) AS c FROM raw GROUP BY {keys} "
+    on = " AND ".join(f"r.{c} = g.{c}" for c in keys.split(", "))
+    q(f"CREATE TEMP TABLE dup_groups AS SELECT {keys}, min(row) AS first, count(*) AS c FROM coded GROUP BY {keys} "
       "HAVING count(*) > 1")
-    hit = q(f"SELECT r.src, r.prow, g.first FROM raw r JOIN dup_groups g ON {on} WHERE r.row > g.first "
+    hit = q(f"SELECT r.src, r.prow, g.first FROM coded r JOIN dup_groups g ON {on} WHERE r.row > g.first "
             "ORDER BY r.row LIMIT 1").fetchall()
     if not hit:
         return
     k, prow, first = (int(x) for x in hit[0])
-    first_prow = int(one(con, f"SELECT prow FROM raw WHERE row = {first}")[0])
+    first_prow = int(one(con, f"SELECT prow FROM coded WHERE row = {first}")[0])
     n = int(one(con, f"SELECT sum(c - 1) FROM dup_groups WHERE src = {k}")[0])
     chunked = sp.per_source[k]
     raise InputError(f"{n} exact duplicate row(s); this one repeats {chunked.path}:{chunked.line(first_prow)} "

@@ -258,3 +258,13 @@ def test_duckdb_runs_under_its_limit_with_a_temp_directory_and_no_insertion_orde
         con.close()
     assert limit.replace(" ", "").upper() in ("300.0MB", "286.1MIB") and temp == str(tmp_path / "duckdb-temp")
     assert order is False and threads == 1
+
+
+def test_duckdb_out_of_memory_is_a_clear_error_naming_the_limit(tmp_path):
+    csv = tmp_path / "log.csv"
+    csv.write_text("user_id,item_id,timestamp\n" + "\n".join(f"user-{k % 5000},item-{k},{k}" for k in range(60_000)) + "\n")
+    with pytest.raises(InputError) as e:
+        prepare(str(csv), tmp_path / "out", PrepareOptions(format="csv"), log=lambda *_: None,
+                engine=EngineSettings("duckdb", memory_limit="2MB", threads=1))
+    assert e.value.field == "--memory-limit" and "ran out of memory" in str(e.value)
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [csv]

@@ -297,15 +297,25 @@ class PreparedData:
         seq = np.repeat(np.arange(self.num_sequences), lengths)
         return seq, np.arange(len(self.items)) - self.offsets[:-1][seq]
 
-    def _rows_of(self, sequences: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
-        """Bool mask over stored interactions: the first ``ends[k]`` items (all, when None) of each
-        selected sequence. One byte per interaction, built from the offsets by a running sum."""
+    def _item_pieces(self, sequences: np.ndarray, ends: np.ndarray | None = None, piece: int = 1 << 24):
+        """The item ids of the first ``ends[k]`` items (all, when None) of each selected sequence (sorted
+        indices), in pieces spanning at most ``piece`` stored interactions (one sequence longer than that
+        is a piece of its own). Memory is bounded by the piece, not by the log: over 250M interactions a
+        mask and a gather over all of them cost rank 0 ~2 GiB more than the same run on 20M
+        (benchmarks/RESULTS.md §4.7)."""
         starts = self.offsets[:-1][sequences]
-        stops = self.offsets[1:][sequences] if ends is None else starts + ends[sequences]
-        marks = np.zeros(len(self.items) + 1, dtype=np.int8)
-        np.add.at(marks, starts, 1)
-        np.add.at(marks, stops, -1)
-        return np.cumsum(marks[:-1], dtype=np.int8) > 0
+        span_ends = self.offsets[1:][sequences]
+        stops = span_ends if ends is None else starts + ends[sequences]
+        k = 0
+        while k < len(sequences):
+            lo = int(starts[k])
+            j = max(int(np.searchsorted(span_ends, lo + piece, side="right")), k + 1)
+            n = int(span_ends[j - 1]) - lo
+            marks = np.zeros(n + 1, dtype=np.int8)    # +1 at each start, -1 at each stop: a running sum
+            np.add.at(marks, starts[k:j] - lo, 1)
+            np.add.at(marks, stops[k:j] - lo, -1)
+            yield np.asarray(self.items[lo:lo + n])[np.cumsum(marks[:-1], dtype=np.int8) > 0]
+            k = j
 
     def catalogue(self, domains=None) -> np.ndarray:
         """Items (bool mask over indices, 0 = padding = False) with any interaction in ``domains``:
@@ -313,7 +323,8 @@ class PreparedData:
         those domains is in it, so ranking only these items never hides a right answer; it drops
         items the target platform does not have (a cross-platform base knows thousands)."""
         mask = np.zeros(self.num_items + 1, dtype=bool)
-        mask[self.items[self._rows_of(np.flatnonzero(self.sequence_mask(domains)))]] = True
+        for items in self._item_pieces(np.flatnonzero(self.sequence_mask(domains))):
+            mask[items] = True
         mask[0] = False
         return mask
 
@@ -325,5 +336,7 @@ class PreparedData:
             chosen = np.zeros(self.num_sequences, dtype=bool)
             chosen[only] = True
             selected &= chosen
-        rows = self._rows_of(np.flatnonzero(selected), np.asarray(self.train_end))
-        return np.bincount(self.items[rows], minlength=self.num_items + 1)
+        counts = np.zeros(self.num_items + 1, dtype=np.int64)
+        for items in self._item_pieces(np.flatnonzero(selected), np.asarray(self.train_end)):
+            counts += np.bincount(items, minlength=self.num_items + 1)
+        return counts

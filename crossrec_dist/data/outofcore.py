@@ -138,6 +138,29 @@ def _out_of_memory(settings: EngineSettings):
                          "large aggregate)", field="--memory-limit") from None
 
 
+@contextlib.contextmanager
+def disk_full(*folders: Path):
+    """A write that failed for lack of disk (an OSError, or DuckDB's IO error) as the user's to act on
+    (exit 2, naming the folders and what is free there), not a traceback: numpy's ``tofile`` says only
+    "122880 requested and 98304 written", so the free space decides. At 1e9 interactions the work
+    folder holds ~30 GB of database, the sorted parts and DuckDB's sort spill at once."""
+    try:
+        yield
+    except (OSError, duckdb.IOException) as e:
+        free = {}
+        for f in folders:
+            probe = next((p for p in (f, *f.parents) if p.exists()), None)
+            if probe is not None:
+                free[str(f)] = shutil.disk_usage(probe).free
+        if not ("No space left" in str(e) or (free and min(free.values()) < 1 << 30)):
+            raise
+        where = ", ".join(f"{k} ({v / 2**30:.1f} GiB free)" for k, v in free.items())
+        raise InputError(f"the disk is full: {where}. Give --work-dir (the database, the parts and DuckDB's "
+                         "sort spill: ~60 B per interaction at its peak) a folder on a larger disk, or run the "
+                         "steps as a job array (--step plan|part|finish) with --work-dir on shared storage",
+                         field="--work-dir") from None
+
+
 def _sql_str(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 

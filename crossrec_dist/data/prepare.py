@@ -347,13 +347,22 @@ def _prepare_out_of_core(sources, inputs, opts: PrepareOptions, out: Path, log, 
             raise InputError(f"cannot create the work folder: {e.strerror or e}", path=str(base),
                              field="--work-dir") from None
         try:
-            record = outofcore.plan(sources, opts, settings, work, settings.parts, fingerprint, log)
-            for part in range(settings.parts):
-                outofcore.run_part(work, part, settings, record, log)
-            return _finish(work, record, sources, inputs, opts, out, log, t0)
+            with outofcore.disk_full(work, out):
+                record = outofcore.plan(sources, opts, settings, work, settings.parts, fingerprint, log)
+                for part in range(settings.parts):
+                    outofcore.run_part(work, part, settings, record, log)
+                (work / outofcore.DB).unlink()      # the finish reads only the parts: free its ~30 GB at 1e9
+                return _finish(work, record, sources, inputs, opts, out, log, t0)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     work = Path(settings.work_dir)
+    with outofcore.disk_full(work, out):
+        return _prepare_step(work, sources, inputs, opts, out, log, settings, t0, fingerprint)
+
+
+def _prepare_step(work: Path, sources, inputs, opts: PrepareOptions, out: Path, log, settings: EngineSettings,
+                  t0: float, fingerprint: str) -> dict:
+    """One of the steps ``plan``, ``part``, ``finish`` (a job array's task)."""
     if settings.step == "plan":
         record = outofcore.plan(sources, opts, settings, work, settings.parts, fingerprint, log)
         log(f"planned {record['stats']['interactions']:,} interactions in {record['parts']} part(s) in "

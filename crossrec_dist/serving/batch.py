@@ -48,7 +48,7 @@ def read_chunks(path: Path, fmt: str, columns: list[str], chunk_rows: int):
         raise InputError("no such file", path=str(path), field="--input")
     if fmt == "parquet":
         try:
-            pf = pq.ParquetFile(path)
+            pf = pq.ParquetFile(path, pre_buffer=False)     # streamed: see data/readers.py (arrow#39808)
         except (pa.ArrowInvalid, OSError) as e:
             raise InputError(f"not a Parquet file: {e}", path=str(path), field="--input") from None
         _check_columns(path, columns, pf.schema_arrow.names)

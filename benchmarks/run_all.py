@@ -138,6 +138,7 @@ SUITE: list[Bench] = [
     Bench("distill_seeds", "scale",
           PY + ["benchmarks.distill_seeds", "--run", "benchmarks/out/ml100k_distill"]),
     Bench("data_scale", "scale", PY + ["benchmarks.data_scale"]),
+    Bench("parquet_read_memory", "scale", PY + ["benchmarks.parquet_read_memory"]),
     Bench("prepare_scale", "scale", PY + ["benchmarks.prepare_scale", "--keep-last"]),
     Bench("train_at_scale", "scale", PY + ["benchmarks.train_at_scale"]),
     Bench("train_1b_cpu", "scale", PY + ["benchmarks.train_1b_cpu"]),

@@ -156,8 +156,9 @@ def disk_full(*folders: Path):
             raise
         where = ", ".join(f"{k} ({v / 2**30:.1f} GiB free)" for k, v in free.items())
         raise InputError(f"the disk is full: {where}. Give --work-dir (the database, the parts and DuckDB's "
-                         "sort spill: ~60 B per interaction at its peak) a folder on a larger disk, or run the "
-                         "steps as a job array (--step plan|part|finish) with --work-dir on shared storage",
+                         "sort spill: ~50-60 B per interaction at its peak, more with one part) a folder on a "
+                         "larger disk, split the sort with --parts N (each part sorts only its users), or run "
+                         "the steps as a job array (--step plan|part|finish) with --work-dir on shared storage",
                          field="--work-dir") from None
 
 
